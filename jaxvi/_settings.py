@@ -1,0 +1,28 @@
+"""Global settings, as ``scvi.settings``: ``jaxvi.settings.seed`` and ``batch_size``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Settings", "settings"]
+
+
+@dataclasses.dataclass
+class Settings:
+    """Global defaults.
+
+    Attributes
+    ----------
+    seed
+        Seed for parameter initialisation, the data split, training and sampling when a
+        method is not given one (scvi-tools' ``settings.seed``; jaxvi defaults to 0 so that
+        runs are reproducible).
+    batch_size
+        Minibatch size of the inference methods when ``batch_size=None`` (128, as scvi-tools).
+    """
+
+    seed: int = 0
+    batch_size: int = 128
+
+
+settings = Settings()

@@ -1,0 +1,134 @@
+"""Cells on the device: counts (dense, or CSR densified per minibatch) and covariates.
+
+:func:`to_device` moves the registered fields of an AnnData to the device once;
+:func:`gather` builds a :class:`~jaxvi.module.Batch` for a vector of cell indices inside a
+jitted program, densifying CSR rows there.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+
+from jaxvi.module import Batch
+
+__all__ = ["CellData", "gather", "pad_indices", "to_device"]
+
+
+@flax.struct.dataclass
+class CellData:
+    """All cells of a dataset as device arrays (a pytree; pass it into jitted functions).
+
+    Either ``x`` (dense ``(cells, genes)``) or the CSR triplet ``indptr`` ``(cells + 1,)``,
+    ``indices`` and ``data`` ``(nnz,)`` is set. ``max_row_nnz`` bounds the non-zeros of one row.
+    """
+
+    x: jax.Array | None
+    indptr: jax.Array | None
+    indices: jax.Array | None
+    data: jax.Array | None
+    batch_index: jax.Array
+    labels: jax.Array
+    cat_covs: jax.Array | None
+    cont_covs: jax.Array | None
+    size_factor: jax.Array | None
+    n_genes: int = flax.struct.field(pytree_node=False)
+    max_row_nnz: int = flax.struct.field(pytree_node=False, default=0)
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return int(self.batch_index.shape[0])
+
+
+def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
+    """Move host arrays from :func:`jaxvi.registry.registry_arrays` to the device.
+
+    Parameters
+    ----------
+    arrays
+        Output of ``registry_arrays``; ``X`` is ``(cells, genes)``, dense or scipy sparse.
+    sparse
+        Keep counts as CSR on the device and densify each minibatch in the step.
+    """
+    x = arrays["X"]
+    n_genes = x.shape[1]
+    dense = indptr = indices = data = None
+    max_row_nnz = 0
+    if sparse:
+        csr = sp.csr_matrix(x, dtype=np.float32)
+        csr.sort_indices()
+        indptr = jnp.asarray(csr.indptr.astype(np.int64 if csr.nnz >= 2**31 else np.int32))
+        indices = jnp.asarray(csr.indices.astype(np.int32))
+        data = jnp.asarray(csr.data.astype(np.float32))
+        max_row_nnz = int(np.diff(csr.indptr).max(initial=0))
+    else:
+        host = x.toarray() if sp.issparse(x) else np.asarray(x)
+        dense = jnp.asarray(host.astype(np.float32, copy=False))
+
+    def opt(a, dtype):
+        return None if a is None else jnp.asarray(np.asarray(a, dtype=dtype))
+
+    return CellData(
+        x=dense,
+        indptr=indptr,
+        indices=indices,
+        data=data,
+        batch_index=jnp.asarray(arrays["batch_index"], jnp.int32),
+        labels=jnp.asarray(arrays["labels"], jnp.int32),
+        cat_covs=opt(arrays["cat_covs"], np.int32),
+        cont_covs=opt(arrays["cont_covs"], np.float32),
+        size_factor=opt(arrays["size_factor"], np.float32),
+        n_genes=n_genes,
+        max_row_nnz=max_row_nnz,
+    )
+
+
+def _dense_rows(data: CellData, idx: jax.Array) -> jax.Array:
+    if data.x is not None:
+        return data.x[idx]
+    starts = data.indptr[idx]
+    lengths = data.indptr[idx + 1] - starts
+    offs = jnp.arange(max(data.max_row_nnz, 1), dtype=starts.dtype)
+    valid = offs[None, :] < lengths[:, None]
+    pos = jnp.where(valid, starts[:, None] + offs[None, :], 0)
+    cols = data.indices[pos]
+    vals = jnp.where(valid, data.data[pos], 0.0)
+    rows = jnp.arange(idx.shape[0])[:, None]
+    return jnp.zeros((idx.shape[0], data.n_genes), jnp.float32).at[rows, cols].add(vals)
+
+
+def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Batch:
+    """Minibatch of the cells ``idx`` (``(cells,)`` int); ``mask`` marks real cells."""
+
+    def take(a):
+        return None if a is None else a[idx]
+
+    return Batch(
+        x=_dense_rows(data, idx),
+        batch_index=data.batch_index[idx],
+        labels=data.labels[idx],
+        cat_covs=take(data.cat_covs),
+        cont_covs=take(data.cont_covs),
+        size_factor=take(data.size_factor),
+        mask=mask,
+    )
+
+
+def pad_indices(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into rows of ``batch_size``, padding the last with masked zeros.
+
+    Returns
+    -------
+    ``(idx, mask)``, each ``(n_chunks, batch_size)``: int32 cell indices and float32 mask.
+    """
+    n = len(indices)
+    n_chunks = max(1, -(-n // batch_size))
+    idx = np.zeros(n_chunks * batch_size, np.int32)
+    mask = np.zeros(n_chunks * batch_size, np.float32)
+    idx[:n] = indices
+    mask[:n] = 1.0
+    return idx.reshape(n_chunks, batch_size), mask.reshape(n_chunks, batch_size)

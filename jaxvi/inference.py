@@ -1,0 +1,111 @@
+"""Jitted, batched inference programs behind the ``SCVI`` query methods.
+
+Each program is a ``lax.scan`` over chunks of cell indices of shape ``(n_chunks, batch)`` and
+runs the module in evaluation mode (running batch-norm statistics, no dropout). Programs are
+cached per model configuration, so repeated calls with the same shapes do not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvi.dataset import CellData, gather, pad_indices
+from jaxvi.module import VAE, VAEConfig
+
+__all__ = ["latent_program", "normalized_expression_program", "run_chunked"]
+
+
+@functools.lru_cache(maxsize=128)
+def latent_program(config: VAEConfig, mode: str, mc_samples: int = 5000):
+    """``run(variables, data, idx, key) -> arrays (n_chunks, batch, n_latent)``.
+
+    ``mode`` is ``"mean"`` (posterior mean; for ``"ln"`` the Monte-Carlo mean of
+    ``softmax`` over ``mc_samples`` draws), ``"sample"`` (one transformed draw) or ``"dist"``
+    (a pair ``(qz_m, qz_v)``).
+    """
+    module = VAE(config)
+    ln = config.latent_distribution == "ln"
+
+    def run(variables, data: CellData, idx, key):
+        def body(_, xs):
+            i, idx_i = xs
+            batch = gather(data, idx_i)
+            k = jax.random.fold_in(key, i)
+            inf = module.apply(variables, batch, key=None, method=VAE.inference)
+            m, v = inf.qz_m, inf.qz_v
+            if mode == "dist":
+                return None, (m, v)
+            if mode == "sample":
+                z = m + jnp.sqrt(v) * jax.random.normal(k, m.shape)
+                return None, jax.nn.softmax(z, -1) if ln else z
+            if ln:
+                eps = jax.random.normal(k, (mc_samples, *m.shape))
+                return None, jnp.mean(jax.nn.softmax(m + jnp.sqrt(v) * eps, -1), axis=0)
+            return None, m
+
+        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
+        return out
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=128)
+def normalized_expression_program(config: VAEConfig, n_samples: int, latent_library: bool):
+    """``run(variables, data, idx, key, codes, gene_idx, scaling)``.
+
+    ``codes`` is ``(T,)`` int32 batch codes to decode with (-1 keeps each cell's own batch);
+    the output is the mean over them of ``px_scale * scaling`` (``px_rate`` when
+    ``latent_library``), restricted to ``gene_idx``, of shape ``(n_chunks, [S,] batch, genes)``.
+    """
+    module = VAE(config)
+
+    def run(variables, data: CellData, idx, key, codes, gene_idx, scaling):
+        def body(_, xs):
+            i, idx_i = xs
+            batch = gather(data, idx_i)
+
+            def one(t):
+                k = jax.random.fold_in(jax.random.fold_in(key, i), t)
+                k_z, k_drop = jax.random.split(k)
+                code = codes[t]
+                tb = jnp.where(code >= 0, code, batch.batch_index)
+
+                def fwd(m):
+                    inf = m.inference(batch, key=k_z, n_samples=n_samples)
+                    return m.generative(inf.z, inf.library, batch._replace(batch_index=tb))
+
+                gen = module.apply(variables, method=fwd, rngs={"dropout": k_drop})
+                out = gen.px_rate if latent_library else gen.px_scale * scaling
+                return out[..., gene_idx]
+
+            outs = jnp.stack([one(t) for t in range(codes.shape[0])])
+            return None, jnp.mean(outs, axis=0)
+
+        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
+        return out
+
+    return jax.jit(run)
+
+
+def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis: int = 0):
+    """Run ``program`` over ``indices`` in chunks and stitch host arrays back together.
+
+    Outputs of shape ``(n_chunks, *pre, batch, *post)`` become ``(*pre, n_cells, *post)``
+    where ``pre`` has ``cell_axis`` dimensions.
+    """
+    idx, mask = pad_indices(np.asarray(indices), batch_size)
+    out = program(variables, data, jnp.asarray(idx), *args)
+    keep = mask.reshape(-1) > 0
+
+    def stitch(a):
+        a = np.asarray(a)
+        a = np.moveaxis(a, 0, cell_axis)  # (*pre, n_chunks, batch, *post)
+        shape = a.shape
+        a = a.reshape(*shape[:cell_axis], shape[cell_axis] * shape[cell_axis + 1], *shape[cell_axis + 2 :])
+        return np.compress(keep, a, axis=cell_axis)
+
+    return jax.tree_util.tree_map(stitch, out)

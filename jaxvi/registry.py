@@ -1,0 +1,212 @@
+"""``setup_anndata``: validate an AnnData and record how the model reads it.
+
+The registry is a plain, JSON-serialisable dict stored in ``adata.uns["_jaxvi"]``. It holds
+the setup arguments, gene names, category mappings (pandas categorical order, as
+scvi-tools) and summary statistics. :func:`registry_arrays` turns any AnnData with the same
+genes into host arrays using a registry's mappings, so a trained model can read new data.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = ["UNS_KEY", "get_registry", "registry_arrays", "setup_anndata"]
+
+UNS_KEY = "_jaxvi"
+
+
+def setup_anndata(
+    adata,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
+) -> dict:
+    """Register an AnnData for scVI and return the registry (also stored in ``adata.uns``).
+
+    Raises ``ValueError`` for an empty AnnData, a missing layer or obs column, negative, NaN
+    or infinite counts, and missing values in a registered obs column; warns, as
+    scvi-tools does, when counts are not integers.
+    """
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    setup_args = {
+        "layer": layer,
+        "batch_key": batch_key,
+        "labels_key": labels_key,
+        "size_factor_key": size_factor_key,
+        "categorical_covariate_keys": list(categorical_covariate_keys or []) or None,
+        "continuous_covariate_keys": list(continuous_covariate_keys or []) or None,
+    }
+    x = _get_counts(adata, layer)
+    _check_counts(x, layer)
+    batch_cats = _categories(adata, batch_key, "batch_key")
+    label_cats = _categories(adata, labels_key, "labels_key")
+    cat_keys = list(categorical_covariate_keys or [])
+    cont_keys = list(continuous_covariate_keys or [])
+    cov_cats = {k: _categories(adata, k, "categorical_covariate_keys") for k in cat_keys}
+    for key in cont_keys + ([size_factor_key] if size_factor_key else []):
+        _numeric_column(adata, key)
+    registry = {
+        "model_name": "SCVI",
+        "setup_args": setup_args,
+        "var_names": [str(v) for v in adata.var_names],
+        "batch_categories": batch_cats,
+        "labels_categories": label_cats,
+        "categorical_covariate_categories": cov_cats,
+        "summary_stats": {
+            "n_cells": int(adata.n_obs),
+            "n_vars": int(adata.n_vars),
+            "n_batch": len(batch_cats),
+            "n_labels": len(label_cats),
+            "n_extra_categorical_covs": len(cat_keys),
+            "n_extra_continuous_covs": len(cont_keys),
+        },
+    }
+    adata.uns[UNS_KEY] = registry
+    arrays = registry_arrays(adata, registry)
+    adata.obs["_scvi_batch"] = arrays["batch_index"]
+    adata.obs["_scvi_labels"] = arrays["labels"]
+    return registry
+
+
+def get_registry(adata) -> dict:
+    """Return the registry written by :func:`setup_anndata`, with a clear error if absent."""
+    reg = adata.uns.get(UNS_KEY) if hasattr(adata, "uns") else None
+    if reg is None:
+        raise ValueError(
+            "This AnnData has not been set up: call `jaxvi.SCVI.setup_anndata(adata, ...)` first."
+        )
+    return reg
+
+
+def registry_arrays(adata, registry: dict) -> dict:
+    """Host arrays of the registered fields of ``adata`` under ``registry``'s mappings.
+
+    Returns
+    -------
+    dict with ``X`` (``(cells, genes)``, dense ndarray or CSR, float32), ``batch_index`` and
+    ``labels`` (``(cells,)`` int32), ``cat_covs`` (``(cells, K)`` int32 or None),
+    ``cont_covs`` (``(cells, C)`` float32 or None), ``size_factor`` (``(cells,)`` or None).
+    """
+    args = registry["setup_args"]
+    var_names = [str(v) for v in adata.var_names]
+    if var_names != registry["var_names"]:
+        ref = registry["var_names"]
+        missing = [g for g in ref if g not in set(var_names)][:5]
+        raise ValueError(
+            f"The genes of this AnnData ({len(var_names)}) do not match the {len(ref)} genes "
+            f"the model was set up with (same names, same order required)"
+            + (f"; missing e.g. {missing}." if missing else "; the order differs.")
+        )
+    x = _get_counts(adata, args["layer"])
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32)
+    else:
+        x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    out = {
+        "X": x,
+        "batch_index": _codes(adata, args["batch_key"], registry["batch_categories"]),
+        "labels": _codes(adata, args["labels_key"], registry["labels_categories"]),
+        "cat_covs": None,
+        "cont_covs": None,
+        "size_factor": None,
+    }
+    cat_keys = args["categorical_covariate_keys"] or []
+    if cat_keys:
+        cats = registry["categorical_covariate_categories"]
+        out["cat_covs"] = np.stack([_codes(adata, k, cats[k]) for k in cat_keys], axis=1)
+    cont_keys = args["continuous_covariate_keys"] or []
+    if cont_keys:
+        out["cont_covs"] = np.stack([_numeric_column(adata, k) for k in cont_keys], axis=1)
+    if args["size_factor_key"]:
+        sf = _numeric_column(adata, args["size_factor_key"])
+        if np.any(sf <= 0):
+            raise ValueError(f"Size factors in obs['{args['size_factor_key']}'] must be > 0.")
+        out["size_factor"] = sf
+    return out
+
+
+def _get_counts(adata, layer):
+    if layer is None:
+        x = adata.X
+    else:
+        if layer not in adata.layers:
+            raise ValueError(
+                f"Layer '{layer}' not found in adata.layers (available: {list(adata.layers)})."
+            )
+        x = adata.layers[layer]
+    if x is None:
+        raise ValueError("adata.X is None; pass `layer=` naming the layer with counts.")
+    if hasattr(x, "to_memory"):  # backed datasets
+        x = x.to_memory()
+    return x
+
+
+def _check_counts(x, layer) -> None:
+    where = f"adata.layers['{layer}']" if layer else "adata.X"
+    vals = x.data if sp.issparse(x) else np.asarray(x)
+    if vals.size and not np.issubdtype(vals.dtype, np.number):
+        raise ValueError(f"{where} must be numeric, got dtype {vals.dtype}.")
+    if not np.all(np.isfinite(vals)):
+        raise ValueError(f"{where} contains NaN or infinite values; scVI needs raw counts.")
+    if np.any(vals < 0):
+        raise ValueError(f"{where} contains negative values; scVI needs raw counts.")
+    if np.issubdtype(vals.dtype, np.floating) and np.any(vals != np.round(vals)):
+        warnings.warn(
+            f"{where} contains non-integer values. Make sure the registered X field in "
+            "anndata contains unnormalized count data.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _categories(adata, key, arg) -> list[str]:
+    if key is None:
+        return ["0"]
+    if key not in adata.obs:
+        raise ValueError(f"`{arg}`: column '{key}' not found in adata.obs.")
+    col = adata.obs[key]
+    if col.isna().any():
+        raise ValueError(
+            f"adata.obs['{key}'] has {int(col.isna().sum())} missing values; fill them first."
+        )
+    cat = col.astype("category")
+    return [str(c) for c in cat.cat.categories]
+
+
+def _codes(adata, key, categories) -> np.ndarray:
+    if key is None:
+        return np.zeros(adata.n_obs, np.int32)
+    if key not in adata.obs:
+        raise ValueError(f"Column '{key}' not found in adata.obs.")
+    col = adata.obs[key]
+    if col.isna().any():
+        raise ValueError(f"adata.obs['{key}'] has missing values.")
+    values = col.astype(str).to_numpy()
+    lookup = pd.Index(categories)
+    codes = lookup.get_indexer(values)
+    if np.any(codes < 0):
+        unseen = sorted(set(values[codes < 0]))[:5]
+        raise ValueError(
+            f"adata.obs['{key}'] has categories the model was not set up with: {unseen}."
+        )
+    return codes.astype(np.int32)
+
+
+def _numeric_column(adata, key) -> np.ndarray:
+    if key not in adata.obs:
+        raise ValueError(f"Column '{key}' not found in adata.obs.")
+    col = adata.obs[key]
+    if not pd.api.types.is_numeric_dtype(col):
+        raise ValueError(f"adata.obs['{key}'] must be numeric, got dtype {col.dtype}.")
+    vals = col.to_numpy(dtype=np.float32)
+    if not np.all(np.isfinite(vals)):
+        raise ValueError(f"adata.obs['{key}'] contains NaN or infinite values.")
+    return vals

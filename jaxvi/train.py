@@ -1,0 +1,454 @@
+"""Training engine: the reference recipe as one compiled program per epoch.
+
+One epoch is a single ``jax.jit`` call: a ``lax.scan`` over minibatches of a fresh on-device
+permutation of the training cells (the ragged last minibatch masked, never padded with
+duplicated cells), each step an ELBO value-and-gradient and an optax update. The KL weight of
+every step and the learning rate are arguments/optimizer state, so nothing recompiles between
+epochs; metrics stay on the device and are read once per epoch.
+
+The recipe is scvi-tools' ``TrainingPlan`` + ``Trainer`` defaults: Adam(lr 1e-3, eps 0.01)
+with coupled weight decay 1e-6, KL warm-up over 400 epochs, optional reduce-LR-on-plateau,
+gradient clipping and early stopping on ``elbo_validation``, a seeded 90/10 split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+
+from jaxvi.dataset import CellData, gather, pad_indices
+from jaxvi.module import VAE, vae_loss
+
+__all__ = [
+    "EpochInfo",
+    "PlanConfig",
+    "TrainState",
+    "compute_kl_weight",
+    "evaluate",
+    "fit",
+    "get_max_epochs_heuristic",
+    "make_optimizer",
+    "make_train_epoch",
+    "split_indices",
+]
+
+
+class TrainState(NamedTuple):
+    """Everything carried from step to step (a pytree)."""
+
+    params: dict
+    batch_stats: dict
+    buffers: dict
+    opt_state: optax.OptState
+    step: jax.Array  # () int32, the global step
+
+
+class EpochInfo(NamedTuple):
+    """Sums over the cells of one epoch, each a () float32 device scalar."""
+
+    n_obs: jax.Array
+    loss_sum: jax.Array  # sum over minibatches of loss * minibatch size
+    reconstruction_sum: jax.Array
+    kl_local_sum: jax.Array
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """Training-plan options with scvi-tools' ``TrainingPlan`` names and defaults."""
+
+    optimizer: str = "Adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    n_steps_kl_warmup: int | None = None
+    n_epochs_kl_warmup: int | None = 400
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    lr_min: float = 0.0
+    max_kl_weight: float = 1.0
+    min_kl_weight: float = 0.0
+    gradient_clip_val: float | None = None
+    optimizer_creator: Callable[[float], optax.GradientTransformation] | None = None
+
+    @classmethod
+    def from_kwargs(cls, plan_kwargs: dict | None) -> PlanConfig:
+        """Build from a ``plan_kwargs`` dict, naming unknown keys in the error."""
+        plan_kwargs = dict(plan_kwargs or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(plan_kwargs) - names)
+        if unknown:
+            raise ValueError(f"Unknown plan_kwargs {unknown}; allowed: {sorted(names)}.")
+        plan = cls(**plan_kwargs)
+        if plan.optimizer not in ("Adam", "AdamW", "Custom"):
+            raise ValueError(f"optimizer must be 'Adam', 'AdamW' or 'Custom', got {plan.optimizer!r}.")
+        if plan.optimizer == "Custom" and plan.optimizer_creator is None:
+            raise ValueError("optimizer='Custom' needs `optimizer_creator(lr)` in plan_kwargs.")
+        return plan
+
+
+def get_max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
+    """scvi-tools' default epoch count ``min(round(20000 / n_obs * 400), 400)``, at least 1."""
+    max_epochs = max(min(round((decay_at_n_obs / n_obs) * epochs_cap), epochs_cap), 1)
+    if max_epochs == 1:
+        warnings.warn(
+            "The default number of maximum epochs has been set to 1 due to the large number "
+            "of observations. Pass in `max_epochs` to the `train` function to control the "
+            "number of epochs.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return max_epochs
+
+
+def compute_kl_weight(plan: PlanConfig, epoch: int, step: int | np.ndarray):
+    """KL warm-up weight (``epoch`` 0-based); epoch mode takes precedence over step mode."""
+    lo, hi = plan.min_kl_weight, plan.max_kl_weight
+    if plan.n_epochs_kl_warmup:
+        if epoch < plan.n_epochs_kl_warmup:
+            return np.full(np.shape(step), lo + (hi - lo) * epoch / plan.n_epochs_kl_warmup)
+        return np.full(np.shape(step), hi)
+    if plan.n_steps_kl_warmup:
+        step = np.asarray(step, np.float64)
+        w = lo + (hi - lo) * step / plan.n_steps_kl_warmup
+        return np.where(step < plan.n_steps_kl_warmup, w, hi)
+    return np.full(np.shape(step), hi)
+
+
+def make_optimizer(plan: PlanConfig) -> optax.GradientTransformation:
+    """The reference optimizer, with the learning rate injected as a hyperparameter.
+
+    ``Adam``: L2 weight decay added to the gradient, then Adam (``torch.optim.Adam``).
+    ``AdamW``: decoupled decay. Clipping by global norm first when ``gradient_clip_val``.
+    """
+
+    def build(learning_rate):
+        if plan.optimizer == "Custom":
+            core = plan.optimizer_creator(learning_rate)
+        elif plan.optimizer == "AdamW":
+            core = optax.adamw(learning_rate, eps=plan.eps, weight_decay=plan.weight_decay)
+        else:
+            core = optax.chain(
+                optax.add_decayed_weights(plan.weight_decay),
+                optax.adam(learning_rate, eps=plan.eps),
+            )
+        if plan.gradient_clip_val:
+            return optax.chain(optax.clip_by_global_norm(plan.gradient_clip_val), core)
+        return core
+
+    return optax.inject_hyperparams(build)(learning_rate=plan.lr)
+
+
+def split_indices(
+    n_obs: int,
+    train_size: float | None = None,
+    validation_size: float | None = None,
+    batch_size: int = 128,
+    shuffle: bool = True,
+    seed: int | None = 0,
+    drop_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scvi-tools' ``DataSplitter``: ``(train, validation, test)`` cell indices.
+
+    ``n_train = ceil(train_size * n)`` (0.9 by default), validation the rest or
+    ``floor(validation_size * n)``. When ``train_size`` was not given and the last training
+    minibatch would hold 1 or 2 cells, those move to validation. The permutation is
+    ``np.random.RandomState(seed).permutation(n)``: validation first, then train, then test.
+    """
+    train_size_is_none = train_size is None
+    train_size = 0.9 if train_size is None else float(train_size)
+    if not 0.0 < train_size <= 1.0:
+        raise ValueError("Invalid train_size. Must be: 0 < train_size <= 1")
+    n_train = math.ceil(train_size * n_obs)
+    if validation_size is None:
+        n_val = n_obs - n_train
+    elif not 0.0 <= validation_size < 1.0:
+        raise ValueError("Invalid validation_size. Must be 0 <= validation_size < 1")
+    elif train_size + validation_size > 1:
+        raise ValueError("train_size + validation_size must be between 0 and 1")
+    else:
+        n_val = math.floor(n_obs * validation_size)
+    if n_train == 0:
+        raise ValueError(f"With n_obs={n_obs} and train_size={train_size} the train set is empty.")
+    leftover = n_train % batch_size
+    if 0 < leftover < 3 and not drop_last:
+        if not train_size_is_none:
+            warnings.warn(
+                f"Last batch will have a small size of {leftover} samples. Consider changing "
+                f"batch_size from {batch_size} to avoid noisy batch-norm statistics.",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            n_train -= leftover
+            if n_val > 0:
+                n_val += leftover
+                warnings.warn(
+                    f"{leftover} cells moved from training set to validation set. If you want "
+                    "to avoid it please use train_size parameter during train.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+    perm = np.random.RandomState(seed=seed).permutation(n_obs) if shuffle else np.arange(n_obs)
+    return perm[n_val : n_val + n_train], perm[:n_val], perm[n_val + n_train :]
+
+
+def _variables(state: TrainState) -> dict:
+    out = {"params": state.params, "batch_stats": state.batch_stats}
+    if state.buffers:
+        out["buffers"] = state.buffers
+    return out
+
+
+def make_train_epoch(module: VAE, tx: optax.GradientTransformation, batch_size: int):
+    """Compile-once epoch function.
+
+    Returns
+    -------
+    ``epoch(state, data, train_idx, key, kl_weights) -> (state, EpochInfo)`` where
+    ``train_idx`` is ``(n_train,)`` int32 and ``kl_weights`` is ``(n_steps,)`` float32 with
+    ``n_steps = ceil(n_train / batch_size)``. ``state`` is donated.
+    """
+
+    def step(state: TrainState, data: CellData, idx, mask, key, kl_weight):
+        batch = gather(data, idx, mask)
+
+        def loss_fn(params):
+            variables = _variables(state._replace(params=params))
+            out, new_stats = vae_loss(
+                module, variables, batch, key=key, training=True, kl_weight=kl_weight
+            )
+            return out.loss, (out, new_stats)
+
+        (loss, (out, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        n = jnp.sum(mask)
+        info = EpochInfo(
+            n,
+            loss * n,
+            jnp.sum(out.reconstruction_loss * mask),
+            jnp.sum((out.kl_z + out.kl_l) * mask),
+        )
+        return TrainState(params, new_stats, state.buffers, opt_state, state.step + 1), info
+
+    def epoch(state: TrainState, data: CellData, train_idx, key, kl_weights):
+        n_train = train_idx.shape[0]
+        n_steps = kl_weights.shape[0]
+        k_perm, k_steps = jax.random.split(key)
+        perm = jax.random.permutation(k_perm, train_idx)
+        pad = n_steps * batch_size - n_train
+        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(n_steps, batch_size)
+        mask = (jnp.arange(n_steps * batch_size) < n_train).astype(jnp.float32)
+        mask = mask.reshape(n_steps, batch_size)
+
+        def body(state, xs):
+            i, idx_i, mask_i, kl_i = xs
+            state, info = step(state, data, idx_i, mask_i, jax.random.fold_in(k_steps, i), kl_i)
+            return state, info
+
+        state, infos = jax.lax.scan(
+            body, state, (jnp.arange(n_steps), idx, mask, kl_weights.astype(jnp.float32))
+        )
+        return state, jax.tree_util.tree_map(jnp.sum, infos)
+
+    return jax.jit(epoch, donate_argnums=(0,))
+
+
+def make_evaluate(module: VAE):
+    """Jitted per-cell ELBO terms in evaluation mode (running BN statistics, no dropout).
+
+    Returns ``evaluate(variables, data, idx, key) -> (rec, kl_z, kl_l)`` for ``idx`` of shape
+    ``(n_chunks, batch)``, each output of that shape; one z sample per cell (as scvi-tools'
+    ``get_elbo`` and validation), or the posterior mean when ``key`` is None.
+    """
+
+    def run(variables, data, idx, key):
+        def body(_, xs):
+            i, idx_i = xs
+            batch = gather(data, idx_i)
+            k = None if key is None else jax.random.fold_in(key, i)
+            out, _ = vae_loss(module, variables, batch, key=k, training=False)
+            return None, (out.reconstruction_loss, out.kl_z, out.kl_l)
+
+        _, outs = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
+        return outs
+
+    return jax.jit(run)
+
+
+def evaluate(evaluate_fn, variables, data: CellData, indices: np.ndarray, key, batch_size: int):
+    """Per-cell ``(rec, kl_z, kl_l)`` as host float64 arrays of shape ``(len(indices),)``."""
+    idx, mask = pad_indices(np.asarray(indices), batch_size)
+    rec, kl_z, kl_l = evaluate_fn(variables, data, jnp.asarray(idx), key)
+    keep = mask.reshape(-1) > 0
+    return tuple(np.asarray(a, np.float64).reshape(-1)[keep] for a in (rec, kl_z, kl_l))
+
+
+@dataclasses.dataclass
+class _Plateau:
+    """``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode min, threshold_mode abs)."""
+
+    factor: float
+    patience: int
+    threshold: float
+    min_lr: float
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def update(self, metric: float, lr: float) -> float:
+        if metric < self.best - self.threshold:
+            self.best, self.bad_epochs = metric, 0
+        else:
+            self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.bad_epochs = 0
+            return max(lr * self.factor, self.min_lr)
+        return lr
+
+
+def fit(
+    module: VAE,
+    state: TrainState,
+    data: CellData,
+    *,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    plan: PlanConfig,
+    max_epochs: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    check_val_every_n_epoch: int | None = None,
+    early_stopping: bool = False,
+    early_stopping_monitor: str = "elbo_validation",
+    early_stopping_patience: int = 45,
+    early_stopping_min_delta: float = 0.0,
+    early_stopping_mode: str = "min",
+    progress_bar: bool = True,
+    history: dict[str, pd.DataFrame] | None = None,
+    epoch_offset: int = 0,
+):
+    """Train for up to ``max_epochs`` epochs and return ``(state, history, epoch_fn)``.
+
+    ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
+    ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
+    """
+    from tqdm.auto import tqdm
+
+    if len(train_idx) == 0:
+        raise ValueError("The training set is empty.")
+    if early_stopping and check_val_every_n_epoch is None:
+        check_val_every_n_epoch = 1
+    if plan.reduce_lr_on_plateau:
+        check_val_every_n_epoch = 1
+    validate = check_val_every_n_epoch is not None
+    if (validate or early_stopping) and len(val_idx) == 0:
+        if early_stopping or plan.reduce_lr_on_plateau:
+            raise ValueError(
+                "Early stopping / reduce_lr_on_plateau need a validation set; "
+                "use train_size < 1."
+            )
+        validate = False
+    tx = make_optimizer(plan)
+    epoch_fn = make_train_epoch(module, tx, batch_size)
+    eval_fn = make_evaluate(module)
+    n_steps = -(-len(train_idx) // batch_size)
+    train_idx_dev = jnp.asarray(np.asarray(train_idx, np.int32))
+    root = jax.random.key(seed)
+    rows: dict[str, list] = {}
+    plateau = _Plateau(plan.lr_factor, plan.lr_patience, plan.lr_threshold, plan.lr_min)
+    best, wait = math.inf, 0
+    sign = 1.0 if early_stopping_mode == "min" else -1.0
+    bar = tqdm(range(max_epochs), disable=not progress_bar, desc="Training", unit="epoch")
+    for local_epoch in bar:
+        epoch = epoch_offset + local_epoch
+        global_step = int(state.step)
+        kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
+        key = jax.random.fold_in(root, epoch)
+        state, info = epoch_fn(state, data, train_idx_dev, key, jnp.asarray(kl_w, jnp.float32))
+        info = jax.device_get(info)
+        n = float(info.n_obs)
+        rec, kl_local = float(info.reconstruction_sum) / n, float(info.kl_local_sum) / n
+        metrics = {
+            "train_loss": float(info.loss_sum) / n,
+            "elbo_train": rec + kl_local,
+            "reconstruction_loss_train": rec,
+            "kl_local_train": kl_local,
+            "kl_global_train": 0.0,
+            "kl_weight": float(kl_w[-1]),
+        }
+        if not np.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(
+                f"Training loss became non-finite at epoch {epoch}; try a lower learning rate "
+                "or check the input counts."
+            )
+        if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
+            variables = _variables(state)
+            r, kz, kl = evaluate(
+                eval_fn, variables, data, val_idx, jax.random.fold_in(root, -1 - epoch), batch_size
+            )
+            w = float(kl_w[-1])
+            metrics.update(
+                {
+                    "validation_loss": float(np.mean(r + w * kz + kl)),
+                    "elbo_validation": float(np.mean(r + kz + kl)),
+                    "reconstruction_loss_validation": float(np.mean(r)),
+                    "kl_local_validation": float(np.mean(kz + kl)),
+                    "kl_global_validation": 0.0,
+                }
+            )
+        for name, value in metrics.items():
+            rows.setdefault(name, []).append((epoch, value))
+        bar.set_postfix(train_loss=f"{metrics['train_loss']:.4g}", refresh=False)
+        if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in metrics:
+            lr = float(state.opt_state.hyperparams["learning_rate"])
+            new_lr = plateau.update(metrics[plan.lr_scheduler_metric], lr)
+            if new_lr != lr:
+                hp = dict(state.opt_state.hyperparams)
+                hp["learning_rate"] = jnp.asarray(new_lr, jnp.float32)
+                state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
+        if early_stopping and early_stopping_monitor in metrics:
+            current = sign * metrics[early_stopping_monitor]
+            if current < best - early_stopping_min_delta:
+                best, wait = current, 0
+            else:
+                wait += 1
+                if wait >= early_stopping_patience:
+                    bar.write(
+                        f"Monitored metric {early_stopping_monitor} did not improve in the last "
+                        f"{early_stopping_patience} records. Best score: {sign * best:.3f}. "
+                        "Signaling Trainer to stop."
+                    )
+                    break
+    bar.close()
+    history = _append_history(history, rows)
+    return state, history, epoch_fn
+
+
+def _append_history(history, rows):
+    new = {
+        name: pd.DataFrame(
+            {name: [v for _, v in vals]}, index=pd.Index([e for e, _ in vals], name="epoch")
+        )
+        for name, vals in rows.items()
+    }
+    if not history:
+        return new
+    # scvi-tools' quirk: a second train() appends to existing keys only.
+    return {
+        name: pd.concat([frame, new[name]]) if name in new else frame
+        for name, frame in history.items()
+    }

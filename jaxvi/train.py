@@ -250,9 +250,11 @@ def make_train_epoch(module: VAE, tx: optax.GradientTransformation, batch_size: 
         n_steps = kl_weights.shape[0]
         k_perm, k_steps = jax.random.split(key)
         perm = jax.random.permutation(k_perm, train_idx)
-        pad = n_steps * batch_size - n_train
-        idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(n_steps, batch_size)
-        mask = (jnp.arange(n_steps * batch_size) < n_train).astype(jnp.float32)
+        n_used = min(n_train, n_steps * batch_size)  # fewer when the last batch is dropped
+        pad = n_steps * batch_size - n_used
+        idx = jnp.concatenate([perm[:n_used], jnp.zeros((pad,), perm.dtype)])
+        idx = idx.reshape(n_steps, batch_size)
+        mask = (jnp.arange(n_steps * batch_size) < n_used).astype(jnp.float32)
         mask = mask.reshape(n_steps, batch_size)
 
         def body(state, xs):
@@ -340,11 +342,13 @@ def fit(
     progress_bar: bool = True,
     history: dict[str, pd.DataFrame] | None = None,
     epoch_offset: int = 0,
+    drop_last: bool = False,
 ):
     """Train for up to ``max_epochs`` epochs and return ``(state, history, epoch_fn)``.
 
     ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
     ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
+    ``drop_last`` drops the ragged last minibatch of each epoch instead of masking it.
     """
     from tqdm.auto import tqdm
 
@@ -365,9 +369,14 @@ def fit(
     tx = make_optimizer(plan)
     epoch_fn = make_train_epoch(module, tx, batch_size)
     eval_fn = make_evaluate(module)
-    n_steps = -(-len(train_idx) // batch_size)
+    if drop_last:
+        n_steps = len(train_idx) // batch_size
+        if n_steps == 0:
+            raise ValueError("drop_last=True with fewer training cells than batch_size.")
+    else:
+        n_steps = -(-len(train_idx) // batch_size)
     train_idx_dev = jnp.asarray(np.asarray(train_idx, np.int32))
-    root = jax.random.key(seed)
+    k_train, k_val = jax.random.split(jax.random.key(seed))
     rows: dict[str, list] = {}
     plateau = _Plateau(plan.lr_factor, plan.lr_patience, plan.lr_threshold, plan.lr_min)
     best, wait = math.inf, 0
@@ -377,7 +386,7 @@ def fit(
         epoch = epoch_offset + local_epoch
         global_step = int(state.step)
         kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
-        key = jax.random.fold_in(root, epoch)
+        key = jax.random.fold_in(k_train, epoch)
         state, info = epoch_fn(state, data, train_idx_dev, key, jnp.asarray(kl_w, jnp.float32))
         info = jax.device_get(info)
         n = float(info.n_obs)
@@ -398,7 +407,7 @@ def fit(
         if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
             variables = _variables(state)
             r, kz, kl = evaluate(
-                eval_fn, variables, data, val_idx, jax.random.fold_in(root, -1 - epoch), batch_size
+                eval_fn, variables, data, val_idx, jax.random.fold_in(k_val, epoch), batch_size
             )
             w = float(kl_w[-1])
             metrics.update(

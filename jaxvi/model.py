@@ -1,0 +1,708 @@
+"""The user-facing ``SCVI`` class: scvi-tools' API over jaxvi's functional core.
+
+The class holds the configuration, the variables pytree (parameters, batch-norm statistics,
+library prior) and the training history; every computation is a module-level function of
+:mod:`jaxvi.train`, :mod:`jaxvi.inference`, :mod:`jaxvi.registry` and :mod:`jaxvi.io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from jaxvi import inference, io
+from jaxvi import registry as reglib
+from jaxvi._settings import settings
+from jaxvi.dataset import CellData, to_device
+from jaxvi.module import VAE, VAEConfig, init_variables
+from jaxvi.train import (
+    PlanConfig,
+    TrainState,
+    evaluate,
+    fit,
+    get_max_epochs_heuristic,
+    make_evaluate,
+    make_optimizer,
+    split_indices,
+)
+
+__all__ = ["SCVI"]
+
+# Above this many bytes of dense float32 counts, sparse input stays CSR on the device.
+DENSE_LIMIT_BYTES = 2**31
+
+_VAE_KWARGS = {
+    "log_variational",
+    "encode_covariates",
+    "deeply_inject_covariates",
+    "batch_representation",
+    "use_batch_norm",
+    "use_layer_norm",
+    "batch_embedding_kwargs",
+}
+_TRAINER_KWARGS = {
+    "early_stopping_monitor",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+    "early_stopping_mode",
+    "gradient_clip_val",
+}
+
+
+class SCVI:
+    """single-cell Variational Inference (Lopez et al. 2018), scvi-tools' ``SCVI`` in JAX.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        A registry (from a saved model) to use instead of ``adata``'s.
+    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
+    use_observed_lib_size, latent_distribution
+        As scvi-tools' ``SCVI``: 128, 10, 1, 0.1, ``"gene"``, ``"zinb"``, True, ``"normal"``.
+    **kwargs
+        Further ``VAE`` options: ``log_variational``, ``encode_covariates``,
+        ``deeply_inject_covariates``, ``batch_representation``, ``use_batch_norm``,
+        ``use_layer_norm``, ``batch_embedding_kwargs`` (``{"embedding_dim": 5}``).
+    """
+
+    def __init__(
+        self,
+        adata=None,
+        registry: dict | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        use_observed_lib_size: bool = True,
+        latent_distribution: str = "normal",
+        **kwargs,
+    ):
+        unknown = sorted(set(kwargs) - _VAE_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"SCVI got unexpected keyword arguments {unknown}; "
+                f"allowed extra arguments: {sorted(_VAE_KWARGS)}."
+            )
+        if adata is None and registry is None:
+            raise ValueError(
+                "SCVI needs an AnnData set up with `SCVI.setup_anndata(adata, ...)`."
+            )
+        self.registry_ = registry if registry is not None else get_anndata_registry(adata)
+        self.adata = adata
+        self.init_params_ = {
+            "n_hidden": n_hidden,
+            "n_latent": n_latent,
+            "n_layers": n_layers,
+            "dropout_rate": dropout_rate,
+            "dispersion": dispersion,
+            "gene_likelihood": gene_likelihood,
+            "use_observed_lib_size": use_observed_lib_size,
+            "latent_distribution": latent_distribution,
+            **kwargs,
+        }
+        self.config = config_from_registry(self.registry_, self.init_params_)
+        self.module = VAE(self.config)
+        means = variances = None
+        if not self.config.use_observed_lib_size:
+            if adata is None:
+                raise ValueError("use_observed_lib_size=False needs `adata` for the prior.")
+            arrays = _arrays(adata, self.registry_)
+            means, variances = library_size_prior(
+                arrays["X"], arrays["batch_index"], self.config.n_batch
+            )
+        self.variables = init_variables(
+            self.config, jax.random.key(settings.seed), means, variances
+        )
+        self.history_: dict[str, pd.DataFrame] = {}
+        self.is_trained_ = False
+        self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
+        self._n_calls = 0
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Register ``adata``'s counts and covariates (see :func:`jaxvi.registry.setup_anndata`).
+
+        Writes the registry to ``adata.uns["_jaxvi"]`` and the batch / label codes to
+        ``adata.obs["_scvi_batch"]`` / ``["_scvi_labels"]``.
+        """
+        reglib.setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+
+    # ------------------------------------------------------------- properties
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch metrics: one DataFrame per key, indexed by ``epoch``."""
+        return self.history_
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether :meth:`train` has run."""
+        return self.is_trained_
+
+    @property
+    def train_indices(self) -> np.ndarray | None:
+        """Indices of the training cells of the last :meth:`train`."""
+        return self.train_indices_
+
+    @property
+    def validation_indices(self) -> np.ndarray | None:
+        """Indices of the validation cells of the last :meth:`train`."""
+        return self.validation_indices_
+
+    @property
+    def test_indices(self) -> np.ndarray | None:
+        """Indices of the test cells of the last :meth:`train`."""
+        return self.test_indices_
+
+    @property
+    def summary_stats(self) -> dict:
+        """Counts of cells, genes, batches, labels and covariates at setup."""
+        return dict(self.registry_["summary_stats"])
+
+    @property
+    def summary_string(self) -> str:
+        """One-paragraph description of the model, as scvi-tools prints it."""
+        p = self.init_params_
+        s = (
+            "SCVI model with the following parameters: \n"
+            f"n_hidden: {p['n_hidden']}, n_latent: {p['n_latent']}, "
+            f"n_layers: {p['n_layers']}, dropout_rate: {p['dropout_rate']}, "
+            f"dispersion: {p['dispersion']}, gene_likelihood: {p['gene_likelihood']}, "
+            f"latent_distribution: {p['latent_distribution']}."
+        )
+        return s + f"\nTraining status: {'Trained' if self.is_trained_ else 'Not Trained'}"
+
+    def __repr__(self) -> str:
+        return self.summary_string
+
+    # ---------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices="auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool | None = None,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        datasplitter_kwargs: dict | None = None,
+        plan_config: dict | None = None,
+        plan_kwargs: dict | None = None,
+        check_val_every_n_epoch: int | None = None,
+        enable_progress_bar: bool = True,
+        seed: int | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs; default ``min(round(20000 / n_cells * 400), 400)``.
+        accelerator, devices
+            Accepted for compatibility; JAX's default device is used.
+        train_size, validation_size, shuffle_set_split
+            The seeded train / validation / test split (0.9 / rest by default).
+        load_sparse_tensor
+            Keep sparse counts as CSR on the device and densify each minibatch there; by
+            default only when dense counts would exceed 2 GiB.
+        batch_size
+            Minibatch size (128).
+        early_stopping
+            Stop when ``elbo_validation`` has not improved for 45 epochs.
+        datasplitter_kwargs
+            ``{"drop_last": bool}`` (drop the ragged last minibatch instead of masking it).
+        plan_config, plan_kwargs
+            Training-plan options with scvi-tools' names (``lr``, ``weight_decay``, ``eps``,
+            ``optimizer``, ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``,
+            ``reduce_lr_on_plateau``, ...); ``plan_kwargs`` override ``plan_config``.
+        check_val_every_n_epoch
+            Compute validation metrics every this many epochs (never by default).
+        enable_progress_bar
+            Show a progress bar with the running loss.
+        seed
+            Seed of the split, the minibatch order and the sampling; ``settings.seed`` if None.
+        **trainer_kwargs
+            ``early_stopping_monitor``, ``early_stopping_patience`` (45),
+            ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
+            ``gradient_clip_val``.
+        """
+        unknown = sorted(set(trainer_kwargs) - _TRAINER_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"train() got unexpected keyword arguments {unknown}; "
+                f"allowed: {sorted(_TRAINER_KWARGS)}."
+            )
+        if self.adata is None:
+            raise ValueError("This model has no AnnData to train on (loaded without data).")
+        _check_accelerator(accelerator)
+        seed = settings.seed if seed is None else int(seed)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        plan_kw = {**(plan_config or {}), **(plan_kwargs or {})}
+        if "gradient_clip_val" in trainer_kwargs:
+            plan_kw["gradient_clip_val"] = trainer_kwargs.pop("gradient_clip_val")
+        plan = PlanConfig.from_kwargs(plan_kw)
+        splitter = dict(datasplitter_kwargs or {})
+        drop_last = bool(splitter.pop("drop_last", False))
+        external = splitter.pop("external_indexing", None)
+        if splitter:
+            raise TypeError(f"Unsupported datasplitter_kwargs {sorted(splitter)}.")
+        n_obs = self.adata.n_obs
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(n_obs)
+        if int(max_epochs) < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+        if external is not None:
+            train_idx, val_idx, test_idx = (np.asarray(a, np.int64) for a in external)
+        else:
+            train_idx, val_idx, test_idx = split_indices(
+                n_obs,
+                train_size,
+                validation_size,
+                batch_size=batch_size,
+                shuffle=shuffle_set_split,
+                seed=seed,
+                drop_last=drop_last,
+            )
+        if drop_last:
+            n_keep = (len(train_idx) // batch_size) * batch_size
+            if n_keep == 0:
+                raise ValueError("drop_last=True with fewer training cells than batch_size.")
+        data = self._device_data(self.adata, load_sparse_tensor)
+        tx = make_optimizer(plan)
+        params = jax.tree_util.tree_map(jnp.array, self.variables["params"])
+        state = TrainState(
+            params=params,
+            batch_stats=jax.tree_util.tree_map(jnp.array, self.variables["batch_stats"]),
+            buffers=dict(self.variables.get("buffers", {})),
+            opt_state=tx.init(params),
+            step=jnp.zeros((), jnp.int32),
+        )
+        state, history, epoch_fn = fit(
+            self.module,
+            state,
+            data,
+            train_idx=train_idx,
+            val_idx=val_idx,
+            plan=plan,
+            max_epochs=int(max_epochs),
+            batch_size=int(batch_size),
+            seed=seed,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            early_stopping=early_stopping,
+            progress_bar=enable_progress_bar,
+            history=self.history_,
+            drop_last=drop_last,
+            **trainer_kwargs,
+        )
+        self._epoch_fn = epoch_fn
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        if state.buffers:
+            variables["buffers"] = state.buffers
+        self.variables = variables
+        self.history_ = history
+        self.is_trained_ = True
+        self.train_indices_ = np.asarray(train_idx)
+        self.validation_indices_ = np.asarray(val_idx)
+        self.test_indices_ = np.asarray(test_idx)
+
+    # ---------------------------------------------------------------- queries
+    def get_latent_representation(
+        self,
+        adata=None,
+        indices=None,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+    ):
+        """Latent coordinates of each cell.
+
+        Returns
+        -------
+        ``(cells, n_latent)`` float32: the posterior mean (for ``"ln"`` the Monte-Carlo mean of
+        ``softmax(z)`` over ``mc_samples`` draws), one sample with ``give_mean=False``, or
+        ``(qz_mean, qz_var)`` with ``return_dist=True``.
+        """
+        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        mode = "dist" if return_dist else ("mean" if give_mean else "sample")
+        program = inference.latent_program(self.config, mode, int(mc_samples))
+        out = inference.run_chunked(program, self.variables, data, indices, bs, self._next_key())
+        if return_dist:
+            return tuple(np.asarray(a, np.float32) for a in out)
+        return np.asarray(out, np.float32)
+
+    def get_normalized_expression(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        gene_list=None,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: str | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+    ):
+        """Denoised expression ``px_scale * library_size`` from one z sample per cell.
+
+        Parameters
+        ----------
+        transform_batch
+            Batch category (or list of them, averaged) to decode every cell with.
+        gene_list
+            Genes to return (default all).
+        library_size
+            Scaling of ``px_scale`` (1: frequencies), or ``"latent"`` for ``px_rate``.
+        n_samples
+            z samples per cell; averaged when ``return_mean``.
+        n_samples_overall
+            Draw this many expression vectors over the cells (with replacement); needs
+            ``return_numpy=True``.
+
+        Returns
+        -------
+        DataFrame ``(cells, genes)`` (obs / var names), or ndarray ``(cells, genes)``,
+        ``(n_samples, cells, genes)`` with ``return_mean=False``, ``(n_samples_overall, genes)``.
+        """
+        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        if weights not in (None, "uniform"):
+            raise NotImplementedError(
+                f"weights={weights!r} is not supported yet; use None or 'uniform'."
+            )
+        if n_samples_overall is not None:
+            if n_samples != 1:
+                raise ValueError("Use either n_samples or n_samples_overall, not both.")
+            n_samples = int(n_samples_overall) // len(indices) + 1
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        if n_samples > 1 and not return_mean and return_numpy is False:
+            warnings.warn(
+                "`return_numpy` must be True if `n_samples > 1` and `return_mean` is False, "
+                "returning an `np.ndarray`.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return_numpy = True
+        var_names = pd.Index([str(v) for v in self.registry_["var_names"]])
+        if gene_list is None:
+            gene_idx = np.arange(len(var_names))
+        else:
+            gene_idx = var_names.get_indexer([str(g) for g in gene_list])
+            if np.any(gene_idx < 0):
+                missing = [g for g, i in zip(gene_list, gene_idx, strict=True) if i < 0][:5]
+                raise ValueError(f"gene_list has genes the model does not know: {missing}.")
+        codes = self._batch_codes(transform_batch)
+        latent_library = library_size == "latent"
+        if not latent_library and not np.isscalar(library_size):
+            raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
+        program = inference.normalized_expression_program(
+            self.config, int(n_samples), latent_library
+        )
+        exprs = inference.run_chunked(
+            program,
+            self.variables,
+            data,
+            indices,
+            bs,
+            self._next_key(),
+            jnp.asarray(codes, jnp.int32),
+            jnp.asarray(gene_idx, jnp.int32),
+            jnp.float32(1.0 if latent_library else library_size),
+            cell_axis=1 if n_samples > 1 else 0,
+        )
+        exprs = np.asarray(exprs, np.float32)
+        if n_samples_overall is not None:
+            flat = exprs.reshape(-1, exprs.shape[-1])
+            rng = np.random.default_rng(int(self._next_key_int()))
+            exprs = flat[rng.choice(flat.shape[0], int(n_samples_overall), replace=True)]
+        elif n_samples > 1 and return_mean:
+            exprs = exprs.mean(axis=0)
+        if return_numpy is None or return_numpy is False:
+            obs_names = adata.obs_names[np.asarray(indices)]
+            return pd.DataFrame(exprs, index=obs_names, columns=var_names[gene_idx])
+        return exprs
+
+    def get_elbo(
+        self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True
+    ):
+        """Evidence lower bound (higher is better) with one z sample per cell, KL weight 1.
+
+        Returns
+        -------
+        float, the mean over cells, or ``(cells,)`` per-cell values with ``return_mean=False``.
+        """
+        rec, kl_z, kl_l = self._elbo_terms(adata, indices, batch_size)
+        elbo = -(rec + kl_z + kl_l)
+        return float(np.mean(elbo)) if return_mean else elbo
+
+    def get_reconstruction_error(
+        self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True
+    ) -> dict:
+        """Reconstruction negative log-likelihood (positive; lower is better).
+
+        Returns
+        -------
+        ``{"reconstruction_loss": float}`` (mean over cells) or ``(cells,)`` values.
+        """
+        rec, _, _ = self._elbo_terms(adata, indices, batch_size)
+        return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
+
+    # --------------------------------------------------------------- save/load
+    def save(
+        self,
+        dir_path: str,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+    ) -> None:
+        """Save to ``dir_path``: ``model.json`` (settings, registry, history), ``model.npz``.
+
+        Nothing executes code on load. ``save_anndata`` also writes ``adata.h5ad``.
+        """
+        if prefix is not None:
+            raise NotImplementedError("`prefix` is not supported; use a separate directory.")
+        meta = {
+            "model_name": "SCVI",
+            "jaxvi_version": _version(),
+            "init_params": self.init_params_,
+            "config": dataclasses.asdict(self.config),
+            "registry": self.registry_,
+            "is_trained": self.is_trained_,
+            "history": {
+                k: {"epoch": [int(i) for i in v.index], "values": [float(x) for x in v.iloc[:, 0]]}
+                for k, v in self.history_.items()
+            },
+            "indices": {
+                name: None if arr is None else [int(i) for i in arr]
+                for name, arr in (
+                    ("train", self.train_indices_),
+                    ("validation", self.validation_indices_),
+                    ("test", self.test_indices_),
+                )
+            },
+        }
+        arrays = io.flatten_tree(jax.device_get(self.variables))
+        adata = self.adata if save_anndata else None
+        if save_anndata and adata is None:
+            raise ValueError("save_anndata=True but the model has no AnnData.")
+        io.write_model_dir(dir_path, meta, arrays, overwrite=overwrite, adata=adata)
+
+    @classmethod
+    def load(cls, dir_path: str, adata=None) -> SCVI:
+        """Load a model saved by :meth:`save`; ``adata`` (same genes) or the saved one.
+
+        Without ``adata`` and without a saved ``adata.h5ad`` the model loads with no data;
+        pass ``adata`` to its query methods.
+        """
+        meta, arrays = io.read_model_dir(dir_path)
+        if meta.get("model_name") != "SCVI":
+            raise ValueError(f"{dir_path} holds a {meta.get('model_name')!r} model, not SCVI.")
+        reg = meta["registry"]
+        if adata is None:
+            path = os.path.join(dir_path, io.ADATA_FILE)
+            if os.path.exists(path):
+                import anndata
+
+                adata = anndata.read_h5ad(path)
+        if adata is not None:
+            reglib.registry_arrays(adata, reg)  # validates genes and categories
+            adata.uns[reglib.UNS_KEY] = reg
+        model = cls.__new__(cls)
+        model.registry_ = reg
+        model.adata = adata
+        model.init_params_ = meta["init_params"]
+        cfg = dict(meta["config"])
+        cfg["n_cats_per_cov"] = tuple(cfg["n_cats_per_cov"])
+        model.config = VAEConfig(**cfg)
+        model.module = VAE(model.config)
+        variables = io.unflatten_tree(arrays)
+        _check_variables(variables, model.config)
+        model.variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        model.history_ = {
+            k: pd.DataFrame({k: v["values"]}, index=pd.Index(v["epoch"], name="epoch"))
+            for k, v in meta["history"].items()
+        }
+        model.is_trained_ = bool(meta["is_trained"])
+        idx = meta["indices"]
+        model.train_indices_ = None if idx["train"] is None else np.asarray(idx["train"])
+        model.validation_indices_ = (
+            None if idx["validation"] is None else np.asarray(idx["validation"])
+        )
+        model.test_indices_ = None if idx["test"] is None else np.asarray(idx["test"])
+        model._n_calls = 0
+        return model
+
+    # ---------------------------------------------------------------- helpers
+    def _next_key(self) -> jax.Array:
+        self._n_calls += 1
+        return jax.random.fold_in(jax.random.key(settings.seed), self._n_calls)
+
+    def _next_key_int(self) -> int:
+        return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))
+
+    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+        arrays = _arrays(adata, self.registry_)
+        x = arrays["X"]
+        if load_sparse_tensor is None:
+            load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
+        return to_device(arrays, sparse=bool(load_sparse_tensor))
+
+    def _query_inputs(self, adata, indices, batch_size):
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("This model has no AnnData; pass `adata=`.")
+        if indices is None:
+            indices = np.arange(adata.n_obs)
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        if indices.size == 0:
+            raise ValueError("`indices` selects no cells.")
+        if indices.min() < 0 or indices.max() >= adata.n_obs:
+            raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
+        bs = settings.batch_size if batch_size is None else int(batch_size)
+        return adata, indices.astype(np.int64), self._device_data(adata, None), bs
+
+    def _elbo_terms(self, adata, indices, batch_size):
+        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        if not hasattr(self, "_evaluate_fn"):
+            self._evaluate_fn = make_evaluate(self.module)
+        return evaluate(self._evaluate_fn, self.variables, data, indices, self._next_key(), bs)
+
+    def _batch_codes(self, transform_batch) -> np.ndarray:
+        if transform_batch is None:
+            return np.array([-1])
+        cats = [str(c) for c in self.registry_["batch_categories"]]
+        values = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        codes = []
+        for v in values:
+            if str(v) not in cats:
+                raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
+            codes.append(cats.index(str(v)))
+        return np.asarray(codes)
+
+
+# -------------------------------------------------------------------- functions
+def get_anndata_registry(adata) -> dict:
+    """The registry of a set-up AnnData, with a clear error when setup was not run."""
+    return reglib.get_registry(adata)
+
+
+def config_from_registry(reg: dict, init_params: dict) -> VAEConfig:
+    """The :class:`VAEConfig` for a registry and ``SCVI.__init__`` arguments."""
+    stats = reg["summary_stats"]
+    p = dict(init_params)
+    emb = dict(p.pop("batch_embedding_kwargs", None) or {})
+    cov_keys = reg["setup_args"]["categorical_covariate_keys"] or []
+    cov_cats = reg["categorical_covariate_categories"]
+    extra = {k: p[k] for k in _VAE_KWARGS - {"batch_embedding_kwargs"} if k in p}
+    return VAEConfig(
+        n_input=stats["n_vars"],
+        n_batch=stats["n_batch"],
+        n_labels=stats["n_labels"],
+        n_hidden=int(p["n_hidden"]),
+        n_latent=int(p["n_latent"]),
+        n_layers=int(p["n_layers"]),
+        n_continuous_cov=stats["n_extra_continuous_covs"],
+        n_cats_per_cov=tuple(len(cov_cats[k]) for k in cov_keys),
+        dropout_rate=float(p["dropout_rate"]),
+        dispersion=p["dispersion"],
+        gene_likelihood=p["gene_likelihood"],
+        latent_distribution=p["latent_distribution"],
+        use_observed_lib_size=bool(p["use_observed_lib_size"]),
+        use_size_factor_key=reg["setup_args"]["size_factor_key"] is not None,
+        batch_embedding_dim=int(emb.get("embedding_dim", 5)),
+        **extra,
+    )
+
+
+def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
+    """Per-batch mean and population variance of the log library, each ``(1, n_batch)``.
+
+    Empty cells count as log-library 0; batches without cells get mean 0 and variance 1
+    (scvi-tools' ``_init_library_size``).
+    """
+    totals = np.asarray(x.sum(axis=1), np.float64).ravel()
+    log_lib = np.log(np.where(totals > 0, totals, 1.0))
+    means = np.zeros(n_batch)
+    variances = np.ones(n_batch)
+    for b in range(n_batch):
+        sel = batch_index == b
+        if np.any(sel):
+            means[b] = log_lib[sel].mean()
+            variances[b] = log_lib[sel].var()
+    return means[None].astype(np.float32), variances[None].astype(np.float32)
+
+
+def _arrays(adata, reg: dict) -> dict:
+    return reglib.registry_arrays(adata, reg)
+
+
+def _check_accelerator(accelerator: str) -> None:
+    if accelerator in ("auto", None):
+        return
+    backend = jax.default_backend()
+    wanted = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(str(accelerator))
+    if wanted is None:
+        raise ValueError(f"Unknown accelerator {accelerator!r}; use 'auto', 'cpu', 'gpu', 'tpu'.")
+    if wanted != backend:
+        raise ValueError(
+            f"accelerator={accelerator!r} requested but JAX's default backend is {backend!r}; "
+            "install the matching jax extra (e.g. `pip install jaxvi[cuda12]`)."
+        )
+
+
+def _check_variables(variables: dict, config: VAEConfig) -> None:
+    shapes = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
+    empty = jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), shapes)
+    expected = {k: v.shape for k, v in io.flatten_tree(empty).items()}
+    got = io.flatten_tree(variables)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"Saved arrays do not match the model: missing {missing}, extra {extra}.")
+    for k, shape in expected.items():
+        if got[k].shape != shape:
+            raise ValueError(f"Saved array {k} has shape {got[k].shape}, expected {shape}.")
+
+
+
+def _version() -> str:
+    from jaxvi import __version__
+
+    return __version__

@@ -2,7 +2,9 @@
 
 from jaxvi import datasets, likelihoods
 from jaxvi._settings import settings
+from jaxvi.likelihoods import Likelihood, register_likelihood
+from jaxvi.model import SCVI
 
-__all__ = ["datasets", "likelihoods", "settings", "__version__"]
+__all__ = ["SCVI", "Likelihood", "datasets", "likelihoods", "register_likelihood", "settings"]
 
 __version__ = "0.1.0"

@@ -105,7 +105,9 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
         a = np.asarray(a)
         a = np.moveaxis(a, 0, cell_axis)  # (*pre, n_chunks, batch, *post)
         shape = a.shape
-        a = a.reshape(*shape[:cell_axis], shape[cell_axis] * shape[cell_axis + 1], *shape[cell_axis + 2 :])
+        a = a.reshape(
+            *shape[:cell_axis], shape[cell_axis] * shape[cell_axis + 1], *shape[cell_axis + 2 :]
+        )
         return np.compress(keep, a, axis=cell_axis)
 
     return jax.tree_util.tree_map(stitch, out)

@@ -95,9 +95,7 @@ class SCVI:
                 f"allowed extra arguments: {sorted(_VAE_KWARGS)}."
             )
         if adata is None and registry is None:
-            raise ValueError(
-                "SCVI needs an AnnData set up with `SCVI.setup_anndata(adata, ...)`."
-            )
+            raise ValueError("SCVI needs an AnnData set up with `SCVI.setup_anndata(adata, ...)`.")
         self.registry_ = registry if registry is not None else get_anndata_registry(adata)
         self.adata = adata
         self.init_params_ = {
@@ -608,7 +606,9 @@ class SCVI:
         if transform_batch is None:
             return np.array([-1])
         cats = [str(c) for c in self.registry_["batch_categories"]]
-        values = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        values = (
+            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        )
         codes = []
         for v in values:
             if str(v) not in cats:
@@ -699,7 +699,6 @@ def _check_variables(variables: dict, config: VAEConfig) -> None:
     for k, shape in expected.items():
         if got[k].shape != shape:
             raise ValueError(f"Saved array {k} has shape {got[k].shape}, expected {shape}.")
-
 
 
 def _version() -> str:

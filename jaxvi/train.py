@@ -92,13 +92,17 @@ class PlanConfig:
             raise ValueError(f"Unknown plan_kwargs {unknown}; allowed: {sorted(names)}.")
         plan = cls(**plan_kwargs)
         if plan.optimizer not in ("Adam", "AdamW", "Custom"):
-            raise ValueError(f"optimizer must be 'Adam', 'AdamW' or 'Custom', got {plan.optimizer!r}.")
+            raise ValueError(
+                f"optimizer must be 'Adam', 'AdamW' or 'Custom', got {plan.optimizer!r}."
+            )
         if plan.optimizer == "Custom" and plan.optimizer_creator is None:
             raise ValueError("optimizer='Custom' needs `optimizer_creator(lr)` in plan_kwargs.")
         return plan
 
 
-def get_max_epochs_heuristic(n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
+def get_max_epochs_heuristic(
+    n_obs: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000
+) -> int:
     """scvi-tools' default epoch count ``min(round(20000 / n_obs * 400), 400)``, at least 1."""
     max_epochs = max(min(round((decay_at_n_obs / n_obs) * epochs_cap), epochs_cap), 1)
     if max_epochs == 1:
@@ -231,9 +235,7 @@ def make_train_epoch(module: VAE, tx: optax.GradientTransformation, batch_size: 
             )
             return out.loss, (out, new_stats)
 
-        (loss, (out, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (loss, (out, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         n = jnp.sum(mask)
@@ -362,8 +364,7 @@ def fit(
     if (validate or early_stopping) and len(val_idx) == 0:
         if early_stopping or plan.reduce_lr_on_plateau:
             raise ValueError(
-                "Early stopping / reduce_lr_on_plateau need a validation set; "
-                "use train_size < 1."
+                "Early stopping / reduce_lr_on_plateau need a validation set; use train_size < 1."
             )
         validate = False
     tx = make_optimizer(plan)

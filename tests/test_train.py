@@ -1,0 +1,283 @@
+"""Training engine: split, heuristics, KL warm-up, compile-once epochs, masking, determinism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxvi.dataset import gather, to_device
+from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss
+from jaxvi.train import (
+    PlanConfig,
+    TrainState,
+    compute_kl_weight,
+    fit,
+    get_max_epochs_heuristic,
+    make_optimizer,
+    split_indices,
+)
+
+
+def _arrays(n=90, g=30, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.negative_binomial(3, 0.3, size=(n, g)).astype(np.float32)
+    return {
+        "X": x,
+        "batch_index": (np.arange(n) % 2).astype(np.int32),
+        "labels": np.zeros(n, np.int32),
+        "cat_covs": None,
+        "cont_covs": None,
+        "size_factor": None,
+    }
+
+
+def _state(config, plan, seed=0):
+    v = init_variables(config, jax.random.key(seed))
+    tx = make_optimizer(plan)
+    return TrainState(v["params"], v["batch_stats"], {}, tx.init(v["params"]), jnp.int32(0))
+
+
+@pytest.mark.parametrize(
+    ("n_obs", "expected"), [(400, 400), (20_000, 400), (50_000, 160), (1_000_000, 8)]
+)
+def test_max_epochs_heuristic(n_obs, expected):
+    assert get_max_epochs_heuristic(n_obs) == expected
+
+
+def test_max_epochs_heuristic_warns_at_one():
+    with pytest.warns(UserWarning, match="set to 1"):
+        assert get_max_epochs_heuristic(10_000_000) == 1
+
+
+@pytest.mark.parametrize(("n", "n_train", "n_val"), [(400, 360, 40), (1000, 900, 100)])
+def test_split_sizes_match_reference(n, n_train, n_val):
+    train, val, test = split_indices(n, seed=0)
+    assert (len(train), len(val), len(test)) == (n_train, n_val, 0)
+    assert len(np.intersect1d(train, val)) == 0
+    perm = np.random.RandomState(0).permutation(n)
+    np.testing.assert_array_equal(val, perm[:n_val])  # validation first, then train
+
+
+def test_split_moves_tiny_last_batch_to_validation():
+    train, val, _ = split_indices(1291, seed=0)  # 1162 = 9 * 128 + 10: nothing moves
+    assert (len(train), len(val)) == (1162, 129)
+    with pytest.warns(UserWarning, match="moved from training set"):
+        train, val, _ = split_indices(144, batch_size=128, seed=1)  # ceil(129.6) = 128 + 2
+    assert (len(train), len(val)) == (128, 16)
+    with pytest.warns(UserWarning, match="small size of 2"):
+        train, val, _ = split_indices(144, train_size=0.9, batch_size=128, seed=1)
+    assert (len(train), len(val)) == (130, 14)
+
+
+def test_split_with_test_set_and_bad_sizes():
+    train, val, test = split_indices(100, train_size=0.5, validation_size=0.3, seed=0)
+    assert (len(train), len(val), len(test)) == (50, 30, 20)
+    with pytest.raises(ValueError, match="train_size"):
+        split_indices(100, train_size=1.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_indices(100, train_size=0.8, validation_size=0.5)
+
+
+def test_kl_weight_epoch_and_step_modes():
+    plan = PlanConfig()
+    np.testing.assert_allclose(compute_kl_weight(plan, 3, np.arange(2)), [0.0075, 0.0075])
+    np.testing.assert_allclose(compute_kl_weight(plan, 500, np.arange(1)), [1.0])
+    steps = PlanConfig(n_epochs_kl_warmup=None, n_steps_kl_warmup=10)
+    np.testing.assert_allclose(compute_kl_weight(steps, 0, np.array([0, 5, 12])), [0, 0.5, 1])
+    none = PlanConfig(n_epochs_kl_warmup=None)
+    np.testing.assert_allclose(compute_kl_weight(none, 0, np.arange(1)), [1.0])
+
+
+def test_plan_kwargs_unknown_name():
+    with pytest.raises(ValueError, match="Unknown plan_kwargs"):
+        PlanConfig.from_kwargs({"learning_rate": 1e-3})
+
+
+def test_optimizer_is_coupled_l2_adam():
+    """One step equals torch Adam with weight_decay added to the gradient."""
+    plan = PlanConfig(weight_decay=0.1)
+    tx = make_optimizer(plan)
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 0.25])}
+    upd, _ = tx.update(g, tx.init(p), p)
+    g_l2 = g["w"] + 0.1 * p["w"]
+    m, v = 0.1 * g_l2, 0.001 * g_l2**2
+    expected = -1e-3 * (m / 0.1) / (jnp.sqrt(v / 0.001) + 0.01)
+    np.testing.assert_allclose(upd["w"], expected, rtol=1e-5)
+
+
+def test_epoch_compiles_once_and_metrics_are_finite():
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+    plan = PlanConfig()
+    data = to_device(_arrays())
+    state, history, epoch_fn = fit(
+        VAE(config),
+        _state(config, plan),
+        data,
+        train_idx=np.arange(80),
+        val_idx=np.arange(80, 90),
+        plan=plan,
+        max_epochs=4,
+        batch_size=32,
+        check_val_every_n_epoch=2,
+        progress_bar=False,
+    )
+    assert epoch_fn._cache_size() == 1  # KL weight changed every epoch, no recompilation
+    assert int(state.step) == 4 * 3
+    assert list(history["kl_weight"]["kl_weight"]) == [0.0, 1 / 400, 2 / 400, 3 / 400]
+    assert list(history["elbo_validation"].index) == [1, 3]
+    for key in ("train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train"):
+        assert np.all(np.isfinite(history[key][key]))
+    h = history
+    np.testing.assert_allclose(
+        h["elbo_train"]["elbo_train"],
+        h["reconstruction_loss_train"]["reconstruction_loss_train"]
+        + h["kl_local_train"]["kl_local_train"],
+    )
+
+
+def test_training_is_deterministic_and_seed_dependent():
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+    plan = PlanConfig()
+    data = to_device(_arrays())
+
+    def run(seed):
+        state, hist, _ = fit(
+            VAE(config),
+            _state(config, plan),
+            data,
+            train_idx=np.arange(90),
+            val_idx=np.arange(0),
+            plan=plan,
+            max_epochs=2,
+            batch_size=32,
+            seed=seed,
+            progress_bar=False,
+        )
+        return state.params, hist["train_loss"]["train_loss"].to_numpy()
+
+    p1, l1 = run(0)
+    p2, l2 = run(0)
+    p3, l3 = run(1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)
+    np.testing.assert_array_equal(l1, l2)
+    assert not np.array_equal(l1, l3)
+
+
+def test_loss_decreases():
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+    plan = PlanConfig(lr=1e-2)
+    _, hist, _ = fit(
+        VAE(config),
+        _state(config, plan),
+        to_device(_arrays()),
+        train_idx=np.arange(90),
+        val_idx=np.arange(0),
+        plan=plan,
+        max_epochs=15,
+        batch_size=32,
+        progress_bar=False,
+    )
+    loss = hist["reconstruction_loss_train"]["reconstruction_loss_train"].to_numpy()
+    assert loss[-1] < 0.9 * loss[0]
+
+
+def test_masked_padding_equals_real_cells_only():
+    """A ragged batch padded with masked cells gives the loss, gradients and BN stats of the
+    real cells alone."""
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4, dropout_rate=0.0)
+    module = VAE(config)
+    v = init_variables(config, jax.random.key(0))
+    data = to_device(_arrays())
+    real = jnp.arange(5)
+    padded = jnp.concatenate([real, jnp.array([7, 8, 9])])
+    mask = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
+
+    @jax.jit
+    def loss_and_grad(params, idx, mask):
+        def f(p):
+            out, stats = vae_loss(
+                module, {**v, "params": p}, gather(data, idx, mask), key=None, training=True
+            )
+            return out.loss, stats
+
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (l1, s1), g1 = loss_and_grad(v["params"], real, jnp.ones(5))
+    (l2, s2), g2 = loss_and_grad(v["params"], padded, mask)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1, s2)
+
+
+def test_drop_last_uses_full_batches_only():
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+    plan = PlanConfig()
+    state, _, _ = fit(
+        VAE(config),
+        _state(config, plan),
+        to_device(_arrays()),
+        train_idx=np.arange(90),
+        val_idx=np.arange(0),
+        plan=plan,
+        max_epochs=2,
+        batch_size=32,
+        progress_bar=False,
+        drop_last=True,
+    )
+    assert int(state.step) == 2 * 2
+
+
+def test_early_stopping_stops(capsys):
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+    plan = PlanConfig(lr=0.0)  # nothing improves: stop after `patience` validations
+    _, hist, _ = fit(
+        VAE(config),
+        _state(config, plan),
+        to_device(_arrays()),
+        train_idx=np.arange(80),
+        val_idx=np.arange(80, 90),
+        plan=plan,
+        max_epochs=50,
+        batch_size=32,
+        early_stopping=True,
+        early_stopping_patience=3,
+        progress_bar=False,
+    )
+    assert len(hist["train_loss"]) < 50
+
+
+def test_reduce_lr_on_plateau_lowers_lr():
+    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+    plan = PlanConfig(lr=1e-9, reduce_lr_on_plateau=True, lr_patience=1)
+    state, _, _ = fit(
+        VAE(config),
+        _state(config, plan),
+        to_device(_arrays()),
+        train_idx=np.arange(80),
+        val_idx=np.arange(80, 90),
+        plan=plan,
+        max_epochs=6,
+        batch_size=32,
+        progress_bar=False,
+    )
+    assert float(state.opt_state.hyperparams["learning_rate"]) < 1e-9
+
+
+def test_sparse_and_dense_device_data_agree():
+    import scipy.sparse as sp
+
+    arrays = _arrays()
+    dense = to_device(arrays)
+    sparse = to_device({**arrays, "X": sp.csr_matrix(arrays["X"])}, sparse=True)
+    idx = jnp.array([3, 0, 89, 17])
+    np.testing.assert_array_equal(
+        jax.jit(lambda d: gather(d, idx).x)(dense), jax.jit(lambda d: gather(d, idx).x)(sparse)
+    )
+
+
+def test_optimizer_options():
+    assert isinstance(make_optimizer(PlanConfig(optimizer="AdamW")), optax.GradientTransformation)
+    with pytest.raises(ValueError, match="optimizer"):
+        PlanConfig.from_kwargs({"optimizer": "SGD"})

@@ -315,3 +315,13 @@ def test_builtin_dataset():
     x = adata.X.data
     assert np.all(x == np.round(x))
     assert np.all(x >= 0)
+
+
+def test_demo_main_job_writes_outputs(tmp_path):
+    from jaxvi.demo import run
+
+    metrics = run(str(tmp_path), max_epochs=3)
+    for name in ("latent.csv", "latent_tsne.png", "metrics.json", "model/model.json"):
+        assert (tmp_path / name).exists()
+    assert metrics["elbo_heldout"] < 0
+    assert -1.0 <= metrics["ari_kmeans_vs_cell_type"] <= 1.0

@@ -285,8 +285,8 @@ class VAE(nn.Module):
     ) -> GenerativeOutputs:
         """Decode ``z`` (``([S,] cells, n_latent)``) and the log library into px parameters.
 
-        ``transform_batch`` replaces every cell's batch code in the decoder (not in the
-        dispersion lookup of ``"gene-batch"``... which scvi-tools also replaces; both follow).
+        ``transform_batch`` replaces every cell's batch code, in the decoder and in the
+        ``"gene-batch"`` dispersion lookup alike (as scvi-tools does).
         """
         c = self.config
         lik = get_likelihood(c.gene_likelihood)

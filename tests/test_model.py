@@ -325,3 +325,42 @@ def test_demo_main_job_writes_outputs(tmp_path):
         assert (tmp_path / name).exists()
     assert metrics["elbo_heldout"] < 0
     assert -1.0 <= metrics["ari_kmeans_vs_cell_type"] <= 1.0
+
+
+def test_registered_likelihood_plugs_into_the_model():
+    import jax.numpy as jnp
+
+    from jaxvi import likelihoods as lk
+
+    lik = lk.Likelihood(
+        "test-geometric",
+        log_prob=lambda x, p: lk.nb_log_prob(x, p.mu, 1.0),
+        sample=lambda key, p: lk.get_likelihood("nb").sample(
+            key, p._replace(theta=jnp.ones_like(p.mu))
+        ),
+        mean=lambda p: p.mu,
+        variance=lambda p: p.mu + p.mu**2,
+        uses_theta=False,
+    )
+    lk.register_likelihood(lik)
+    try:
+        adata = make_adata(n=64)
+        SCVI.setup_anndata(adata)
+        model = SCVI(adata, n_hidden=16, n_latent=3, gene_likelihood="test-geometric")
+        model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+        from scipy import stats
+
+        from jaxvi.dataset import gather, to_device
+        from jaxvi.module import VAE, vae_loss
+        from jaxvi.registry import registry_arrays
+
+        batch = gather(to_device(registry_arrays(adata, model.registry_)), jnp.arange(64))
+        out, _ = vae_loss(model.module, model.variables, batch, key=None, training=False)
+        inf = model.module.apply(model.variables, batch, key=None, method=VAE.inference)
+        gen = model.module.apply(model.variables, inf.z, inf.library, batch, method=VAE.generative)
+        mu = np.asarray(gen.px_rate, np.float64)
+        x = adata.X.toarray()
+        expected = -stats.nbinom.logpmf(x, 1, 1.0 / (1.0 + mu)).sum(1)  # geometric NLL
+        np.testing.assert_allclose(out.reconstruction_loss, expected, rtol=1e-4)
+    finally:
+        lk._REGISTRY.pop("test-geometric", None)

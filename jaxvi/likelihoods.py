@@ -116,7 +116,10 @@ def zinb_log_prob(
 
 def poisson_log_prob(x: jax.Array, mu: jax.Array) -> jax.Array:
     """Elementwise log Poisson(x | rate ``mu``): ``x log mu - mu - log x!``."""
-    return xlogy(x, mu) - mu - gammaln(x + 1.0)
+    # xlogy's derivative in y is x / y: 0/0 = NaN at x == 0, mu == 0 (a softmax that
+    # underflows). Where x == 0 the term is 0 whatever mu is, so feed it a harmless 1 there;
+    # values are unchanged.
+    return xlogy(x, jnp.where(x == 0, 1.0, mu)) - mu - gammaln(x + 1.0)
 
 
 def normal_log_prob(x: jax.Array, mu: jax.Array, scale: jax.Array) -> jax.Array:
@@ -191,6 +194,12 @@ def _zinb_variance(p: PxParams):
     return (1.0 - gate) * p.mu * (1.0 + p.mu * (gate + 1.0 / p.theta))
 
 
+def _normal_variance(p: PxParams):
+    # Broadcast: a per-gene scale must still give one variance per (cell, gene), like the others.
+    shape = jnp.broadcast_shapes(jnp.shape(p.mu), jnp.shape(p.theta))
+    return jnp.broadcast_to(jnp.square(p.theta), shape)
+
+
 _REGISTRY: dict[str, Likelihood] = {}
 
 
@@ -255,6 +264,6 @@ register_likelihood(
         log_prob=lambda x, p: normal_log_prob(x, p.mu, p.theta),
         sample=_normal_sample,
         mean=lambda p: p.mu,
-        variance=lambda p: jnp.square(p.theta),
+        variance=_normal_variance,
     )
 )

@@ -38,6 +38,27 @@ def _state(config, plan, seed=0):
     return TrainState(v["params"], v["batch_stats"], {}, tx.init(v["params"]), jnp.int32(0))
 
 
+CONFIG = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
+
+
+def _fit(plan=None, n_train=90, n_val=0, max_epochs=2, **kwargs):
+    """Train the small CONFIG model on _arrays(): cells [0, n_train) train, the next n_val
+    validate."""
+    plan = plan or PlanConfig()
+    return fit(
+        VAE(CONFIG),
+        _state(CONFIG, plan),
+        to_device(_arrays()),
+        train_idx=np.arange(n_train),
+        val_idx=np.arange(n_train, n_train + n_val),
+        plan=plan,
+        max_epochs=max_epochs,
+        batch_size=32,
+        progress_bar=False,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize(
     ("n_obs", "expected"), [(400, 400), (20_000, 400), (50_000, 160), (1_000_000, 8)]
 )
@@ -108,21 +129,7 @@ def test_optimizer_is_coupled_l2_adam():
 
 
 def test_epoch_compiles_once_and_metrics_are_finite():
-    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
-    plan = PlanConfig()
-    data = to_device(_arrays())
-    state, history, epoch_fn = fit(
-        VAE(config),
-        _state(config, plan),
-        data,
-        train_idx=np.arange(80),
-        val_idx=np.arange(80, 90),
-        plan=plan,
-        max_epochs=4,
-        batch_size=32,
-        check_val_every_n_epoch=2,
-        progress_bar=False,
-    )
+    state, history, epoch_fn = _fit(n_train=80, n_val=10, max_epochs=4, check_val_every_n_epoch=2)
     assert epoch_fn._cache_size() == 1  # KL weight changed every epoch, no recompilation
     assert int(state.step) == 4 * 3
     assert list(history["kl_weight"]["kl_weight"]) == [0.0, 1 / 400, 2 / 400, 3 / 400]
@@ -138,23 +145,8 @@ def test_epoch_compiles_once_and_metrics_are_finite():
 
 
 def test_training_is_deterministic_and_seed_dependent():
-    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
-    plan = PlanConfig()
-    data = to_device(_arrays())
-
     def run(seed):
-        state, hist, _ = fit(
-            VAE(config),
-            _state(config, plan),
-            data,
-            train_idx=np.arange(90),
-            val_idx=np.arange(0),
-            plan=plan,
-            max_epochs=2,
-            batch_size=32,
-            seed=seed,
-            progress_bar=False,
-        )
+        state, hist, _ = _fit(seed=seed)
         return state.params, hist["train_loss"]["train_loss"].to_numpy()
 
     p1, l1 = run(0)
@@ -166,19 +158,7 @@ def test_training_is_deterministic_and_seed_dependent():
 
 
 def test_loss_decreases():
-    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
-    plan = PlanConfig(lr=1e-2)
-    _, hist, _ = fit(
-        VAE(config),
-        _state(config, plan),
-        to_device(_arrays()),
-        train_idx=np.arange(90),
-        val_idx=np.arange(0),
-        plan=plan,
-        max_epochs=15,
-        batch_size=32,
-        progress_bar=False,
-    )
+    _, hist, _ = _fit(PlanConfig(lr=1e-2), max_epochs=15)
     loss = hist["reconstruction_loss_train"]["reconstruction_loss_train"].to_numpy()
     assert loss[-1] < 0.9 * loss[0]
 
@@ -212,56 +192,26 @@ def test_masked_padding_equals_real_cells_only():
 
 
 def test_drop_last_uses_full_batches_only():
-    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
-    plan = PlanConfig()
-    state, _, _ = fit(
-        VAE(config),
-        _state(config, plan),
-        to_device(_arrays()),
-        train_idx=np.arange(90),
-        val_idx=np.arange(0),
-        plan=plan,
-        max_epochs=2,
-        batch_size=32,
-        progress_bar=False,
-        drop_last=True,
-    )
+    state, _, _ = _fit(drop_last=True)
     assert int(state.step) == 2 * 2
 
 
-def test_early_stopping_stops(capsys):
-    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
-    plan = PlanConfig(lr=0.0)  # nothing improves: stop after `patience` validations
-    _, hist, _ = fit(
-        VAE(config),
-        _state(config, plan),
-        to_device(_arrays()),
-        train_idx=np.arange(80),
-        val_idx=np.arange(80, 90),
-        plan=plan,
+def test_early_stopping_stops():
+    # lr 0: nothing improves, so training stops after `patience` validations.
+    _, hist, _ = _fit(
+        PlanConfig(lr=0.0),
+        n_train=80,
+        n_val=10,
         max_epochs=50,
-        batch_size=32,
         early_stopping=True,
         early_stopping_patience=3,
-        progress_bar=False,
     )
     assert len(hist["train_loss"]) < 50
 
 
 def test_reduce_lr_on_plateau_lowers_lr():
-    config = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
     plan = PlanConfig(lr=1e-9, reduce_lr_on_plateau=True, lr_patience=1)
-    state, _, _ = fit(
-        VAE(config),
-        _state(config, plan),
-        to_device(_arrays()),
-        train_idx=np.arange(80),
-        val_idx=np.arange(80, 90),
-        plan=plan,
-        max_epochs=6,
-        batch_size=32,
-        progress_bar=False,
-    )
+    state, _, _ = _fit(plan, n_train=80, n_val=10, max_epochs=6)
     assert float(state.opt_state.hyperparams["learning_rate"]) < 1e-9
 
 

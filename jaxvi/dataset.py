@@ -24,6 +24,8 @@ class CellData:
 
     Either ``x`` (dense ``(cells, genes)``) or the CSR triplet ``indptr`` ``(cells + 1,)``,
     ``indices`` and ``data`` ``(nnz,)`` is set. ``max_row_nnz`` bounds the non-zeros of one row.
+    ``qz_m``/``qz_v`` ``(cells, n_latent)`` and ``observed_lib_size`` ``(cells,)`` hold the
+    cached posterior of a minified AnnData (None otherwise).
     """
 
     x: jax.Array | None
@@ -37,6 +39,9 @@ class CellData:
     size_factor: jax.Array | None
     n_genes: int = flax.struct.field(pytree_node=False)
     max_row_nnz: int = flax.struct.field(pytree_node=False, default=0)
+    qz_m: jax.Array | None = None
+    qz_v: jax.Array | None = None
+    observed_lib_size: jax.Array | None = None
 
     @property
     def n_cells(self) -> int:
@@ -84,12 +89,17 @@ def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         size_factor=opt(arrays["size_factor"], np.float32),
         n_genes=n_genes,
         max_row_nnz=max_row_nnz,
+        qz_m=opt(arrays.get("qz_m"), np.float32),
+        qz_v=opt(arrays.get("qz_v"), np.float32),
+        observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
     )
 
 
 def _dense_rows(data: CellData, idx: jax.Array) -> jax.Array:
     if data.x is not None:
         return data.x[idx]
+    if data.data.shape[0] == 0:  # e.g. a minified AnnData: no stored counts
+        return jnp.zeros((idx.shape[0], data.n_genes), jnp.float32)
     starts = data.indptr[idx]
     lengths = data.indptr[idx + 1] - starts
     offs = jnp.arange(max(data.max_row_nnz, 1), dtype=starts.dtype)
@@ -115,6 +125,9 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
         cont_covs=take(data.cont_covs),
         size_factor=take(data.size_factor),
         mask=mask,
+        qz_m=take(data.qz_m),
+        qz_v=take(data.qz_v),
+        observed_lib_size=take(data.observed_lib_size),
     )
 
 

@@ -35,6 +35,10 @@ from jaxvi.train import (
 
 __all__ = ["SCVI"]
 
+MINIFY_TYPES = ("latent_posterior_parameters", "latent_posterior_parameters_with_counts")
+MINIFY_UNS_KEY = "_scvi_adata_minify_type"
+QZM_KEY, QZV_KEY, LIB_KEY = "scvi_latent_qzm", "scvi_latent_qzv", "observed_lib_size"
+
 # Above this many bytes of dense float32 counts, sparse input stays CSR on the device.
 DENSE_LIMIT_BYTES = 2**31
 
@@ -181,6 +185,13 @@ class SCVI:
         return self.test_indices_
 
     @property
+    def minified_data_type(self) -> str | None:
+        """``"latent_posterior_parameters[_with_counts]"`` after :meth:`minify_adata`, or None."""
+        if self.adata is None:
+            return None
+        return self.adata.uns.get(MINIFY_UNS_KEY)
+
+    @property
     def summary_stats(self) -> dict:
         """Counts of cells, genes, batches, labels and covariates at setup."""
         return dict(self.registry_["summary_stats"])
@@ -263,6 +274,8 @@ class SCVI:
             )
         if self.adata is None:
             raise ValueError("This model has no AnnData to train on (loaded without data).")
+        if self.minified_data_type is not None:
+            raise ValueError("A model with minified data cannot be trained.")
         _check_accelerator(accelerator)
         seed = settings.seed if seed is None else int(seed)
         if int(batch_size) < 1:
@@ -464,6 +477,7 @@ class SCVI:
         -------
         float, the mean over cells, or ``(cells,)`` per-cell values with ``return_mean=False``.
         """
+        self._refuse_if_minified("get_elbo")
         rec, kl_z, kl_l = self._elbo_terms(adata, indices, batch_size)
         elbo = -(rec + kl_z + kl_l)
         return float(np.mean(elbo)) if return_mean else elbo
@@ -477,8 +491,71 @@ class SCVI:
         -------
         ``{"reconstruction_loss": float}`` (mean over cells) or ``(cells,)`` values.
         """
+        self._refuse_if_minified("get_reconstruction_error")
         rec, _, _ = self._elbo_terms(adata, indices, batch_size)
         return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
+
+    def minify_adata(
+        self,
+        minified_data_type: str = "latent_posterior_parameters",
+        use_latent_qzm_key: str = "X_latent_qzm",
+        use_latent_qzv_key: str = "X_latent_qzv",
+    ) -> None:
+        """Replace ``self.adata`` by a copy that keeps q(z | x) instead of the counts.
+
+        The posterior mean and variance must first be stored in
+        ``adata.obsm[use_latent_qzm_key]`` / ``[use_latent_qzv_key]`` (e.g. from
+        ``get_latent_representation(return_dist=True)``). The copy holds them in
+        ``obsm["scvi_latent_qzm"]`` / ``["scvi_latent_qzv"]``, the total counts in
+        ``obs["observed_lib_size"]``, and all-zero sparse counts unless
+        ``minified_data_type="latent_posterior_parameters_with_counts"``. Afterwards the encoder
+        is skipped; ``get_elbo``, ``get_reconstruction_error``, ``get_marginal_ll`` and
+        ``get_latent_library_size`` refuse plain minified data, as in scvi-tools.
+        """
+        if minified_data_type not in MINIFY_TYPES:
+            raise NotImplementedError(
+                f"Minification method {minified_data_type} is not supported."
+            )
+        if not self.config.use_observed_lib_size:
+            raise ValueError(
+                "Minification is not supported for models that do not use observed library size."
+            )
+        if self.adata is None:
+            raise ValueError("This model has no AnnData to minify.")
+        for key in (use_latent_qzm_key, use_latent_qzv_key):
+            if key not in self.adata.obsm:
+                raise ValueError(
+                    f"adata.obsm['{key}'] not found: store the latent posterior first, e.g. "
+                    "`qzm, qzv = model.get_latent_representation(return_dist=True)`."
+                )
+        arrays = _arrays(self.adata, self.registry_)
+        x = arrays["X"]
+        mini = self.adata.copy()
+        if minified_data_type == "latent_posterior_parameters":
+            empty = sp.csr_matrix(x.shape, dtype=np.float32)
+            layer = self.registry_["setup_args"]["layer"]
+            if layer is None:
+                mini.X = empty
+            else:
+                mini.layers[layer] = empty
+            for name in list(mini.layers):
+                mini.layers[name] = sp.csr_matrix(x.shape, dtype=np.float32)
+        n_latent = self.config.n_latent
+        for src, dst in ((use_latent_qzm_key, QZM_KEY), (use_latent_qzv_key, QZV_KEY)):
+            value = np.asarray(self.adata.obsm[src], np.float32)
+            if value.shape != (self.adata.n_obs, n_latent):
+                raise ValueError(
+                    f"adata.obsm['{src}'] has shape {value.shape}, expected "
+                    f"({self.adata.n_obs}, {n_latent})."
+                )
+            mini.obsm[dst] = value
+        mini.obs[LIB_KEY] = np.asarray(x.sum(axis=1), np.float32).ravel()
+        mini.uns[MINIFY_UNS_KEY] = minified_data_type
+        self.adata = mini
+
+    def _refuse_if_minified(self, name: str) -> None:
+        if self.minified_data_type == "latent_posterior_parameters":
+            raise ValueError(f"The SCVI.{name} function currently does not support minified data.")
 
     # --------------------------------------------------------------- save/load
     def save(
@@ -576,6 +653,13 @@ class SCVI:
     def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
         arrays = _arrays(adata, self.registry_)
         x = arrays["X"]
+        minified = adata.uns.get(MINIFY_UNS_KEY)
+        if minified is not None:
+            arrays["qz_m"] = adata.obsm[QZM_KEY]
+            arrays["qz_v"] = adata.obsm[QZV_KEY]
+            arrays["observed_lib_size"] = adata.obs[LIB_KEY].to_numpy()
+            if minified == "latent_posterior_parameters":
+                load_sparse_tensor = True  # all-zero counts: nothing to densify
         if load_sparse_tensor is None:
             load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
         return to_device(arrays, sparse=bool(load_sparse_tensor))

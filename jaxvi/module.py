@@ -70,13 +70,13 @@ class VAEConfig:
         _check_choice("latent_distribution", self.latent_distribution, ("normal", "ln"))
         _check_choice("use_batch_norm", self.use_batch_norm, NORM_OPTIONS)
         _check_choice("use_layer_norm", self.use_layer_norm, NORM_OPTIONS)
-        _check_choice(
-            "batch_representation", self.batch_representation, ("one-hot", "embedding")
-        )
+        _check_choice("batch_representation", self.batch_representation, ("one-hot", "embedding"))
         get_likelihood(self.gene_likelihood)
         for name in ("n_input", "n_hidden", "n_latent", "n_layers", "n_batch", "n_labels"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+                raise ValueError(
+                    f"`{name}` must be a positive integer, got {getattr(self, name)}."
+                )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"`dropout_rate` must be in [0, 1), got {self.dropout_rate}.")
         if self.use_size_factor_key and not self.use_observed_lib_size:
@@ -115,6 +115,11 @@ class Batch(NamedTuple):
         Size factors, ``(cells,)`` float32, or None.
     mask
         1.0 for real cells and 0.0 for padding, ``(cells,)`` float32, or None (all real).
+    qz_m, qz_v
+        Cached posterior mean and variance ``(cells, n_latent)`` of a minified AnnData, or
+        None; when set, :meth:`VAE.inference` skips the encoder.
+    observed_lib_size
+        Cached total counts ``(cells,)`` of a minified AnnData, or None.
     """
 
     x: jax.Array
@@ -124,6 +129,9 @@ class Batch(NamedTuple):
     cont_covs: jax.Array | None = None
     size_factor: jax.Array | None = None
     mask: jax.Array | None = None
+    qz_m: jax.Array | None = None
+    qz_v: jax.Array | None = None
+    observed_lib_size: jax.Array | None = None
 
 
 class InferenceOutputs(NamedTuple):
@@ -242,6 +250,8 @@ class VAE(nn.Module):
         mean (transformed for ``"ln"``), which is what scvi-tools' deterministic outputs use.
         """
         c = self.config
+        if batch.qz_m is not None and not self.is_initializing():
+            return self._cached_inference(batch, key, n_samples)
         x = batch.x
         if c.use_observed_lib_size:
             library = jnp.log(jnp.sum(x, axis=-1, keepdims=True))
@@ -273,6 +283,17 @@ class VAE(nn.Module):
         untran_z = _draw(k_z, qz_m, qz_v, n_samples)
         z = nn.softmax(untran_z, axis=-1) if c.latent_distribution == "ln" else untran_z
         return InferenceOutputs(z, qz_m, qz_v, library, ql_m, ql_v)
+
+    def _cached_inference(self, batch: Batch, key, n_samples: int) -> InferenceOutputs:
+        """Inference of a minified AnnData: q(z | x) and the library are read, not computed."""
+        library = jnp.log(batch.observed_lib_size)[:, None]
+        if n_samples > 1:
+            library = jnp.broadcast_to(library, (n_samples, *library.shape))
+        k_z = None if key is None else jax.random.split(key)[0]
+        untran_z = _draw(k_z, batch.qz_m, batch.qz_v, n_samples)
+        ln = self.config.latent_distribution == "ln"
+        z = nn.softmax(untran_z, axis=-1) if ln else untran_z
+        return InferenceOutputs(z, batch.qz_m, batch.qz_v, library, None, None)
 
     def generative(
         self,

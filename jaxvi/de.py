@@ -1,0 +1,666 @@
+"""Bayesian differential expression, as scvi-tools' ``SCVI.differential_expression``.
+
+Two cell groups are compared through posterior samples of the normalized expression
+``px_scale`` (each row sums to 1), drawn with
+:meth:`jaxvi.SCVI.get_normalized_expression` (``n_samples_overall`` draws per group, 5000 by
+default). Two tests are available:
+
+* ``mode="vanilla"`` (Lopez et al. 2018): ``p1 = P(scale1 > scale2)`` per gene and the
+  natural-log Bayes factor ``log(p1 + 1e-8) - log(1 - p1 + 1e-8)``;
+* ``mode="change"`` (Boyeau et al. 2019): the log2 fold change
+  ``r = log2(scale1 + pc) - log2(scale2 + pc)`` (group 1 minus group 2), the probability
+  ``proba_de`` that ``|r|`` exceeds ``delta``, its Bayes factor, summaries of ``r`` and a
+  posterior expected FDR flag ``is_de_fdr_<target>``.
+
+The statistics are vectorised NumPy over genes: :func:`vanilla_test`, :func:`change_test`,
+:func:`estimate_pseudocounts_offset`, :func:`estimate_delta`, :func:`credible_intervals`,
+:func:`fdr_de_prediction` and :func:`raw_counts_properties` are pure functions of arrays.
+:func:`differential_expression` draws the samples, runs them for every comparison and
+assembles scvi-tools' table (same columns, dtypes, sorting and gene-name index).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from jaxvi._settings import settings
+
+__all__ = [
+    "change_test",
+    "credible_intervals",
+    "differential_expression",
+    "estimate_delta",
+    "estimate_pseudocounts_offset",
+    "fdr_de_prediction",
+    "library_scaling",
+    "raw_counts_properties",
+    "vanilla_test",
+]
+
+EPS = 1e-8
+RAW_NORM_KEY = "_scvi_raw_norm_scaling"
+_BAYES_KWARGS = {
+    "n_samples_overall": 5000,
+    "use_permutation": False,
+    "m_permutation": 10000,
+    "change_fn": None,
+    "m1_domain_fn": None,
+    "pseudocounts": None,
+    "threshold_counts": 0.01,
+    "test_mode": "three",
+    "cred_interval_lvls": None,
+}
+
+
+# --------------------------------------------------------------------------- pure statistics
+def vanilla_test(scales1: np.ndarray, scales2: np.ndarray) -> dict[str, np.ndarray]:
+    """The vanilla test on paired posterior samples.
+
+    Parameters
+    ----------
+    scales1, scales2
+        ``(n_pairs, genes)`` paired posterior samples of the normalized expression.
+
+    Returns
+    -------
+    ``{"proba_m1", "proba_m2", "bayes_factor"}``, each ``(genes,)`` float64:
+    ``P(scale1 > scale2)``, its complement and ``log(p1 + 1e-8) - log(p2 + 1e-8)``.
+    """
+    p1 = np.mean(np.asarray(scales1) > np.asarray(scales2), axis=0)
+    p2 = 1.0 - p1
+    return {"proba_m1": p1, "proba_m2": p2, "bayes_factor": np.log(p1 + EPS) - np.log(p2 + EPS)}
+
+
+def _log2_fold_change(x: np.ndarray, y: np.ndarray, pseudocounts) -> np.ndarray:
+    return np.log2(x + pseudocounts) - np.log2(y + pseudocounts)
+
+
+def change_test(
+    scales1: np.ndarray,
+    scales2: np.ndarray,
+    pseudocounts,
+    delta: float | None = 0.25,
+    test_mode: str = "three",
+    cred_interval_lvls: Sequence[float] | None = None,
+    change_fn: str | Callable | None = None,
+    m1_domain_fn: Callable | None = None,
+    seed: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The change (effect-size) test on paired posterior samples.
+
+    Parameters
+    ----------
+    scales1, scales2
+        ``(n_pairs, genes)`` paired posterior samples of the normalized expression.
+    pseudocounts
+        Offset added to both scales before the log fold change (a scalar).
+    delta
+        LFC threshold: DE means ``r >= delta`` or ``r < -delta``. ``None`` estimates it from
+        the per-gene mean LFCs with :func:`estimate_delta`.
+    test_mode
+        ``"three"``: ``proba_de = max(P+, P-)``; ``"two"``: ``P+ + P-``.
+    cred_interval_lvls
+        Levels of highest-posterior-density intervals of the LFC to add.
+    change_fn
+        ``None`` or ``"log-fold"`` (log2 fold change), or ``f(x, y, pseudocounts)`` returning
+        ``(n_pairs, genes)`` effect sizes.
+    m1_domain_fn
+        ``f(r) -> (is_de_plus, is_de_minus)``, boolean ``(n_pairs, genes)`` arrays; default
+        the two tails beyond ``delta``.
+    seed
+        Seed of the Gaussian mixture when ``delta`` is None.
+
+    Returns
+    -------
+    ``proba_de, proba_not_de, bayes_factor`` ``(genes,)``; ``delta`` (the threshold used);
+    ``lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max`` and, per level ``L``,
+    ``lfc_confidence_interval_{L}_min/max``, all ``(genes,)`` and computed with
+    ``1e-3 * pseudocounts`` (the smaller offset estimates the fold change itself).
+    """
+    if test_mode not in ("two", "three"):
+        raise ValueError(f"test_mode must be 'two' or 'three', got {test_mode!r}.")
+    if change_fn is None or change_fn == "log-fold":
+        change_fn = _log2_fold_change
+    elif not callable(change_fn):
+        raise ValueError(f"change_fn must be None, 'log-fold' or a callable, got {change_fn!r}.")
+    r = np.asarray(change_fn(scales1, scales2, pseudocounts))
+    if delta is None:
+        delta = estimate_delta(r.mean(axis=0), seed=seed)
+    if m1_domain_fn is None:
+        plus, minus = r >= delta, r < -delta
+    else:
+        plus, minus = m1_domain_fn(r)
+    del r
+    p_plus = np.mean(plus, axis=0)
+    p_minus = np.mean(minus, axis=0)
+    proba_de = p_plus + p_minus if test_mode == "two" else np.maximum(p_plus, p_minus)
+    lfc = np.asarray(change_fn(scales1, scales2, 1e-3 * pseudocounts))
+    out = {
+        "proba_de": proba_de,
+        "proba_not_de": 1.0 - proba_de,
+        "bayes_factor": np.log(proba_de + EPS) - np.log(1.0 - proba_de + EPS),
+        "delta": delta,
+        "lfc_mean": lfc.mean(axis=0),
+        "lfc_median": np.median(lfc, axis=0),
+        "lfc_std": lfc.std(axis=0),
+        "lfc_min": lfc.min(axis=0),
+        "lfc_max": lfc.max(axis=0),
+    }
+    for level in cred_interval_lvls or []:
+        hpd = credible_intervals(lfc, level)
+        name = str(level)[:5]
+        out[f"lfc_confidence_interval_{name}_min"] = hpd[:, 0]
+        out[f"lfc_confidence_interval_{name}_max"] = hpd[:, 1]
+    return out
+
+
+def credible_intervals(samples: np.ndarray, level: float = 0.94) -> np.ndarray:
+    """Highest-posterior-density interval of each column (shortest interval, unimodal case).
+
+    Parameters
+    ----------
+    samples
+        ``(n_samples,)`` or ``(n_samples, genes)`` posterior samples.
+    level
+        Credible level in ``[0, 1)``.
+
+    Returns
+    -------
+    ``(2,)`` or ``(genes, 2)``: interval minimum and maximum.
+    """
+    samples = np.asarray(samples)
+    one = samples.ndim == 1
+    s = np.sort(samples[:, None] if one else samples, axis=0)
+    n = s.shape[0]
+    k = int(np.floor(level * n))
+    widths = s[k:] - s[: n - k]
+    if widths.shape[0] == 0:
+        raise ValueError(f"Too few samples ({n}) for a credible interval at level {level}.")
+    start = np.argmin(widths, axis=0)
+    cols = np.arange(s.shape[1])
+    out = np.stack([s[start, cols], s[start + k, cols]], axis=1)
+    return out[0] if one else out
+
+
+def estimate_pseudocounts_offset(
+    scales_a: np.ndarray,
+    scales_b: np.ndarray,
+    where_zero_a: np.ndarray,
+    where_zero_b: np.ndarray,
+    quantile: float = 0.9,
+):
+    """Pseudocount offset that shrinks the LFCs of genes not expressed in a group.
+
+    Parameters
+    ----------
+    scales_a, scales_b
+        ``(n_samples, genes)`` posterior samples of the two groups.
+    where_zero_a, where_zero_b
+        ``(genes,)`` boolean: genes whose mean raw count in the group is below threshold.
+    quantile
+        Quantile of the per-gene maximal scale over those genes.
+
+    Returns
+    -------
+    Scalar ``max(1e-10, max(eps_a, eps_b) / genes)``, where ``eps`` is the quantile of the
+    per-gene maximum scale over a group's non-expressed genes (1e-10 if there are none).
+    """
+    max_a = np.max(scales_a, axis=0)
+    max_b = np.max(scales_b, axis=0)
+    where_zero_a = np.asarray(where_zero_a, bool)
+    where_zero_b = np.asarray(where_zero_b, bool)
+    if not (max_a.shape == where_zero_a.shape == max_b.shape == where_zero_b.shape):
+        raise ValueError(
+            f"Shapes differ: scales {max_a.shape} / {max_b.shape}, "
+            f"masks {where_zero_a.shape} / {where_zero_b.shape}."
+        )
+    eps_a = np.quantile(max_a[where_zero_a], q=quantile) if where_zero_a.any() else 1e-10
+    eps_b = np.quantile(max_b[where_zero_b], q=quantile) if where_zero_b.any() else 1e-10
+    return np.maximum(1e-10, np.maximum(eps_a, eps_b) / len(max_a))
+
+
+def estimate_delta(
+    lfc_means: np.ndarray, coef: float = 0.6, min_thres: float = 0.1, seed: int | None = None
+):
+    """LFC threshold from the modes of the per-gene mean LFCs.
+
+    A 3-component Gaussian mixture is fitted to ``lfc_means`` (scikit-learn); the threshold is
+    ``max(min_thres, coef * mean(|lowest mean|, |highest mean|))``.
+
+    Parameters
+    ----------
+    lfc_means
+        ``(genes,)`` mean LFC of each gene.
+    coef, min_thres
+        0.6 and 0.1, as scvi-tools.
+    seed
+        ``random_state`` of the mixture (scvi-tools leaves it unseeded).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    lfc_means = np.asarray(lfc_means)
+    if lfc_means.ndim != 1:
+        raise ValueError(f"lfc_means must be 1-D (genes,), got shape {lfc_means.shape}.")
+    gmm = GaussianMixture(n_components=3, random_state=seed).fit(lfc_means[:, None])
+    modes = np.sort(gmm.means_.squeeze())
+    return np.maximum(min_thres, coef * np.abs(modes[[0, -1]]).mean())
+
+
+def fdr_de_prediction(proba_de, fdr: float = 0.05) -> np.ndarray:
+    """Flag the largest set of top genes whose posterior expected FDR is at most ``fdr``.
+
+    Genes are ranked by ``proba_de`` (descending, ties in input order); the flagged set is the
+    top ``k`` with ``k`` the number of ranks at which ``sum_{i<=k}(1 - p_i) / k <= fdr``.
+
+    Parameters
+    ----------
+    proba_de
+        ``(genes,)`` posterior probabilities of DE.
+    fdr
+        Target false discovery rate.
+
+    Returns
+    -------
+    ``(genes,)`` bool, aligned with ``proba_de``.
+    """
+    p = np.asarray(proba_de, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"proba_de must be 1-D, got shape {p.shape}.")
+    order = np.argsort(-p, kind="stable")
+    cum_fdr = np.cumsum(1.0 - p[order]) / (1.0 + np.arange(len(p)))
+    n_de = int(np.sum(cum_fdr <= fdr))
+    out = np.zeros(len(p), bool)
+    out[order[:n_de]] = True
+    return out
+
+
+def raw_counts_properties(x, mask1, mask2, scaling=None) -> dict[str, np.ndarray]:
+    """Raw-count statistics of two cell groups.
+
+    Parameters
+    ----------
+    x
+        ``(cells, genes)`` raw counts, dense or scipy sparse.
+    mask1, mask2
+        ``(cells,)`` boolean masks (or index arrays) of the two groups.
+    scaling
+        ``(cells,)`` per-cell normalisation factor; default ``1e4 / library size``.
+
+    Returns
+    -------
+    ``raw_mean1/2`` (mean count), ``non_zeros_proportion1/2`` and ``raw_normalized_mean1/2``
+    (mean of ``counts * scaling``), each ``(genes,)``.
+    """
+    if scaling is None:
+        scaling = library_scaling(x)
+    scaling = np.asarray(scaling).reshape(-1, 1)
+
+    def col_mean(a) -> np.ndarray:
+        return np.asarray(a.mean(axis=0)).ravel()
+
+    groups = {"1": (x[mask1], scaling[mask1]), "2": (x[mask2], scaling[mask2])}
+    normed = {g: xg.multiply(f) if sp.issparse(xg) else xg * f for g, (xg, f) in groups.items()}
+    return {
+        **{f"raw_mean{g}": col_mean(xg) for g, (xg, _) in groups.items()},
+        **{f"non_zeros_proportion{g}": col_mean(xg != 0) for g, (xg, _) in groups.items()},
+        **{f"raw_normalized_mean{g}": col_mean(v) for g, v in normed.items()},
+    }
+
+
+def library_scaling(x) -> np.ndarray:
+    """``(cells,)`` factor ``1e4 / library size`` (``inf`` for empty cells)."""
+    with np.errstate(divide="ignore"):
+        return (1 / np.asarray(x.sum(axis=1)).ravel()) * 1e4
+
+
+# ------------------------------------------------------------------------------ the method
+def differential_expression(
+    model,
+    adata=None,
+    groupby: str | None = None,
+    group1: str | Iterable[str] | None = None,
+    group2: str | None = None,
+    idx1=None,
+    idx2=None,
+    mode: str = "vanilla",
+    delta: float | None = 0.25,
+    batch_size: int | None = None,
+    all_stats: bool = True,
+    batch_correction: bool = False,
+    batchid1: Sequence[str] | None = None,
+    batchid2: Sequence[str] | None = None,
+    fdr_target: float = 0.05,
+    silent: bool = False,
+    weights: str | None = "uniform",
+    filter_outlier_cells: bool = False,
+    importance_weighting_kwargs: dict | None = None,
+    **kwargs,
+) -> pd.DataFrame:
+    """Bayesian differential expression between cell groups, as scvi-tools.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`jaxvi.SCVI`.
+    adata
+        AnnData set up like the model's (default ``model.adata``).
+    groupby
+        ``adata.obs`` column defining the groups.
+    group1
+        Group(s) to test, each against ``group2``; default every category of ``groupby``.
+    group2
+        Reference group; default the rest of the cells (``"Rest"``).
+    idx1, idx2
+        Instead of ``groupby``: boolean mask, integer positions or ``obs.query`` string of
+        group 1 and group 2 (default the other cells). No ``comparison`` / ``group1`` /
+        ``group2`` columns are then added; a cell in both goes to group 2.
+    mode
+        ``"vanilla"`` or ``"change"``.
+    delta
+        LFC threshold of the change mode (0.25); None estimates it (:func:`estimate_delta`).
+    batch_size
+        Minibatch size of the sampling (default ``settings.batch_size``, capped at the group
+        size).
+    all_stats
+        Add the raw-count columns (:func:`raw_counts_properties`). Caches the normalisation
+        in ``adata.obs["_scvi_raw_norm_scaling"]``, as scvi-tools.
+    batch_correction
+        Decode the samples of both groups with each batch of ``batchid1`` / ``batchid2``
+        (default all) in turn, ``n_samples_overall / n_batches`` per batch, and pair samples
+        of the same batch; otherwise use each cell's observed batch.
+    batchid1, batchid2
+        Batch categories for ``batch_correction=True``.
+    fdr_target
+        Target of the change mode's ``is_de_fdr_<fdr_target>`` column.
+    silent
+        Hide the progress bar.
+    weights
+        ``"uniform"`` (or None). ``"importance"`` raises ``NotImplementedError``.
+    filter_outlier_cells
+        Drop cells flagged by scikit-learn's ``EllipticEnvelope`` on the latent mean before
+        sampling (the raw statistics still use all cells).
+    importance_weighting_kwargs
+        Accepted for compatibility; unused with uniform weights.
+    **kwargs
+        Options of scvi-tools' ``get_bayes_factors``: ``n_samples_overall`` (5000 samples per
+        group), ``use_permutation`` (False), ``m_permutation`` (10000), ``change_fn``,
+        ``m1_domain_fn``, ``pseudocounts`` (None: estimated), ``threshold_counts`` (0.01),
+        ``test_mode`` (``"three"``), ``cred_interval_lvls`` (None).
+
+    Returns
+    -------
+    DataFrame indexed by gene name, one block of ``genes`` rows per comparison, concatenated
+    in the order of ``group1``. Vanilla columns: ``proba_m1, proba_m2, bayes_factor, scale1,
+    scale2``; change columns: ``proba_de, proba_not_de, bayes_factor, scale1, scale2,
+    pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max`` [, HPD columns];
+    then the raw statistics, ``is_de_fdr_<fdr_target>`` (change mode) and ``comparison,
+    group1, group2`` (with ``groupby``). Blocks are sorted by ``bayes_factor`` (vanilla) or
+    ``proba_de`` (change), descending.
+    """
+    unknown = sorted(set(kwargs) - set(_BAYES_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"differential_expression got unexpected keyword arguments {unknown}; "
+            f"allowed: {sorted(_BAYES_KWARGS)}."
+        )
+    opts = {**_BAYES_KWARGS, **kwargs}
+    if mode not in ("vanilla", "change"):
+        raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
+    if opts["test_mode"] not in ("two", "three"):
+        raise ValueError(f"test_mode must be 'two' or 'three', got {opts['test_mode']!r}.")
+    if weights == "importance":
+        raise NotImplementedError(
+            "weights='importance' needs importance weights, which jaxvi does not implement "
+            "yet; use weights='uniform'."
+        )
+    if weights not in (None, "uniform"):
+        raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
+    if not batch_correction and (batchid1 is not None or batchid2 is not None):
+        raise ValueError("batchid1 / batchid2 need batch_correction=True.")
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError("This model has no AnnData; pass `adata=`.")
+    if all_stats and getattr(model, "minified_data_type", None) == "latent_posterior_parameters":
+        warnings.warn(
+            "Count statistics make no sense for a minified model (its counts are zeros); "
+            "consider all_stats=False.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    comparisons = _comparisons(adata, groupby, group1, group2, idx1, idx2)
+    rng = np.random.default_rng(settings.seed)
+    counts = _registered_counts(adata, model.registry_["setup_args"]["layer"])
+    if batch_correction:
+        all_batches = list(model.registry_["batch_categories"])
+        batches1 = all_batches if batchid1 is None else list(batchid1)
+        batches2 = all_batches if batchid2 is None else list(batchid2)
+    else:
+        batches1 = batches2 = [None]
+
+    def sample(mask, batches):
+        cells = np.flatnonzero(mask)
+        if filter_outlier_cells:
+            cells = _filter_outliers(model, adata, cells, int(rng.integers(2**31 - 1)))
+        scales, labels = _sample_scales(
+            model, adata, cells, batches, opts["n_samples_overall"], batch_size
+        )
+        return cells, scales, labels
+
+    results = []
+    for label1, label2, mask1, mask2 in tqdm(comparisons, desc="DE...", disable=silent):
+        cells1, s1, b1 = sample(mask1, batches1)
+        cells2, s2, b2 = sample(mask2, batches2)
+        pair1, pair2 = _pair_samples(
+            s1, b1, s2, b2, batch_correction, opts["use_permutation"], opts["m_permutation"], rng
+        )
+        if mode == "vanilla":
+            stats = vanilla_test(pair1, pair2)
+            info = {**stats, "scale1": s1.mean(axis=0), "scale2": s2.mean(axis=0)}
+        else:
+            pseudocounts = opts["pseudocounts"]
+            if pseudocounts is None:
+                thr = opts["threshold_counts"]
+                pseudocounts = estimate_pseudocounts_offset(
+                    pair1,
+                    pair2,
+                    np.asarray(counts[cells1].mean(axis=0)).ravel() < thr,
+                    np.asarray(counts[cells2].mean(axis=0)).ravel() < thr,
+                    quantile=0.9,
+                )
+            stats = change_test(
+                pair1,
+                pair2,
+                pseudocounts,
+                delta=delta,
+                test_mode=opts["test_mode"],
+                cred_interval_lvls=opts["cred_interval_lvls"],
+                change_fn=opts["change_fn"],
+                m1_domain_fn=opts["m1_domain_fn"],
+                seed=int(rng.integers(2**31 - 1)),
+            )
+            info = {
+                "proba_de": stats.pop("proba_de"),
+                "proba_not_de": stats.pop("proba_not_de"),
+                "bayes_factor": stats.pop("bayes_factor"),
+                "scale1": s1.mean(axis=0),
+                "scale2": s2.mean(axis=0),
+                "pseudocounts": pseudocounts,
+                "delta": stats.pop("delta"),
+                **stats,
+            }
+        if all_stats:
+            info.update(
+                raw_counts_properties(counts, mask1, mask2, _cached_scaling(adata, counts))
+            )
+        res = pd.DataFrame(info, index=adata.var_names)
+        sort_key = "proba_de" if mode == "change" else "bayes_factor"
+        res = res.sort_values(by=sort_key, ascending=False)
+        if mode == "change":
+            res[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(
+                res["proba_de"].to_numpy(), fdr_target
+            )
+        if label1 is not None:
+            res["comparison"] = f"{label1} vs {label2}"
+            res["group1"] = label1
+            res["group2"] = label2
+        results.append(res)
+    return pd.concat(results, axis=0)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[tuple]:
+    """``[(label1, label2, mask1, mask2)]``; labels are None for ``idx1`` comparisons."""
+    if idx1 is not None:
+        mask1 = _as_mask(idx1, adata.obs, "idx1")
+        if idx2 is None:
+            mask2 = ~mask1
+        else:
+            mask2 = _as_mask(idx2, adata.obs, "idx2")
+            mask1 = mask1 & ~mask2
+        if not mask1.any() or not mask2.any():
+            raise ValueError("One of idx1 or idx2 selects no cells.")
+        return [(None, None, mask1, mask2)]
+    if idx2 is not None:
+        raise ValueError("idx2 needs idx1.")
+    if groupby is None:
+        raise ValueError("Pass `groupby` (an adata.obs column) or `idx1`.")
+    if groupby not in adata.obs:
+        raise ValueError(f"groupby column {groupby!r} not found in adata.obs.")
+    col = adata.obs[groupby]
+    categories = col.astype("category").cat.categories.tolist()
+    if group1 is None:
+        group1 = categories
+        if len(group1) == 1:
+            raise ValueError("Only a single group in the data. Can't run DE on a single group.")
+    elif isinstance(group1, str) or not isinstance(group1, Iterable):
+        group1 = [group1]
+    else:
+        group1 = list(group1)
+
+    def mask_of(g, arg):
+        m = (col == g).to_numpy().ravel()
+        if not m.any():
+            raise ValueError(
+                f"{arg} {g!r} has no cells in adata.obs[{groupby!r}]; "
+                f"categories are {categories[:20]}."
+            )
+        return m
+
+    mask2 = None if group2 is None else mask_of(group2, "group2")
+    out = []
+    for g in group1:
+        m1 = mask_of(g, "group1")
+        m2 = ~m1 if mask2 is None else mask2
+        if not m2.any():
+            raise ValueError(f"No cells left to compare group {g!r} with.")
+        out.append((g, "Rest" if group2 is None else group2, m1, m2))
+    return out
+
+
+def _as_mask(idx, obs: pd.DataFrame, name: str) -> np.ndarray:
+    n = len(obs)
+    if isinstance(idx, str):
+        return obs.index.isin(obs.query(idx).index)
+    arr = np.asarray(idx).ravel()
+    if arr.dtype == bool:
+        if arr.shape[0] != n:
+            raise ValueError(f"Boolean {name} has length {arr.shape[0]}, expected {n} cells.")
+        return arr.copy()
+    mask = np.zeros(n, bool)
+    mask[arr.astype(np.int64)] = True
+    return mask
+
+
+def _registered_counts(adata, layer):
+    x = adata.X if layer is None else adata.layers[layer]
+    if hasattr(x, "to_memory"):  # backed datasets
+        x = x.to_memory()
+    return x
+
+
+def _cached_scaling(adata, counts) -> np.ndarray:
+    if RAW_NORM_KEY in adata.obs:
+        return adata.obs[RAW_NORM_KEY].to_numpy()
+    scaling = library_scaling(counts)
+    adata.obs[RAW_NORM_KEY] = scaling
+    return scaling
+
+
+def _filter_outliers(model, adata, cells: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.covariance import EllipticEnvelope
+
+    reps = model.get_latent_representation(adata, indices=cells)
+    try:
+        keep = EllipticEnvelope(random_state=seed).fit_predict(reps) == 1
+    except ValueError:
+        warnings.warn(
+            "Could not estimate the covariance for outlier filtering; using all cells.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return cells
+    return cells[keep]
+
+
+def _sample_scales(model, adata, cells, batches, n_samples_overall, batch_size):
+    """``(scales (N, genes) float32, batch labels (N,))``: ``n_samples_overall / len(batches)``
+    draws per batch of ``batches`` (``[None]``: observed batches)."""
+    n = int(n_samples_overall / len(batches))
+    if n == 0:
+        warnings.warn(
+            "Very small sample size; consider increasing `n_samples_overall`.",
+            UserWarning,
+            stacklevel=3,
+        )
+        n = 2
+    bs = settings.batch_size if batch_size is None else int(batch_size)
+    bs = max(1, min(bs, len(cells)))  # small groups draw many samples per cell: small chunks
+    scales, labels = [], []
+    for b in batches:
+        s = model.get_normalized_expression(
+            adata,
+            indices=cells,
+            transform_batch=b,
+            n_samples_overall=n,
+            batch_size=bs,
+            return_numpy=True,
+        )
+        scales.append(np.asarray(s))
+        labels.append(np.full(len(s), b, dtype=object))
+    return np.concatenate(scales), np.concatenate(labels)
+
+
+def _pair_samples(s1, b1, s2, b2, batch_correction, use_permutation, m_permutation, rng):
+    """Pair the samples of the two groups (within batches when both use the same ones)."""
+    batches1 = list(dict.fromkeys(b1.tolist()))
+    batches2 = list(dict.fromkeys(b2.tolist()))
+    if batch_correction and set(batches1) == set(batches2):
+        m = m_permutation // len(batches1) if m_permutation is not None else None
+        pairs = [_pairs(s1[b1 == b], s2[b2 == b], use_permutation, m, rng) for b in batches1]
+        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    if batch_correction and set(batches1) & set(batches2):
+        warnings.warn(
+            "batchid1 and batchid2 differ but intersect; this case has no specific handling "
+            "and batch correction is not trustworthy.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return _pairs(s1, s2, use_permutation, m_permutation, rng)
+
+
+def _pairs(a1, a2, use_permutation, m, rng):
+    if use_permutation:
+        return a1[rng.choice(len(a1), size=m)], a2[rng.choice(len(a2), size=m)]
+    if a1.shape != a2.shape:
+        raise ValueError(
+            f"The groups have {len(a1)} and {len(a2)} samples, which cannot be paired; "
+            "use use_permutation=True or the same number of batches in batchid1 and batchid2."
+        )
+    return a1, a2

@@ -91,18 +91,47 @@ def normalized_expression_program(config: VAEConfig, n_samples: int, latent_libr
     return jax.jit(run)
 
 
+MAX_CHUNKS_PER_CALL = 64
+
+
+def _bucket(n_chunks: int) -> int:
+    """Chunks per call: the next power of two, at most ``MAX_CHUNKS_PER_CALL``."""
+    return min(MAX_CHUNKS_PER_CALL, 1 << max(n_chunks - 1, 0).bit_length())
+
+
+def _is_key(a) -> bool:
+    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis: int = 0):
     """Run ``program`` over ``indices`` in chunks and stitch host arrays back together.
+
+    ``program(variables, data, idx, *args)`` takes ``idx`` of shape ``(n_chunks, batch)``.
+    Chunk counts are padded to a power of two and split into calls of at most
+    ``MAX_CHUNKS_PER_CALL`` chunks, so a program compiles for a handful of shapes whatever the
+    number of cells, and device memory stays bounded. When ``args[0]`` is a PRNG key, each
+    call after the first gets ``fold_in(key, call)``.
 
     Outputs of shape ``(n_chunks, *pre, batch, *post)`` become ``(*pre, n_cells, *post)``
     where ``pre`` has ``cell_axis`` dimensions.
     """
     idx, mask = pad_indices(np.asarray(indices), batch_size)
-    out = program(variables, data, jnp.asarray(idx), *args)
+    n_chunks = idx.shape[0]
+    parts = []
+    for call, start in enumerate(range(0, n_chunks, MAX_CHUNKS_PER_CALL)):
+        part = idx[start : start + MAX_CHUNKS_PER_CALL]
+        n = part.shape[0]
+        padded = np.zeros((_bucket(n), batch_size), np.int32)
+        padded[:n] = part
+        call_args = args
+        if call > 0 and args and _is_key(args[0]):
+            call_args = (jax.random.fold_in(args[0], call), *args[1:])
+        out = program(variables, data, jnp.asarray(padded), *call_args)
+        parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], out))
+    out = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *parts)
     keep = mask.reshape(-1) > 0
 
     def stitch(a):
-        a = np.asarray(a)
         a = np.moveaxis(a, 0, cell_axis)  # (*pre, n_chunks, batch, *post)
         shape = a.shape
         a = a.reshape(

@@ -441,22 +441,31 @@ class SCVI:
         latent_library = library_size == "latent"
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
-        program = inference.normalized_expression_program(
-            self.config, int(n_samples), latent_library
-        )
-        exprs = inference.run_chunked(
-            program,
-            self.variables,
-            data,
-            indices,
-            bs,
-            self._next_key(),
-            jnp.asarray(codes, jnp.int32),
-            jnp.asarray(gene_idx, jnp.int32),
-            jnp.float32(1.0 if latent_library else library_size),
-            cell_axis=1 if n_samples > 1 else 0,
-        )
-        exprs = np.asarray(exprs, np.float32)
+        # Samples are drawn in blocks of a power-of-two size (at most 32), so one compiled
+        # program serves every n_samples (DE asks for a different count per group).
+        n_samples = int(n_samples)
+        block = min(32, 1 << (n_samples - 1).bit_length())
+        program = inference.normalized_expression_program(self.config, block, latent_library)
+        key = self._next_key()
+        blocks = []
+        for i in range(-(-n_samples // block)):
+            out = inference.run_chunked(
+                program,
+                self.variables,
+                data,
+                indices,
+                bs,
+                jax.random.fold_in(key, i),
+                jnp.asarray(codes, jnp.int32),
+                jnp.asarray(gene_idx, jnp.int32),
+                jnp.float32(1.0 if latent_library else library_size),
+                cell_axis=1 if block > 1 else 0,
+            )
+            blocks.append(np.asarray(out, np.float32))
+        if n_samples == 1:
+            exprs = blocks[0]
+        else:
+            exprs = np.concatenate(blocks, axis=0)[:n_samples]
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
             rng = np.random.default_rng(int(self._next_key_int()))
@@ -467,6 +476,61 @@ class SCVI:
             obs_names = adata.obs_names[np.asarray(indices)]
             return pd.DataFrame(exprs, index=obs_names, columns=var_names[gene_idx])
         return exprs
+
+    def differential_expression(
+        self,
+        adata=None,
+        groupby: str | None = None,
+        group1=None,
+        group2: str | None = None,
+        idx1=None,
+        idx2=None,
+        mode: str = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1=None,
+        batchid2=None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        weights: str | None = "uniform",
+        filter_outlier_cells: bool = False,
+        importance_weighting_kwargs: dict | None = None,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells (scvi-tools' semantics).
+
+        See :func:`jaxvi.de.differential_expression` for every argument. Returns a DataFrame
+        indexed by gene: ``proba_m1, proba_m2, bayes_factor, scale1, scale2`` (vanilla) or
+        ``proba_de, proba_not_de, bayes_factor, scale1, scale2, pseudocounts, delta,
+        lfc_mean, ...`` (change), raw statistics, ``is_de_fdr_<target>`` (change) and the
+        ``comparison`` / ``group1`` / ``group2`` columns, one block per comparison.
+        """
+        from jaxvi import de
+
+        return de.differential_expression(
+            self,
+            adata=adata,
+            groupby=groupby,
+            group1=group1,
+            group2=group2,
+            idx1=idx1,
+            idx2=idx2,
+            mode=mode,
+            delta=delta,
+            batch_size=batch_size,
+            all_stats=all_stats,
+            batch_correction=batch_correction,
+            batchid1=batchid1,
+            batchid2=batchid2,
+            fdr_target=fdr_target,
+            silent=silent,
+            weights=weights,
+            filter_outlier_cells=filter_outlier_cells,
+            importance_weighting_kwargs=importance_weighting_kwargs,
+            **kwargs,
+        )
 
     def get_elbo(
         self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi import inference, io
+from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
@@ -530,6 +530,94 @@ class SCVI:
             filter_outlier_cells=filter_outlier_cells,
             importance_weighting_kwargs=importance_weighting_kwargs,
             **kwargs,
+        )
+
+    def get_likelihood_parameters(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of p(x | z) with z ~ q(z | x): ``"mean"`` (``px_rate``), ``"dropout"``
+        (zero-inflation probability, zinb), ``"dispersions"`` (theta; the scale for normal).
+
+        Arrays are ``(cells, genes)``, ``(n_samples, cells, genes)`` with ``n_samples > 1``
+        unless ``give_mean``. Works for every likelihood (the reference fails for poisson and
+        normal). See :func:`jaxvi.posterior.get_likelihood_parameters`.
+        """
+        return posterior.get_likelihood_parameters(
+            self, adata, indices, n_samples, give_mean, batch_size
+        )
+
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        indices=None,
+        transform_batch=None,
+        n_samples: int = 1,
+        gene_list=None,
+        batch_size: int | None = None,
+    ):
+        """Counts drawn from p(x | z), z ~ q(z | x): ``sparse.GCXS`` float32 of shape
+        ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``."""
+        return posterior.posterior_predictive_sample(
+            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
+        )
+
+    def get_marginal_ll(
+        self,
+        adata=None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        n_mc_samples_per_pass: int = 1,
+    ):
+        """Importance-weighted estimate of log p(x) with ``n_mc_samples`` draws of q.
+
+        Returns
+        -------
+        float (the mean of per-minibatch means, as scvi-tools), or ``(cells,)`` values.
+        """
+        self._refuse_if_minified("get_marginal_ll")
+        return posterior.get_marginal_ll(
+            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
+        )
+
+    def get_latent_library_size(
+        self,
+        adata=None,
+        indices=None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Library size ``(cells, 1)``: the LogNormal mean of q(l | x) with ``give_mean``
+        (latent library models only), else ``exp(library)`` (observed totals or a draw)."""
+        self._refuse_if_minified("get_latent_library_size")
+        return posterior.get_latent_library_size(self, adata, indices, give_mean, batch_size)
+
+    def get_feature_correlation_matrix(
+        self,
+        adata=None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: str = "spearman",
+    ) -> pd.DataFrame:
+        """Gene-gene correlation ``(genes, genes)`` of denoised expression samples."""
+        return posterior.get_feature_correlation_matrix(
+            self,
+            adata,
+            indices,
+            n_samples,
+            batch_size,
+            rna_size_factor,
+            transform_batch,
+            correlation_type,
         )
 
     def get_elbo(

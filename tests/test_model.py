@@ -364,3 +364,18 @@ def test_registered_likelihood_plugs_into_the_model():
         np.testing.assert_allclose(out.reconstruction_loss, expected, rtol=1e-4)
     finally:
         lk._REGISTRY.pop("test-geometric", None)
+
+
+def test_posterior_methods_are_wired(trained):
+    adata, model = trained
+    params = model.get_likelihood_parameters()
+    assert set(params) == {"mean", "dropout", "dispersions"}
+    assert params["mean"].shape == (120, 40)
+    pp = model.posterior_predictive_sample(n_samples=2)
+    assert pp.shape == (120, 40, 2)
+    ll = model.get_marginal_ll(n_mc_samples=20, n_mc_samples_per_pass=10)
+    assert ll < 0
+    lib = model.get_latent_library_size(give_mean=False)
+    np.testing.assert_allclose(lib[:, 0], np.asarray(adata.X.sum(1)).ravel(), rtol=1e-5)
+    corr = model.get_feature_correlation_matrix(n_samples=2)
+    assert corr.shape == (40, 40)

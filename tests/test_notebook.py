@@ -1,4 +1,4 @@
-"""The quickstart notebook runs end to end (on 2 epochs)."""
+"""The notebooks run end to end (on 2 epochs)."""
 
 import os
 from pathlib import Path
@@ -8,17 +8,29 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _execute(name: str, monkeypatch) -> str:
+    monkeypatch.setenv("JAXVI_NB_EPOCHS", "2")
+    path = NOTEBOOKS / name
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3")
+    client.execute(cwd=str(path.parent))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert os.environ["JAXVI_NB_EPOCHS"] == "2"
+    return "".join(o.get("text", "") for o in outputs)
 
 
 def test_quickstart_notebook_executes(monkeypatch):
-    monkeypatch.setenv("JAXVI_NB_EPOCHS", "2")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3")
-    client.execute(cwd=str(NOTEBOOK.parent))
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") for o in outputs)
+    text = _execute("quickstart.ipynb", monkeypatch)
     assert "held-out ELBO:" in text
     assert "reloaded from" in text
-    assert os.environ["JAXVI_NB_EPOCHS"] == "2"
+
+
+def test_analysis_notebook_executes(monkeypatch):
+    text = _execute("analysis.ipynb", monkeypatch)
+    assert "ARI vs cell types:" in text
+    assert "genes called DE at 5% FDR:" in text
+    assert "Pearson r of gene-wise CV:" in text

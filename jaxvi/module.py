@@ -9,6 +9,7 @@ minibatch as a pure function of those inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -389,6 +390,20 @@ def init_variables(
     ``library_log_means``/``library_log_vars`` (``(1, n_batch)``) fill the library prior
     when ``use_observed_lib_size=False``.
     """
+    variables = dict(_init(config, key))
+    variables.setdefault("batch_stats", {})
+    if "buffers" in variables:
+        buffers = dict(variables["buffers"])
+        if library_log_means is not None:
+            buffers["library_log_means"] = jnp.asarray(library_log_means, jnp.float32)
+            buffers["library_log_vars"] = jnp.asarray(library_log_vars, jnp.float32)
+        variables["buffers"] = buffers
+    return variables
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(config: VAEConfig, key: jax.Array) -> dict:
+    """Flax initialisation on a dummy two-cell batch, compiled (eager init is slow)."""
     n = 2
     batch = Batch(
         x=jnp.ones((n, config.n_input), jnp.float32),
@@ -403,16 +418,7 @@ def init_variables(
         size_factor=jnp.ones((n,), jnp.float32) if config.use_size_factor_key else None,
     )
     k_params, k_z = jax.random.split(key)
-    variables = VAE(config).init({"params": k_params}, batch, key=k_z, training=False)
-    variables = jax.tree_util.tree_map(lambda a: a, dict(variables))
-    variables.setdefault("batch_stats", {})
-    if "buffers" in variables:
-        buffers = dict(variables["buffers"])
-        if library_log_means is not None:
-            buffers["library_log_means"] = jnp.asarray(library_log_means, jnp.float32)
-            buffers["library_log_vars"] = jnp.asarray(library_log_vars, jnp.float32)
-        variables["buffers"] = buffers
-    return variables
+    return VAE(config).init({"params": k_params}, batch, key=k_z, training=False)
 
 
 def vae_loss(

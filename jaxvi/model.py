@@ -24,12 +24,11 @@ from jaxvi.dataset import CellData, to_device
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.train import (
     PlanConfig,
-    TrainState,
     evaluate,
     fit,
     get_max_epochs_heuristic,
+    init_train_state,
     make_evaluate,
-    make_optimizer,
     split_indices,
 )
 
@@ -311,15 +310,7 @@ class SCVI:
             if n_keep == 0:
                 raise ValueError("drop_last=True with fewer training cells than batch_size.")
         data = self._device_data(self.adata, load_sparse_tensor)
-        tx = make_optimizer(plan)
-        params = jax.tree_util.tree_map(jnp.array, self.variables["params"])
-        state = TrainState(
-            params=params,
-            batch_stats=jax.tree_util.tree_map(jnp.array, self.variables["batch_stats"]),
-            buffers=dict(self.variables.get("buffers", {})),
-            opt_state=tx.init(params),
-            step=jnp.zeros((), jnp.int32),
-        )
+        state, _ = init_train_state(self.module, self.variables, plan)
         state, history, epoch_fn = fit(
             self.module,
             state,

@@ -28,6 +28,7 @@ __all__ = [
     "VAEConfig",
     "init_variables",
     "normal_kl",
+    "trainable_mask",
     "vae_loss",
 ]
 
@@ -371,6 +372,32 @@ def _draw(key, mean, var, n_samples):
         return mean if n_samples == 1 else jnp.broadcast_to(mean, (n_samples, *mean.shape))
     shape = mean.shape if n_samples == 1 else (n_samples, *mean.shape)
     return mean + jnp.sqrt(var) * jax.random.normal(key, shape, mean.dtype)
+
+
+def trainable_mask(config: VAEConfig, params: dict) -> dict:
+    """Which parameters the ELBO of ``config`` uses (a pytree of bools like ``params``).
+
+    The unused ones (``l_encoder`` with the observed library, ``px_r_decoder`` unless
+    ``dispersion="gene-cell"``, ``px_dropout_decoder`` without zero inflation, the dispersion
+    when the likelihood has none) exist only so that the parameter tree matches scvi-tools'
+    state dict; PyTorch never updates them, and neither does jaxvi.
+    """
+    lik = get_likelihood(config.gene_likelihood)
+    unused = []
+    if config.use_observed_lib_size:
+        unused.append(("l_encoder",))
+    if config.dispersion != "gene-cell" or not lik.uses_theta:
+        unused.append(("decoder", "px_r_decoder"))
+    if not lik.uses_zi_logits:
+        unused.append(("decoder", "px_dropout_decoder"))
+    if not lik.uses_theta:
+        unused.append(("px_r",))
+
+    def used(path, _):
+        names = tuple(getattr(p, "key", str(p)) for p in path)
+        return not any(names[: len(u)] == u for u in unused)
+
+    return jax.tree_util.tree_map_with_path(used, params)
 
 
 def normal_kl(m_q, v_q, m_p, v_p) -> jax.Array:

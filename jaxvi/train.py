@@ -26,7 +26,7 @@ import optax
 import pandas as pd
 
 from jaxvi.dataset import CellData, gather, pad_indices
-from jaxvi.module import VAE, vae_loss
+from jaxvi.module import VAE, trainable_mask, vae_loss
 
 __all__ = [
     "EpochInfo",
@@ -36,6 +36,7 @@ __all__ = [
     "evaluate",
     "fit",
     "get_max_epochs_heuristic",
+    "init_train_state",
     "make_optimizer",
     "make_train_epoch",
     "split_indices",
@@ -130,11 +131,14 @@ def compute_kl_weight(plan: PlanConfig, epoch: int, step: int | np.ndarray):
     return np.full(np.shape(step), hi)
 
 
-def make_optimizer(plan: PlanConfig) -> optax.GradientTransformation:
+def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransformation:
     """The reference optimizer, with the learning rate injected as a hyperparameter.
 
     ``Adam``: L2 weight decay added to the gradient, then Adam (``torch.optim.Adam``).
     ``AdamW``: decoupled decay. Clipping by global norm first when ``gradient_clip_val``.
+    ``trainable``: a pytree of bools like the parameters (see
+    :func:`jaxvi.module.trainable_mask`); other parameters are never updated, as PyTorch
+    skips parameters without a gradient (no weight decay, no optimizer state).
     """
 
     def build(learning_rate):
@@ -148,10 +152,28 @@ def make_optimizer(plan: PlanConfig) -> optax.GradientTransformation:
                 optax.adam(learning_rate, eps=plan.eps),
             )
         if plan.gradient_clip_val:
-            return optax.chain(optax.clip_by_global_norm(plan.gradient_clip_val), core)
+            core = optax.chain(optax.clip_by_global_norm(plan.gradient_clip_val), core)
+        if trainable is not None:
+            core = optax.masked(core, trainable)
         return core
 
     return optax.inject_hyperparams(build)(learning_rate=plan.lr)
+
+
+def init_train_state(
+    module: VAE, variables: dict, plan: PlanConfig
+) -> tuple[TrainState, optax.GradientTransformation]:
+    """A fresh :class:`TrainState` (copied arrays, new optimizer state) and its optimizer."""
+    params = jax.tree_util.tree_map(jnp.array, variables["params"])
+    tx = make_optimizer(plan, trainable_mask(module.config, params))
+    state = TrainState(
+        params=params,
+        batch_stats=jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {})),
+        buffers=dict(variables.get("buffers", {})),
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+    )
+    return state, tx
 
 
 def split_indices(
@@ -367,7 +389,7 @@ def fit(
                 "Early stopping / reduce_lr_on_plateau need a validation set; use train_size < 1."
             )
         validate = False
-    tx = make_optimizer(plan)
+    tx = make_optimizer(plan, trainable_mask(module.config, state.params))
     epoch_fn = make_train_epoch(module, tx, batch_size)
     eval_fn = make_evaluate(module)
     if drop_last:

@@ -10,10 +10,10 @@ from jaxvi.dataset import gather, to_device
 from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss
 from jaxvi.train import (
     PlanConfig,
-    TrainState,
     compute_kl_weight,
     fit,
     get_max_epochs_heuristic,
+    init_train_state,
     make_optimizer,
     split_indices,
 )
@@ -33,9 +33,7 @@ def _arrays(n=90, g=30, seed=0):
 
 
 def _state(config, plan, seed=0):
-    v = init_variables(config, jax.random.key(seed))
-    tx = make_optimizer(plan)
-    return TrainState(v["params"], v["batch_stats"], {}, tx.init(v["params"]), jnp.int32(0))
+    return init_train_state(VAE(config), init_variables(config, jax.random.key(seed)), plan)[0]
 
 
 CONFIG = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
@@ -231,3 +229,21 @@ def test_optimizer_options():
     assert isinstance(make_optimizer(PlanConfig(optimizer="AdamW")), optax.GradientTransformation)
     with pytest.raises(ValueError, match="optimizer"):
         PlanConfig.from_kwargs({"optimizer": "SGD"})
+
+
+def test_unused_parameters_are_never_updated():
+    """As in PyTorch, parameters without a gradient get no weight decay and no Adam step."""
+    from jaxvi.module import trainable_mask
+
+    start = init_variables(CONFIG, jax.random.key(0))["params"]
+    state, _, _ = _fit(max_epochs=2)
+    mask = trainable_mask(CONFIG, start)
+    assert not mask["l_encoder"]["mean_encoder"]["kernel"]
+    assert not mask["decoder"]["px_r_decoder"]["kernel"]
+    assert mask["decoder"]["px_dropout_decoder"]["kernel"]  # zinb uses it
+    changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), start, state.params)
+    assert jax.tree_util.tree_leaves(changed) == jax.tree_util.tree_leaves(mask)
+    poisson = VAEConfig(n_input=30, gene_likelihood="poisson")
+    pmask = trainable_mask(poisson, init_variables(poisson, jax.random.key(0))["params"])
+    assert not pmask["px_r"]
+    assert not pmask["decoder"]["px_dropout_decoder"]["bias"]

@@ -1,0 +1,268 @@
+"""Shared helpers for the benchmark scripts: machine / version / commit info, timing, output.
+
+Nothing here imports jax or torch at module level, so a worker process can set thread
+counts and environment variables before the frameworks load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+_PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "scipy",
+    "anndata",
+    "torch",
+    "lightning",
+    "scvi-tools",
+    "jaxvi",
+)
+
+
+# ------------------------------------------------------------------------- machine
+def n_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """``model name`` from /proc/cpuinfo (or ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD-relevant CPU flags (avx*, fma, amx*) from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if re.match(r"^(avx|fma|amx|sse4)", f))
+    except OSError:
+        pass
+    return []
+
+
+def total_ram_gb() -> float | None:
+    """Total physical memory in GiB (``MemTotal``)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(with_jax: bool = True) -> dict:
+    """Host, CPU, cores, RAM, OS, relevant environment and (optionally) JAX devices."""
+    info = {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": n_cores(),
+        "os_cpu_count": os.cpu_count(),
+        "ram_gb": total_ram_gb(),
+        "platform": platform.platform(),
+        "env": {
+            k: os.environ[k]
+            for k in sorted(os.environ)
+            if k.startswith(("OMP_", "OPENBLAS_", "MKL_", "XLA_", "JAX_", "TF_CPP"))
+        },
+    }
+    if with_jax:
+        import jax
+
+        info["jax_backend"] = jax.default_backend()
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    return info
+
+
+def versions() -> dict:
+    """Python and package versions (None when a package is not installed)."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_info() -> dict:
+    """HEAD commit, whether the working tree is dirty, and which paths differ."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    status = git("status", "--porcelain")
+    changed = [line[3:] for line in status.splitlines()]
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "commit_subject": git("log", "-1", "--format=%s") or None,
+        "dirty": bool(changed),
+        # jaxvi's own sources decide the measured speed; other dirty paths do not.
+        "dirty_jaxvi_paths": sorted(p for p in changed if p.startswith("jaxvi/")),
+        "dirty_paths": changed[:50],
+    }
+
+
+# -------------------------------------------------------------------------- timing
+def now() -> float:
+    """Monotonic wall clock in seconds."""
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def timer(out: dict, key: str):
+    """``with timer(d, "train_s"): ...`` stores the elapsed wall seconds in ``d[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        out[key] = time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
+
+
+def current_rss_mb() -> float | None:
+    """Current resident set size in MiB (from /proc/self/statm)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+def system_busy_s() -> float | None:
+    """CPU seconds all processes on this machine have spent busy since boot (/proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+def own_cpu_s() -> float:
+    """CPU seconds (user + system) this process has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+class LoadProbe:
+    """How much CPU *other* processes used while a block ran (timings are only clean when ~0).
+
+    ``foreign_cpu_s`` = machine-wide busy CPU seconds minus this process's; ``foreign_cores``
+    is that divided by the wall time (0 = quiet machine, 1 = one core busy elsewhere).
+    """
+
+    def __enter__(self):
+        self.t0, self.sys0, self.own0 = time.perf_counter(), system_busy_s(), own_cpu_s()
+        self.load0 = os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        sys1, own1 = system_busy_s(), own_cpu_s()
+        self.result = {"wall_s": wall, "own_cpu_s": own1 - self.own0, "loadavg1_start": self.load0}
+        if self.sys0 is not None and sys1 is not None:
+            foreign = max(0.0, (sys1 - self.sys0) - (own1 - self.own0))
+            self.result["foreign_cpu_s"] = foreign
+            self.result["foreign_cores"] = foreign / wall if wall > 0 else None
+        return False
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.3, window_s: float = 3.0) -> dict:
+    """Wait (up to ``max_wait_s``) until other processes use < ``threshold`` cores."""
+    t0 = time.perf_counter()
+    while True:
+        s0 = system_busy_s()
+        time.sleep(window_s)
+        s1 = system_busy_s()
+        busy = None if s0 is None or s1 is None else (s1 - s0) / window_s
+        waited = time.perf_counter() - t0
+        if busy is None or busy < threshold or waited >= max_wait_s:
+            return {"waited_s": waited, "busy_cores": busy}
+
+
+def steady_from_epoch_ends(ends: list[float]) -> float | None:
+    """Seconds per epoch from epoch-end timestamps, excluding the first epoch."""
+    if len(ends) < 2:
+        return None
+    return (ends[-1] - ends[0]) / (len(ends) - 1)
+
+
+# -------------------------------------------------------------------------- output
+def slug(text: str) -> str:
+    """Lower-case ``[a-z0-9-]`` version of ``text`` for file names."""
+    text = re.sub(r"\(r\)|\(tm\)|processor|cpu", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40] or "unknown"
+
+
+def result_path(prefix: str, tag: str | None = None) -> Path:
+    """``results/<prefix>_<cpu-slug>-<cores>c_<YYYYmmdd-HHMM>[_tag].json``."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
+    name = f"{prefix}_{slug(cpu_model())}-{n_cores()}c_{stamp}"
+    if tag:
+        name += f"_{slug(tag)}"
+    return RESULTS_DIR / f"{name}.json"
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON (creating the directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:
+        pass
+    return str(obj)
+
+
+def utc_timestamp() -> str:
+    """Current UTC time, ISO 8601."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

@@ -365,8 +365,7 @@ def differential_expression(
     delta
         LFC threshold of the change mode (0.25); None estimates it (:func:`estimate_delta`).
     batch_size
-        Minibatch size of the sampling (default ``settings.batch_size``, capped at the group
-        size).
+        Rows (cell, sample) per chunk of the sampling (default ``settings.batch_size``).
     all_stats
         Add the raw-count columns (:func:`raw_counts_properties`). Caches the normalisation
         in ``adata.obs["_scvi_raw_norm_scaling"]``, as scvi-tools.
@@ -621,7 +620,6 @@ def _sample_scales(model, adata, cells, batches, n_samples_overall, batch_size):
         )
         n = 2
     bs = settings.batch_size if batch_size is None else int(batch_size)
-    bs = max(1, min(bs, len(cells)))  # small groups draw many samples per cell: small chunks
     scales, labels = [], []
     for b in batches:
         s = model.get_normalized_expression(

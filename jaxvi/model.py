@@ -432,31 +432,39 @@ class SCVI:
         latent_library = library_size == "latent"
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
-        # Samples are drawn in blocks of a power-of-two size (at most 32), so one compiled
-        # program serves every n_samples (DE asks for a different count per group).
-        n_samples = int(n_samples)
-        block = min(32, 1 << (n_samples - 1).bit_length())
-        program = inference.normalized_expression_program(self.config, block, latent_library)
+        args = (
+            jnp.asarray(codes, jnp.int32),
+            jnp.asarray(gene_idx, jnp.int32),
+            jnp.float32(1.0 if latent_library else library_size),
+        )
         key = self._next_key()
-        blocks = []
-        for i in range(-(-n_samples // block)):
-            out = inference.run_chunked(
-                program,
-                self.variables,
-                data,
-                indices,
-                bs,
-                jax.random.fold_in(key, i),
-                jnp.asarray(codes, jnp.int32),
-                jnp.asarray(gene_idx, jnp.int32),
-                jnp.float32(1.0 if latent_library else library_size),
-                cell_axis=1 if block > 1 else 0,
+        n_samples = int(n_samples)
+        if n_samples_overall is not None:
+            # Each cell n_samples times, one z draw per row: the one-sample program serves
+            # every group size (DE asks for a different count per group).
+            program = inference.normalized_expression_program(self.config, 1, latent_library)
+            exprs = inference.run_chunked(
+                program, self.variables, data, np.repeat(indices, n_samples), bs, key, *args
             )
-            blocks.append(np.asarray(out, np.float32))
-        if n_samples == 1:
-            exprs = blocks[0]
         else:
-            exprs = np.concatenate(blocks, axis=0)[:n_samples]
+            # Samples are drawn in blocks of 1, 8 or 32 so that few programs are compiled.
+            block = 1 if n_samples == 1 else (8 if n_samples <= 8 else 32)
+            program = inference.normalized_expression_program(self.config, block, latent_library)
+            blocks = [
+                inference.run_chunked(
+                    program,
+                    self.variables,
+                    data,
+                    indices,
+                    bs,
+                    jax.random.fold_in(key, i),
+                    *args,
+                    cell_axis=1 if block > 1 else 0,
+                )
+                for i in range(-(-n_samples // block))
+            ]
+            exprs = blocks[0] if n_samples == 1 else np.concatenate(blocks, axis=0)[:n_samples]
+        exprs = np.asarray(exprs, np.float32)
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
             rng = np.random.default_rng(int(self._next_key_int()))

@@ -137,6 +137,20 @@ def git_info() -> dict:
     }
 
 
+def git_changed_between(a: str | None, b: str | None, prefix: str = "jaxvi/") -> list[str]:
+    """Paths under ``prefix`` that differ between commits ``a`` and ``b``."""
+    if not a or not b or a == b:
+        return []
+    out = subprocess.run(
+        ["git", "diff", "--name-only", a, b, "--", prefix],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return sorted(line for line in out.splitlines() if line)
+
+
 # -------------------------------------------------------------------------- timing
 def now() -> float:
     """Monotonic wall clock in seconds."""

@@ -518,6 +518,7 @@ def parent(args) -> dict:
         if t not in TOOLS:
             raise SystemExit(f"unknown tool {t!r}; choose from {TOOLS}")
     started = C.utc_timestamp()
+    git_start = C.git_info()  # the tree may change while we run (shared checkout)
     t_start = C.now()
     results: dict = {}
     raw: dict = {}
@@ -558,6 +559,7 @@ def parent(args) -> dict:
                     )
         results[ds] = block
     table = markdown(results)
+    git_end = C.git_info()
     payload = {
         "benchmark": "compare_scvi",
         "started_utc": started,
@@ -565,7 +567,10 @@ def parent(args) -> dict:
         "quick": args.quick,
         "machine": C.machine_info(with_jax=True),
         "versions": C.versions(),
-        "git": C.git_info(),
+        "git": git_start,
+        "git_end": git_end,
+        "jaxvi_changed_during_run": C.git_changed_between(git_start["commit"], git_end["commit"])
+        or (git_start["dirty_jaxvi_paths"] != git_end["dirty_jaxvi_paths"]),
         "settings": {
             "model": {
                 "n_hidden": 128,

@@ -544,6 +544,7 @@ def main(argv=None):
         payload["xla_flags"] = run_flag_sets(args)
     else:
         payload.update(run_sections(args))
+    payload["git_end"] = C.git_info()
     if args.out:
         C.write_json(Path(args.out), payload)
         print(f"saved {args.out}")

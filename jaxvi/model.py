@@ -99,7 +99,7 @@ class SCVI:
             )
         if adata is None and registry is None:
             raise ValueError("SCVI needs an AnnData set up with `SCVI.setup_anndata(adata, ...)`.")
-        self.registry_ = registry if registry is not None else get_anndata_registry(adata)
+        self.registry_ = registry if registry is not None else reglib.get_registry(adata)
         self.adata = adata
         self.init_params_ = {
             "n_hidden": n_hidden,
@@ -118,7 +118,7 @@ class SCVI:
         if not self.config.use_observed_lib_size:
             if adata is None:
                 raise ValueError("use_observed_lib_size=False needs `adata` for the prior.")
-            arrays = _arrays(adata, self.registry_)
+            arrays = reglib.registry_arrays(adata, self.registry_)
             means, variances = library_size_prior(
                 arrays["X"], arrays["batch_index"], self.config.n_batch
             )
@@ -305,10 +305,6 @@ class SCVI:
                 seed=seed,
                 drop_last=drop_last,
             )
-        if drop_last:
-            n_keep = (len(train_idx) // batch_size) * batch_size
-            if n_keep == 0:
-                raise ValueError("drop_last=True with fewer training cells than batch_size.")
         data = self._device_data(self.adata, load_sparse_tensor)
         state, _ = init_train_state(self.module, self.variables, plan)
         state, history, epoch_fn = fit(
@@ -679,7 +675,7 @@ class SCVI:
                     f"adata.obsm['{key}'] not found: store the latent posterior first, e.g. "
                     "`qzm, qzv = model.get_latent_representation(return_dist=True)`."
                 )
-        arrays = _arrays(self.adata, self.registry_)
+        arrays = reglib.registry_arrays(self.adata, self.registry_)
         x = arrays["X"]
         mini = self.adata.copy()
         if minified_data_type == "latent_posterior_parameters":
@@ -802,7 +798,7 @@ class SCVI:
         return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))
 
     def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
-        arrays = _arrays(adata, self.registry_)
+        arrays = reglib.registry_arrays(adata, self.registry_)
         x = arrays["X"]
         minified = adata.uns.get(MINIFY_UNS_KEY)
         if minified is not None:
@@ -853,11 +849,6 @@ class SCVI:
 
 
 # -------------------------------------------------------------------- functions
-def get_anndata_registry(adata) -> dict:
-    """The registry of a set-up AnnData, with a clear error when setup was not run."""
-    return reglib.get_registry(adata)
-
-
 def config_from_registry(reg: dict, init_params: dict) -> VAEConfig:
     """The :class:`VAEConfig` for a registry and ``SCVI.__init__`` arguments."""
     stats = reg["summary_stats"]
@@ -902,10 +893,6 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
             means[b] = log_lib[sel].mean()
             variances[b] = log_lib[sel].var()
     return means[None].astype(np.float32), variances[None].astype(np.float32)
-
-
-def _arrays(adata, reg: dict) -> dict:
-    return reglib.registry_arrays(adata, reg)
 
 
 def _check_accelerator(accelerator: str) -> None:

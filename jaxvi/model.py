@@ -21,6 +21,7 @@ from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
+from jaxvi.importance import get_importance_weights
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.train import (
     PlanConfig,
@@ -375,6 +376,7 @@ class SCVI:
         return_mean: bool = True,
         return_numpy: bool | None = None,
         silent: bool = True,
+        **importance_weighting_kwargs,
     ):
         """Denoised expression ``px_scale * library_size`` from one z sample per cell.
 
@@ -391,6 +393,12 @@ class SCVI:
         n_samples_overall
             Draw this many expression vectors over the cells (with replacement); needs
             ``return_numpy=True``.
+        weights
+            How ``n_samples_overall`` draws are resampled: ``None``/``"uniform"``, or
+            ``"importance"`` (:meth:`get_importance_weights`; one batch in ``transform_batch``).
+        **importance_weighting_kwargs
+            ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` for
+            :meth:`get_importance_weights`.
 
         Returns
         -------
@@ -398,10 +406,9 @@ class SCVI:
         ``(n_samples, cells, genes)`` with ``return_mean=False``, ``(n_samples_overall, genes)``.
         """
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        if weights not in (None, "uniform"):
-            raise NotImplementedError(
-                f"weights={weights!r} is not supported yet; use None or 'uniform'."
-            )
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
+        importance = weights == "importance" and n_samples_overall is not None
         if n_samples_overall is not None:
             if n_samples != 1:
                 raise ValueError("Use either n_samples or n_samples_overall, not both.")
@@ -425,6 +432,11 @@ class SCVI:
                 missing = [g for g, i in zip(gene_list, gene_idx, strict=True) if i < 0][:5]
                 raise ValueError(f"gene_list has genes the model does not know: {missing}.")
         codes = self._batch_codes(transform_batch)
+        if weights == "importance" and len(codes) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches."
+            )
         latent_library = library_size == "latent"
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
@@ -435,7 +447,23 @@ class SCVI:
         )
         key = self._next_key()
         n_samples = int(n_samples)
-        if n_samples_overall is not None:
+        if importance:
+            rows = np.repeat(indices, n_samples)
+            program = inference.expression_and_latent_program(self.config, latent_library)
+            exprs, zs = inference.run_chunked(
+                program, self.variables, data, rows, bs, key, args[0][0], *args[1:]
+            )
+            p = get_importance_weights(
+                self,
+                adata,
+                indices,
+                zs,
+                transform_batch,
+                batch_size=bs,
+                rows=rows,
+                **importance_weighting_kwargs,
+            )
+        elif n_samples_overall is not None:
             # Each cell n_samples times, one z draw per row: the one-sample program serves
             # every group size (DE asks for a different count per group).
             program = inference.normalized_expression_program(self.config, 1, latent_library)
@@ -464,13 +492,51 @@ class SCVI:
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
             rng = np.random.default_rng(int(self._next_key_int()))
-            exprs = flat[rng.choice(flat.shape[0], int(n_samples_overall), replace=True)]
+            draws = rng.choice(
+                flat.shape[0], int(n_samples_overall), replace=True, p=p if importance else None
+            )
+            exprs = flat[draws]
         elif n_samples > 1 and return_mean:
             exprs = exprs.mean(axis=0)
         if return_numpy is None or return_numpy is False:
             obs_names = adata.obs_names[np.asarray(indices)]
             return pd.DataFrame(exprs, index=obs_names, columns=var_names[gene_idx])
         return exprs
+
+    def get_importance_weights(
+        self,
+        adata=None,
+        indices=None,
+        zs=None,
+        transform_batch=None,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Normalised importance weights of latent draws ``zs`` of the cells ``indices``.
+
+        ``zs`` is ``(cells, n_latent)`` or ``(n_samples, cells, n_latent)`` (pre-softmax for
+        ``"ln"``); the likelihoods of the draws are recomputed from the model. See
+        :func:`jaxvi.importance.get_importance_weights`.
+
+        Returns
+        -------
+        float64 ``(n_draws,)`` summing to one.
+        """
+        return get_importance_weights(
+            self,
+            adata,
+            indices,
+            zs,
+            transform_batch,
+            max_cells,
+            truncation,
+            n_mc_samples,
+            n_mc_samples_per_pass,
+            batch_size,
+        )
 
     def differential_expression(
         self,

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxvi.dataset import CellData, gather, pad_indices
 from jaxvi.module import VAE, VAEConfig
+from jaxvi.sharding import to_host
 
 __all__ = [
     "expression_and_latent_program",
@@ -171,7 +172,7 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
         if call > 0 and args and _is_key(args[0]):
             call_args = (jax.random.fold_in(args[0], call), *args[1:])
         out = program(variables, data, jnp.asarray(padded), *call_args)
-        parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], out))
+        parts.append(jax.tree_util.tree_map(lambda a, n=n: to_host(a)[:n], out))
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *parts)
     keep = mask.reshape(-1) > 0
 

@@ -23,6 +23,7 @@ from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
 from jaxvi.importance import get_importance_weights
 from jaxvi.module import VAE, VAEConfig, init_variables
+from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
 from jaxvi.train import (
     PlanConfig,
     evaluate,
@@ -130,6 +131,7 @@ class SCVI:
         self.is_trained_ = False
         self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
         self._n_calls = 0
+        self._mesh = None
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -238,8 +240,14 @@ class SCVI:
         ----------
         max_epochs
             Epochs; default ``min(round(20000 / n_cells * 400), 400)``.
-        accelerator, devices
-            Accepted for compatibility; JAX's default device is used.
+        accelerator
+            ``"auto"``, or a backend that must be JAX's default (``"cpu"``, ``"gpu"``, ...).
+        devices
+            ``"auto"``: JAX's default device. An int ``n`` (``-1``: all), a list of devices or
+            a ``jax.sharding.Mesh`` with a ``"cells"`` axis: data-parallel training over
+            them (parameters replicated, cells sharded; :mod:`jaxvi.sharding`), across
+            processes after :func:`jaxvi.distributed.initialize`. Queries afterwards use the
+            same devices (see :meth:`to_device`).
         train_size, validation_size, shuffle_set_split
             The seeded train / validation / test split (0.9 / rest by default).
         load_sparse_tensor
@@ -306,6 +314,10 @@ class SCVI:
                 seed=seed,
                 drop_last=drop_last,
             )
+        mesh = resolve_devices(devices)
+        if mesh is not None and self.minified_data_type is not None:
+            raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        self._mesh = mesh
         data = self._device_data(self.adata, load_sparse_tensor)
         state, _ = init_train_state(self.module, self.variables, plan)
         state, history, epoch_fn = fit(
@@ -329,6 +341,8 @@ class SCVI:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.buffers:
             variables["buffers"] = state.buffers
+        if mesh is not None:  # host copies: usable with any device placement afterwards
+            variables = jax.tree_util.tree_map(to_host, variables)
         self.variables = variables
         self.history_ = history
         self.is_trained_ = True
@@ -853,6 +867,7 @@ class SCVI:
         )
         model.test_indices_ = None if idx["test"] is None else np.asarray(idx["test"])
         model._n_calls = 0
+        model._mesh = None
         return model
 
     # ---------------------------------------------------------------- helpers
@@ -863,7 +878,17 @@ class SCVI:
     def _next_key_int(self) -> int:
         return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))
 
+    def to_device(self, devices="auto") -> None:
+        """Where queries run: ``"auto"`` (JAX's default device) or, as ``train(devices=)``,
+        an int, a list of devices or a ``Mesh``: the cells are then sharded over them."""
+        mesh = resolve_devices(devices)
+        if mesh is not None and self.minified_data_type is not None:
+            raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        self._mesh = mesh
+
     def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+        if self._mesh is not None:
+            return sharded_cell_data(adata, self.registry_, self._mesh)
         arrays = reglib.registry_arrays(adata, self.registry_)
         x = arrays["X"]
         minified = adata.uns.get(MINIFY_UNS_KEY)

@@ -24,6 +24,7 @@ from jaxvi.dataset import CellData, to_device
 from jaxvi.importance import get_importance_weights
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
+from jaxvi.streaming import StreamingData
 from jaxvi.train import (
     PlanConfig,
     evaluate,
@@ -232,6 +233,7 @@ class SCVI:
         check_val_every_n_epoch: int | None = None,
         enable_progress_bar: bool = True,
         seed: int | None = None,
+        streaming: bool | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -269,6 +271,10 @@ class SCVI:
             Show a progress bar with the running loss.
         seed
             Seed of the split, the minibatch order and the sampling; ``settings.seed`` if None.
+        streaming
+            Read the cells from disk in shuffled blocks during training instead of loading
+            them all (:mod:`jaxvi.streaming`; host memory bounded by
+            ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
@@ -317,8 +323,22 @@ class SCVI:
         mesh = resolve_devices(devices)
         if mesh is not None and self.minified_data_type is not None:
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        if streaming is None:
+            streaming = bool(getattr(self.adata, "isbacked", False))
+        if streaming and mesh is not None:
+            raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
         self._mesh = mesh
-        data = self._device_data(self.adata, load_sparse_tensor)
+        if streaming:
+            data = StreamingData(
+                self.adata,
+                self.registry_,
+                train_idx,
+                val_idx,
+                chunk_cells=settings.stream_chunk_cells,
+                max_host_bytes=settings.stream_max_host_bytes,
+            )
+        else:
+            data = self._device_data(self.adata, load_sparse_tensor)
         state, _ = init_train_state(self.module, self.variables, plan)
         state, history, epoch_fn = fit(
             self.module,

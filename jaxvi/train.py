@@ -28,6 +28,7 @@ import pandas as pd
 from jaxvi.dataset import CellData, gather, pad_indices
 from jaxvi.module import VAE, trainable_mask, vae_loss
 from jaxvi.sharding import replicate, to_host
+from jaxvi.streaming import StreamingData
 
 __all__ = [
     "EpochInfo",
@@ -374,8 +375,10 @@ def fit(
     ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
     ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
     ``drop_last`` drops the ragged last minibatch of each epoch instead of masking it.
-    With ``data`` sharded over a mesh (:func:`jaxvi.sharding.sharded_cell_data`) training is
-    data-parallel: ``state`` is replicated over the mesh here and comes back replicated.
+    ``data`` may also be a :class:`jaxvi.streaming.StreamingData` (cells read from disk in
+    blocks). With ``data`` sharded over a mesh (:func:`jaxvi.sharding.sharded_cell_data`)
+    training is data-parallel: ``state`` is replicated over the mesh here and comes back
+    replicated.
     """
     from tqdm.auto import tqdm
 
@@ -395,12 +398,15 @@ def fit(
     tx = make_optimizer(plan, trainable_mask(module.config, state.params))
     epoch_fn = make_train_epoch(module, tx, batch_size)
     eval_fn = make_evaluate(module)
-    if drop_last:
+    stream = data if isinstance(data, StreamingData) else None
+    if stream is not None:
+        n_steps = stream.n_steps(batch_size, drop_last)
+    elif drop_last:
         n_steps = len(train_idx) // batch_size
-        if n_steps == 0:
-            raise ValueError("drop_last=True with fewer training cells than batch_size.")
     else:
         n_steps = -(-len(train_idx) // batch_size)
+    if n_steps == 0:
+        raise ValueError("drop_last=True with fewer training cells than batch_size.")
     train_idx_dev = np.asarray(train_idx, np.int32)
     mesh = data.mesh
     k_train, k_val = jax.random.split(jax.random.key(seed))
@@ -429,7 +435,10 @@ def fit(
         kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
         key = placed(jax.random.fold_in(k_train, epoch))
         kl_dev = placed(np.asarray(kl_w, np.float32))
-        state, info = epoch_fn(state, data, train_idx_dev, key, kl_dev)
+        if stream is None:
+            state, info = epoch_fn(state, data, train_idx_dev, key, kl_dev)
+        else:
+            state, info = stream.run_epoch(epoch_fn, state, key, kl_w, batch_size, drop_last)
         info = jax.tree_util.tree_map(to_host, info)
         n = float(info.n_obs)
         rec, kl_local = float(info.reconstruction_sum) / n, float(info.kl_local_sum) / n
@@ -448,14 +457,11 @@ def fit(
             )
         if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
             variables = _variables(state)
-            r, kz, kl = evaluate(
-                eval_fn,
-                variables,
-                data,
-                val_idx,
-                placed(jax.random.fold_in(k_val, epoch)),
-                batch_size,
-            )
+            k_epoch = placed(jax.random.fold_in(k_val, epoch))
+            if stream is None:
+                r, kz, kl = evaluate(eval_fn, variables, data, val_idx, k_epoch, batch_size)
+            else:
+                r, kz, kl = stream.evaluate(evaluate, eval_fn, variables, k_epoch, batch_size)
             w = float(kl_w[-1])
             metrics.update(
                 {

@@ -30,8 +30,11 @@ from jaxvi.registry import registry_arrays
 __all__ = ["StreamingData", "read_rows"]
 
 
-def read_rows(adata, registry: dict, rows: np.ndarray) -> dict:
-    """Registered arrays of the cells ``rows`` (sorted ints), read as contiguous ranges.
+def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> dict:
+    """Registered arrays of the cells ``rows`` (sorted ints).
+
+    Rows closer than ``max_gap`` are read as one contiguous range (the rows in between are
+    read and dropped): a few large reads cost less than many small ones.
 
     Returns
     -------
@@ -41,22 +44,22 @@ def read_rows(adata, registry: dict, rows: np.ndarray) -> dict:
     rows = np.asarray(rows)
     if len(rows) == 0:
         raise ValueError("No rows to read.")
-    # Split into runs of consecutive rows; each run is one read.
-    breaks = np.flatnonzero(np.diff(rows) > 1) + 1
+    breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
     parts = []
     for run in np.split(rows, breaks):
-        parts.append(registry_arrays(adata[int(run[0]) : int(run[-1]) + 1], registry))
-    out = {}
-    for k in parts[0]:
-        vals = [p[k] for p in parts]
-        if vals[0] is None:
-            out[k] = None
-        elif k == "X":
-            dense = [v.toarray() if sp.issparse(v) else np.asarray(v) for v in vals]
-            out[k] = np.concatenate(dense).astype(np.float32, copy=False)
-        else:
-            out[k] = np.concatenate(vals)
-    return out
+        lo = int(run[0])
+        arrays = registry_arrays(adata[lo : int(run[-1]) + 1], registry)
+        keep = run - lo
+        x = arrays["X"]
+        arrays["X"] = (x[keep].toarray() if sp.issparse(x) else np.asarray(x)[keep]).astype(
+            np.float32, copy=False
+        )
+        parts.append({k: None if v is None or k == "X" else v[keep] for k, v in arrays.items()})
+        parts[-1]["X"] = arrays["X"]
+    return {
+        k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
+        for k in parts[0]
+    }
 
 
 @dataclasses.dataclass

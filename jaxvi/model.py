@@ -59,6 +59,16 @@ _TRAINER_KWARGS = {
     "early_stopping_min_delta",
     "early_stopping_mode",
     "gradient_clip_val",
+    "precision",
+}
+# Lightning's ``precision`` values -> JAX's default matmul precision for training.
+_PRECISION = {
+    "32": "float32",
+    "32-true": "float32",
+    "bf16": "BF16_BF16_F32",
+    "bf16-mixed": "BF16_BF16_F32",
+    "bf16-true": "BF16_BF16_F32",
+    "tf32": "tensorfloat32",
 }
 
 
@@ -278,7 +288,9 @@ class SCVI:
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
-            ``gradient_clip_val``.
+            ``gradient_clip_val``, ``precision`` (Lightning's names: ``"32-true"`` exact
+            float32 matmuls, ``"bf16-mixed"`` bfloat16 matmul inputs with float32
+            accumulation, ``"tf32"``; default JAX's, which is TF32 on recent NVIDIA GPUs).
         """
         unknown = sorted(set(trainer_kwargs) - _TRAINER_KWARGS)
         if unknown:
@@ -297,6 +309,11 @@ class SCVI:
         plan_kw = {**(plan_config or {}), **(plan_kwargs or {})}
         if "gradient_clip_val" in trainer_kwargs:
             plan_kw["gradient_clip_val"] = trainer_kwargs.pop("gradient_clip_val")
+        precision = trainer_kwargs.pop("precision", None)
+        if precision is not None and str(precision) not in _PRECISION:
+            raise ValueError(
+                f"precision={precision!r} is not supported; use one of {sorted(_PRECISION)}."
+            )
         plan = PlanConfig.from_kwargs(plan_kw)
         splitter = dict(datasplitter_kwargs or {})
         drop_last = bool(splitter.pop("drop_last", False))
@@ -340,23 +357,25 @@ class SCVI:
         else:
             data = self._device_data(self.adata, load_sparse_tensor)
         state, _ = init_train_state(self.module, self.variables, plan)
-        state, history, epoch_fn = fit(
-            self.module,
-            state,
-            data,
-            train_idx=train_idx,
-            val_idx=val_idx,
-            plan=plan,
-            max_epochs=int(max_epochs),
-            batch_size=int(batch_size),
-            seed=seed,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            early_stopping=early_stopping,
-            progress_bar=enable_progress_bar,
-            history=self.history_,
-            drop_last=drop_last,
-            **trainer_kwargs,
-        )
+        matmul = _PRECISION[str(precision)] if precision is not None else None
+        with jax.default_matmul_precision(matmul):
+            state, history, epoch_fn = fit(
+                self.module,
+                state,
+                data,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                plan=plan,
+                max_epochs=int(max_epochs),
+                batch_size=int(batch_size),
+                seed=seed,
+                check_val_every_n_epoch=check_val_every_n_epoch,
+                early_stopping=early_stopping,
+                progress_bar=enable_progress_bar,
+                history=self.history_,
+                drop_last=drop_last,
+                **trainer_kwargs,
+            )
         self._epoch_fn = epoch_fn
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.buffers:

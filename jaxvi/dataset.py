@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import Batch
 from jaxvi.sharding import constrain_cells
 
@@ -55,6 +56,19 @@ class CellData:
 
 
 def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
+    """Move host arrays to the device; see :func:`_to_device`. A device out-of-memory error
+    becomes a ``MemoryError`` that names the size of the counts and the alternatives."""
+    try:
+        return _to_device(arrays, sparse=sparse)
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        x = arrays["X"]
+        n_bytes = x.data.nbytes * 2 if sp.issparse(x) and sparse else x.shape[0] * x.shape[1] * 4
+        raise out_of_memory_error("The count matrix", n_bytes, e) from None
+
+
+def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
     """Move host arrays from :func:`jaxvi.registry.registry_arrays` to the device.
 
     Parameters

@@ -7,6 +7,7 @@ library prior) and the training history; every computation is a module-level fun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -22,6 +23,7 @@ from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
 from jaxvi.importance import get_importance_weights
+from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
 from jaxvi.streaming import StreamingData
@@ -358,7 +360,7 @@ class SCVI:
             data = self._device_data(self.adata, load_sparse_tensor)
         state, _ = init_train_state(self.module, self.variables, plan)
         matmul = _PRECISION[str(precision)] if precision is not None else None
-        with jax.default_matmul_precision(matmul):
+        with jax.default_matmul_precision(matmul), _out_of_memory_as("A training step"):
             state, history, epoch_fn = fit(
                 self.module,
                 state,
@@ -1023,6 +1025,17 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
             means[b] = log_lib[sel].mean()
             variances[b] = log_lib[sel].var()
     return means[None].astype(np.float32), variances[None].astype(np.float32)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as(what: str):
+    """Turn XLA's device out-of-memory error into a clear ``MemoryError``."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory_error(what, None, e) from None
 
 
 def _check_accelerator(accelerator: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 
+import anndata
 import jax
 import numpy as np
 import scipy.sparse as sp
@@ -41,25 +42,77 @@ def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> d
     dict as :func:`jaxvi.registry.registry_arrays`, with ``X`` dense float32
     ``(len(rows), genes)``.
     """
-    rows = np.asarray(rows)
-    if len(rows) == 0:
-        raise ValueError("No rows to read.")
-    breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
-    parts = []
-    for run in np.split(rows, breaks):
-        lo = int(run[0])
-        arrays = registry_arrays(adata[lo : int(run[-1]) + 1], registry)
-        keep = run - lo
-        x = arrays["X"]
-        arrays["X"] = (x[keep].toarray() if sp.issparse(x) else np.asarray(x)[keep]).astype(
-            np.float32, copy=False
+    return _Reader(adata, registry).read(rows, max_gap)
+
+
+class _Reader:
+    """Reads rows of an AnnData. For a backed h5ad the counts come straight from its HDF5
+    arrays (the CSR ``indptr`` is read once, ``O(cells)``) and the covariates from arrays
+    computed once; otherwise through AnnData views."""
+
+    def __init__(self, adata, registry: dict):
+        self.adata, self.registry = adata, registry
+        self.n_genes = int(adata.n_vars)
+        self.x = self.indptr = self.obs = None
+        if not getattr(adata, "isbacked", False):
+            return
+        layer = registry["setup_args"]["layer"]
+        node = adata.file["X" if layer is None else f"layers/{layer}"]
+        encoding = node.attrs.get("encoding-type", "array")
+        if hasattr(node, "shape") and encoding == "array":
+            self.x = node  # dense HDF5 dataset
+        elif encoding == "csr_matrix":
+            self.x = node
+            self.indptr = np.asarray(node["indptr"][:], np.int64)
+        else:
+            return  # CSC and others: the generic path
+        empty = sp.csr_matrix((adata.n_obs, self.n_genes), dtype=np.float32)
+        shell = anndata.AnnData(
+            empty,
+            obs=adata.obs,
+            var=adata.var,
+            layers=None if layer is None else {layer: empty},
         )
-        parts.append({k: None if v is None or k == "X" else v[keep] for k, v in arrays.items()})
-        parts[-1]["X"] = arrays["X"]
-    return {
-        k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
-        for k in parts[0]
-    }
+        self.obs = registry_arrays(shell, registry)
+
+    def _range(self, lo: int, hi: int) -> np.ndarray | sp.csr_matrix:
+        if self.indptr is None:
+            return np.asarray(self.x[lo:hi], np.float32)
+        s, e = int(self.indptr[lo]), int(self.indptr[hi])
+        data = np.asarray(self.x["data"][s:e], np.float32)
+        idx = np.asarray(self.x["indices"][s:e])
+        return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
+
+    def read(self, rows: np.ndarray, max_gap: int = 4096) -> dict:
+        rows = np.asarray(rows)
+        if len(rows) == 0:
+            raise ValueError("No rows to read.")
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
+        if self.obs is not None:
+            xs = []
+            for run in runs:
+                lo = int(run[0])
+                x = self._range(lo, int(run[-1]) + 1)
+                x = x[run - lo]
+                xs.append(x.toarray() if sp.issparse(x) else x)
+            out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
+            out["X"] = np.concatenate(xs).astype(np.float32, copy=False)
+            return out
+        parts = []
+        for run in runs:
+            lo = int(run[0])
+            arrays = registry_arrays(self.adata[lo : int(run[-1]) + 1], self.registry)
+            keep = run - lo
+            x = arrays.pop("X")
+            part = {k: None if v is None else v[keep] for k, v in arrays.items()}
+            part["X"] = (x[keep].toarray() if sp.issparse(x) else np.asarray(x)[keep]).astype(
+                np.float32, copy=False
+            )
+            parts.append(part)
+        return {
+            k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
+            for k in parts[0]
+        }
 
 
 @dataclasses.dataclass
@@ -104,6 +157,7 @@ class StreamingData:
         elif self.block_cells % self.chunk_cells:
             raise ValueError("block_cells must be a multiple of chunk_cells.")
         self.mesh = None
+        self._reader = _Reader(self.adata, self.registry)
 
     # ------------------------------------------------------------------ layout
     def _blocks(self, rng: np.random.Generator | None, cells: np.ndarray) -> list[np.ndarray]:
@@ -124,14 +178,17 @@ class StreamingData:
             return sum(s // batch_size for s in sizes)
         return sum(-(-s // batch_size) for s in sizes)
 
+    def _read(self, rows):
+        return self._reader.read(rows)
+
     def _stream(self, blocks):
         """Yield ``(cells, CellData)`` per block, reading the next block in the background."""
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read_rows, self.adata, self.registry, blocks[0])
+            pending = pool.submit(self._read, blocks[0])
             for i, cells in enumerate(blocks):
                 arrays = pending.result()
                 if i + 1 < len(blocks):
-                    pending = pool.submit(read_rows, self.adata, self.registry, blocks[i + 1])
+                    pending = pool.submit(self._read, blocks[i + 1])
                 yield cells, to_device(arrays)
 
     # ------------------------------------------------------------------ running

@@ -45,13 +45,13 @@ def test_streamed_training(tmp_path, monkeypatch, small_stream, sparse):
     backed = anndata.read_h5ad(path, backed="r")
     SCVI.setup_anndata(backed, batch_key="batch")
     reads = []
-    real_read = streaming.read_rows
+    real_read = streaming._Reader.read
 
-    def spy(adata, registry, rows):
+    def spy(self, rows, max_gap=4096):
         reads.append(np.asarray(rows))
-        return real_read(adata, registry, rows)
+        return real_read(self, rows, max_gap)
 
-    monkeypatch.setattr(streaming, "read_rows", spy)
+    monkeypatch.setattr(streaming._Reader, "read", spy)
     model = SCVI(backed, n_hidden=32, n_latent=4)
     kwargs = {"max_epochs": 6, "batch_size": 64, "enable_progress_bar": False}
     model.train(**kwargs, check_val_every_n_epoch=1)
@@ -79,16 +79,33 @@ def test_streamed_training(tmp_path, monkeypatch, small_stream, sparse):
     assert abs(ours - theirs) / abs(theirs) < 0.02
 
 
-def test_read_rows_reads_runs(tmp_path):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_read_rows(tmp_path, sparse):
+    """The HDF5 fast path (backed, CSR or dense, X or a layer) and the AnnData-view path
+    (in memory) read the same rows, with gaps read through or skipped."""
     path = tmp_path / "cells.h5ad"
-    mem = write_h5ad(path, n_cells=50)
-    backed = anndata.read_h5ad(path, backed="r")
-    SCVI.setup_anndata(backed, batch_key="batch")
-    SCVI.setup_anndata(mem, batch_key="batch")
+    mem = write_h5ad(path, n_cells=50, sparse=sparse)
+    mem.layers["counts"] = mem.X.copy()
+    mem.write_h5ad(path)
     rows = np.array([1, 2, 3, 10, 11, 40])
-    out = streaming.read_rows(backed, reglib_get(backed), rows)
-    np.testing.assert_array_equal(out["X"], mem.X[rows].toarray())
-    np.testing.assert_array_equal(out["batch_index"], mem.obs["_scvi_batch"].to_numpy()[rows])
+    dense = mem.X[rows].toarray() if sparse else mem.X[rows]
+    for layer in (None, "counts"):
+        backed = anndata.read_h5ad(path, backed="r")
+        SCVI.setup_anndata(backed, batch_key="batch", layer=layer)
+        reader = streaming._Reader(backed, reglib_get(backed))
+        assert reader.obs is not None  # the fast path
+        local = mem.copy()
+        SCVI.setup_anndata(local, batch_key="batch", layer=layer)
+        slow = streaming._Reader(local, reglib_get(local))
+        assert slow.obs is None
+        for max_gap in (0, 100):
+            for r in (reader, slow):
+                out = r.read(rows, max_gap)
+                np.testing.assert_array_equal(out["X"], dense)
+                np.testing.assert_array_equal(
+                    out["batch_index"], local.obs["_scvi_batch"].to_numpy()[rows]
+                )
+        backed.file.close()
 
 
 def test_streaming_needs_a_block(tmp_path):

@@ -17,13 +17,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from jaxvi import checkpoint as ckpt
 from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.train import (
+    FitProgress,
+    NonFiniteError,
     PlanConfig,
+    TrainingInterrupted,
     evaluate,
     fit,
     get_max_epochs_heuristic,
@@ -229,6 +233,10 @@ class SCVI:
         check_val_every_n_epoch: int | None = None,
         enable_progress_bar: bool = True,
         seed: int | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        checkpoint_keep: int = 2,
+        resume: str | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -260,6 +268,14 @@ class SCVI:
             Show a progress bar with the running loss.
         seed
             Seed of the split, the minibatch order and the sampling; ``settings.seed`` if None.
+        checkpoint_dir, checkpoint_every_n_epochs, checkpoint_keep
+            Write a checkpoint (parameters, optimizer and batch-norm state, epoch, history,
+            split, settings) to ``checkpoint_dir/epoch_<N>`` every this many epochs, keeping the
+            newest ``checkpoint_keep`` (see :mod:`jaxvi.checkpoint`); also on interruption.
+        resume
+            A checkpoint (or a ``checkpoint_dir``: its newest) to continue from. The run goes
+            on to ``max_epochs`` in total, bit-identical to an uninterrupted one; the split,
+            seed and earlier history come from the checkpoint, and other settings must match.
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
@@ -307,33 +323,86 @@ class SCVI:
             )
         data = self._device_data(self.adata, load_sparse_tensor)
         state, _ = init_train_state(self.module, self.variables, plan)
-        state, history, epoch_fn = fit(
-            self.module,
-            state,
-            data,
-            train_idx=train_idx,
-            val_idx=val_idx,
-            plan=plan,
-            max_epochs=int(max_epochs),
-            batch_size=int(batch_size),
-            seed=seed,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            early_stopping=early_stopping,
-            progress_bar=enable_progress_bar,
-            history=self.history_,
-            drop_last=drop_last,
-            **trainer_kwargs,
-        )
+        run = {  # what must agree with a checkpoint for an exact continuation
+            "n_cells": int(n_obs),
+            "batch_size": int(batch_size),
+            "drop_last": drop_last,
+            "plan": ckpt.plan_to_json(plan),
+            "config": dataclasses.asdict(self.config),
+            "check_val_every_n_epoch": check_val_every_n_epoch,
+            "early_stopping": bool(early_stopping),
+            "trainer_kwargs": dict(trainer_kwargs),
+        }
+        history_before, progress = self.history_, None
+        if resume is not None:
+            meta, arrays = ckpt.read_checkpoint(resume)
+            ckpt.check_same_run(meta, run)
+            seed = int(meta["seed"])
+            split = meta["split"]
+            train_idx, val_idx, test_idx = (
+                np.asarray(split[k], np.int64) for k in ("train", "validation", "test")
+            )
+            history_before = ckpt.history_from_json(meta["history_before"])
+            progress = FitProgress(**meta["progress"])
+            state = ckpt.restore_state(state, meta, arrays)
+        checkpointer = None
+        if checkpoint_dir is not None:
+            checkpointer = ckpt.Checkpointer(
+                checkpoint_dir,
+                checkpoint_every_n_epochs,
+                checkpoint_keep,
+                {
+                    **run,
+                    "seed": seed,
+                    "max_epochs": int(max_epochs),
+                    "split": {
+                        "train": [int(i) for i in train_idx],
+                        "validation": [int(i) for i in val_idx],
+                        "test": [int(i) for i in test_idx],
+                    },
+                    "history_before": ckpt.history_to_json(history_before),
+                },
+            )
+        splits = (train_idx, val_idx, test_idx)
+        try:
+            state, history, epoch_fn = fit(
+                self.module,
+                state,
+                data,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                plan=plan,
+                max_epochs=int(max_epochs),
+                batch_size=int(batch_size),
+                seed=seed,
+                check_val_every_n_epoch=check_val_every_n_epoch,
+                early_stopping=early_stopping,
+                progress_bar=enable_progress_bar,
+                history=history_before,
+                drop_last=drop_last,
+                progress=progress,
+                on_epoch_end=checkpointer,
+                **trainer_kwargs,
+            )
+        except (TrainingInterrupted, NonFiniteError) as err:
+            # Keep the last completed epoch (interruption) or the last finite step.
+            self._set_trained(err.state, err.history, splits)
+            if isinstance(err, TrainingInterrupted) and checkpointer is not None:
+                checkpointer.write(err.state, err.progress)
+            raise
         self._epoch_fn = epoch_fn
+        self._set_trained(state, history, splits)
+
+    def _set_trained(self, state, history, splits) -> None:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.buffers:
             variables["buffers"] = state.buffers
         self.variables = variables
         self.history_ = history
         self.is_trained_ = True
-        self.train_indices_ = np.asarray(train_idx)
-        self.validation_indices_ = np.asarray(val_idx)
-        self.test_indices_ = np.asarray(test_idx)
+        self.train_indices_, self.validation_indices_, self.test_indices_ = (
+            np.asarray(a) for a in splits
+        )
 
     # ---------------------------------------------------------------- queries
     def get_latent_representation(

@@ -19,10 +19,16 @@ class Settings:
         runs are reproducible).
     batch_size
         Minibatch size of the inference methods when ``batch_size=None`` (128, as scvi-tools).
+    inference_bytes_per_call
+        Most bytes of (dense float32) counts a prediction method moves to the device in one
+        call (256 MiB). Prediction methods keep the data on the host and send it in pieces
+        of at most this size (at least one minibatch), so any number of cells goes through
+        with bounded device memory.
     """
 
     seed: int = 0
     batch_size: int = 128
+    inference_bytes_per_call: int = 256 * 2**20
 
 
 settings = Settings()

@@ -21,14 +21,13 @@ from jaxvi import checkpoint as ckpt
 from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
-from jaxvi.dataset import CellData, to_device
+from jaxvi.dataset import CellData, to_device, to_host
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.train import (
     FitProgress,
     NonFiniteError,
     PlanConfig,
     TrainingInterrupted,
-    evaluate,
     fit,
     get_max_epochs_heuristic,
     init_train_state,
@@ -866,16 +865,19 @@ class SCVI:
     def _next_key_int(self) -> int:
         return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))
 
-    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+    def _data_arrays(self, adata) -> dict:
         arrays = reglib.registry_arrays(adata, self.registry_)
-        x = arrays["X"]
-        minified = adata.uns.get(MINIFY_UNS_KEY)
-        if minified is not None:
+        if adata.uns.get(MINIFY_UNS_KEY) is not None:
             arrays["qz_m"] = adata.obsm[QZM_KEY]
             arrays["qz_v"] = adata.obsm[QZV_KEY]
             arrays["observed_lib_size"] = adata.obs[LIB_KEY].to_numpy()
-            if minified == "latent_posterior_parameters":
-                load_sparse_tensor = True  # all-zero counts: nothing to densify
+        return arrays
+
+    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+        arrays = self._data_arrays(adata)
+        x = arrays["X"]
+        if adata.uns.get(MINIFY_UNS_KEY) == "latent_posterior_parameters":
+            load_sparse_tensor = True  # all-zero counts: nothing to densify
         if load_sparse_tensor is None:
             load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
         return to_device(arrays, sparse=bool(load_sparse_tensor))
@@ -894,13 +896,17 @@ class SCVI:
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
-        return adata, indices.astype(np.int64), self._device_data(adata, None), bs
+        # Host data: run_chunked moves bounded pieces to the device (any dataset size).
+        return adata, indices.astype(np.int64), to_host(self._data_arrays(adata)), bs
 
     def _elbo_terms(self, adata, indices, batch_size):
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
         if not hasattr(self, "_evaluate_fn"):
             self._evaluate_fn = make_evaluate(self.module)
-        return evaluate(self._evaluate_fn, self.variables, data, indices, self._next_key(), bs)
+        out = inference.run_chunked(
+            self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
+        )
+        return tuple(np.asarray(a, np.float64) for a in out)
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
         if transform_batch is None:
@@ -953,6 +959,13 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
     (scvi-tools' ``_init_library_size``).
     """
     totals = np.asarray(x.sum(axis=1), np.float64).ravel()
+    if np.any(totals == 0):
+        warnings.warn(
+            "This dataset has some empty cells, this might fail inference. Data should be "
+            "filtered with `scanpy.pp.filter_cells()`",
+            UserWarning,
+            stacklevel=3,
+        )
     log_lib = np.log(np.where(totals > 0, totals, 1.0))
     means = np.zeros(n_batch)
     variances = np.ones(n_batch)
@@ -961,6 +974,13 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
         if np.any(sel):
             means[b] = log_lib[sel].mean()
             variances[b] = log_lib[sel].var()
+            if variances[b] <= 0:
+                raise ValueError(
+                    f"Batch code {b} has {int(sel.sum())} cell(s) all with the same library "
+                    "size, so the log-library prior of use_observed_lib_size=False has "
+                    "variance 0 (scvi-tools fails here too). Use the observed library size or "
+                    "merge that batch."
+                )
     return means[None].astype(np.float32), variances[None].astype(np.float32)
 
 

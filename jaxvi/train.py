@@ -293,6 +293,12 @@ def split_indices(
                     UserWarning,
                     stacklevel=3,
                 )
+    if n_train == 0:
+        raise ValueError(
+            f"No cells left to train on: {n_obs} cell(s) with train_size={train_size} and "
+            f"batch_size={batch_size} (a last minibatch of 1-2 cells moves to validation). "
+            "scVI needs more cells; or pass train_size explicitly."
+        )
     perm = np.random.RandomState(seed=seed).permutation(n_obs) if shuffle else np.arange(n_obs)
     return perm[n_val : n_val + n_train], perm[:n_val], perm[n_val + n_train :]
 
@@ -545,6 +551,14 @@ def fit(
             raise ValueError("drop_last=True with fewer training cells than batch_size.")
     else:
         n_steps = -(-len(train_idx) // batch_size)
+        last = len(train_idx) - (n_steps - 1) * batch_size
+        if last == 1 and module.config.use_batch_norm != "none":
+            raise ValueError(
+                f"The last training minibatch would hold a single cell ({len(train_idx)} "
+                f"training cells, batch_size={batch_size}), and batch norm needs more than "
+                "one value per channel in training. Change batch_size or train_size, or pass "
+                "datasplitter_kwargs={'drop_last': True}."
+            )
     train_idx_dev = jnp.asarray(np.asarray(train_idx, np.int32))
     k_train, k_val = jax.random.split(jax.random.key(seed))
     progress = FitProgress() if progress is None else dataclasses.replace(progress)

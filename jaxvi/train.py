@@ -310,9 +310,9 @@ def _variables(state: TrainState) -> dict:
     return out
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+def _tree_sum(tree) -> jax.Array:
+    leaves = [jnp.sum(x) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.sum(jnp.stack(leaves)) if leaves else jnp.float32(0.0)
 
 
 def make_train_epoch(
@@ -321,9 +321,11 @@ def make_train_epoch(
     """Compile-once epoch function.
 
     With ``guard`` (default) every step checks that its loss, gradients and optimizer update
-    are finite; from the first step that fails, updates are skipped, so the returned state
-    holds the parameters of the last finite step, and ``EpochInfo.bad_step`` /
-    ``bad_kind`` say where and what failed (metrics cover the finite steps only).
+    are finite (one sum per tree); from the first step that fails, parameter updates are
+    zeroed and batch-norm statistics and the step counter kept, so the returned state holds
+    the parameters of the last finite step (the optimizer moments are then not meaningful),
+    and ``EpochInfo.bad_step`` / ``bad_kind`` say where and what failed (metrics cover the
+    finite steps only).
 
     Returns
     -------
@@ -332,7 +334,7 @@ def make_train_epoch(
     ``n_steps = ceil(n_train / batch_size)``. ``state`` is donated.
     """
 
-    def step(state: TrainState, data: CellData, idx, mask, key, kl_weight):
+    def step(state: TrainState, data: CellData, idx, mask, key, kl_weight, healthy):
         batch = gather(data, idx, mask)
 
         def loss_fn(params):
@@ -344,7 +346,6 @@ def make_train_epoch(
 
         (loss, (out, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         n = jnp.sum(mask)
         sums = (
             n,
@@ -352,15 +353,31 @@ def make_train_epoch(
             jnp.sum(out.reconstruction_loss * mask),
             jnp.sum((out.kl_z + out.kl_l) * mask),
         )
-        kind = jnp.int32(0)
-        if guard:
-            kind = jnp.where(
-                ~jnp.isfinite(loss),
-                1,
-                jnp.where(~_all_finite(grads), 2, jnp.where(~_all_finite(updates), 3, 0)),
-            ).astype(jnp.int32)
-        new_state = TrainState(params, new_stats, state.buffers, opt_state, state.step + 1)
-        return new_state, sums, kind
+        if not guard:
+            params = optax.apply_updates(state.params, updates)
+            new = TrainState(params, new_stats, state.buffers, opt_state, state.step + 1)
+            return new, sums, jnp.int32(0)
+        # One scalar per tree: a NaN or inf anywhere makes the sum non-finite.
+        # Non-finite gradients give non-finite Adam updates, so the update sum covers both;
+        # the gradient sum is only evaluated (lax.cond) to name the culprit.
+        loss_ok = jnp.isfinite(loss)
+        updates_ok = jnp.isfinite(_tree_sum(updates))
+        grads_ok = jax.lax.cond(
+            updates_ok, lambda: jnp.bool_(True), lambda: jnp.isfinite(_tree_sum(grads))
+        )
+        kind = jnp.where(~loss_ok, 1, jnp.where(~grads_ok, 2, jnp.where(~updates_ok, 3, 0)))
+        ok = (kind == 0) & healthy
+        # Zeroed updates fuse into the elementwise optimizer arithmetic: parameters stay at
+        # the last finite step at no extra pass over memory. Small trees are selected.
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(ok, u, 0.0), updates)
+        params = optax.apply_updates(state.params, updates)
+        stats = jax.tree_util.tree_map(
+            lambda a, b: jnp.where(ok, a, b), new_stats, state.batch_stats
+        )
+        new = TrainState(
+            params, stats, state.buffers, opt_state, state.step + ok.astype(jnp.int32)
+        )
+        return new, sums, kind.astype(jnp.int32)
 
     def epoch(state: TrainState, data: CellData, train_idx, key, kl_weights):
         n_train = train_idx.shape[0]
@@ -378,17 +395,16 @@ def make_train_epoch(
             state, bad_step, bad_kind = carry
             i, idx_i, mask_i, kl_i = xs
             new, sums, kind = step(
-                state, data, idx_i, mask_i, jax.random.fold_in(k_steps, i), kl_i
+                state, data, idx_i, mask_i, jax.random.fold_in(k_steps, i), kl_i, bad_step < 0
             )
             if not guard:
                 return (new, bad_step, bad_kind), sums
-            ok = (kind == 0) & (bad_step < 0)
-            state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
             first = (kind != 0) & (bad_step < 0)
+            ok = (kind == 0) & (bad_step < 0)
             bad_step = jnp.where(first, i, bad_step)
             bad_kind = jnp.where(first, kind, bad_kind)
             sums = tuple(jnp.where(ok, v, 0.0) for v in sums)
-            return (state, bad_step, bad_kind), sums
+            return (new, bad_step, bad_kind), sums
 
         carry = (state, jnp.int32(-1), jnp.int32(0))
         xs = (jnp.arange(n_steps, dtype=jnp.int32), idx, mask, kl_weights.astype(jnp.float32))

@@ -316,23 +316,42 @@ def _tree_sum(tree) -> jax.Array:
 
 
 def make_train_epoch(
-    module: VAE, tx: optax.GradientTransformation, batch_size: int, guard: bool = True
+    module: VAE,
+    tx: optax.GradientTransformation,
+    batch_size: int,
+    guard: bool | str = "step",
 ):
     """Compile-once epoch function.
 
-    With ``guard`` (default) every step checks that its loss, gradients and optimizer update
-    are finite (one sum per tree); from the first step that fails, parameter updates are
-    zeroed and batch-norm statistics and the step counter kept, so the returned state holds
-    the parameters of the last finite step (the optimizer moments are then not meaningful),
-    and ``EpochInfo.bad_step`` / ``bad_kind`` say where and what failed (metrics cover the
-    finite steps only).
+    ``guard`` chooses how non-finite values are caught:
+
+    ``"step"`` (or True)
+        Every step checks that its loss, gradients and optimizer update are finite (one sum
+        per tree); from the first step that fails, parameter updates are zeroed and
+        batch-norm statistics and the step counter kept, so the returned state holds the
+        parameters of the last finite step (the optimizer moments are then not meaningful),
+        and ``EpochInfo.bad_step`` / ``bad_kind`` say where and what failed (metrics cover
+        the finite steps only). ``state`` is donated.
+    ``"detect"``
+        Nearly free: each step only tests its (scalar) loss, and the parameters are summed
+        once at the end of the epoch. ``bad_step`` is the first step with a non-finite loss,
+        or ``n_steps`` when only the parameters went non-finite; -1 if all is well. The
+        state is *not* donated, so the caller can replay the epoch from it with ``"step"``
+        to locate the failure and recover the last finite parameters (what :func:`fit`
+        does).
+    False
+        No checks.
 
     Returns
     -------
     ``epoch(state, data, train_idx, key, kl_weights) -> (state, EpochInfo)`` where
     ``train_idx`` is ``(n_train,)`` int32 and ``kl_weights`` is ``(n_steps,)`` float32 with
-    ``n_steps = ceil(n_train / batch_size)``. ``state`` is donated.
+    ``n_steps = ceil(n_train / batch_size)``.
     """
+    if guard is True:
+        guard = "step"
+    if guard not in ("step", "detect", False):
+        raise ValueError(f"guard must be 'step', 'detect' or False, got {guard!r}.")
 
     def step(state: TrainState, data: CellData, idx, mask, key, kl_weight, healthy):
         batch = gather(data, idx, mask)
@@ -353,10 +372,11 @@ def make_train_epoch(
             jnp.sum(out.reconstruction_loss * mask),
             jnp.sum((out.kl_z + out.kl_l) * mask),
         )
-        if not guard:
+        if guard != "step":
             params = optax.apply_updates(state.params, updates)
             new = TrainState(params, new_stats, state.buffers, opt_state, state.step + 1)
-            return new, sums, jnp.int32(0)
+            kind = jnp.where(jnp.isfinite(loss), 0, 1) if guard == "detect" else 0
+            return new, sums, jnp.int32(kind)
         # One scalar per tree: a NaN or inf anywhere makes the sum non-finite.
         # Non-finite gradients give non-finite Adam updates, so the update sum covers both;
         # the gradient sum is only evaluated (lax.cond) to name the culprit.
@@ -397,7 +417,10 @@ def make_train_epoch(
             new, sums, kind = step(
                 state, data, idx_i, mask_i, jax.random.fold_in(k_steps, i), kl_i, bad_step < 0
             )
-            if not guard:
+            if guard != "step":
+                first = (kind != 0) & (bad_step < 0)
+                bad_step = jnp.where(first, i, bad_step)
+                bad_kind = jnp.where(first, kind, bad_kind)
                 return (new, bad_step, bad_kind), sums
             first = (kind != 0) & (bad_step < 0)
             ok = (kind == 0) & (bad_step < 0)
@@ -409,9 +432,12 @@ def make_train_epoch(
         carry = (state, jnp.int32(-1), jnp.int32(0))
         xs = (jnp.arange(n_steps, dtype=jnp.int32), idx, mask, kl_weights.astype(jnp.float32))
         (state, bad_step, bad_kind), sums = jax.lax.scan(body, carry, xs)
+        if guard == "detect":
+            params_ok = jnp.isfinite(_tree_sum(state.params))
+            bad_step = jnp.where((bad_step < 0) & ~params_ok, n_steps, bad_step)
         return state, EpochInfo(*(jnp.sum(v) for v in sums), bad_step, bad_kind)
 
-    return jax.jit(epoch, donate_argnums=(0,))
+    return jax.jit(epoch, donate_argnums=() if guard == "detect" else (0,))
 
 
 def make_evaluate(module: VAE):
@@ -559,7 +585,8 @@ def fit(
             )
         validate = False
     tx = make_optimizer(plan, trainable_mask(module.config, state.params))
-    epoch_fn = make_train_epoch(module, tx, batch_size, guard=guard)
+    epoch_fn = make_train_epoch(module, tx, batch_size, guard="detect" if guard else False)
+    replay_fn = None  # the per-step guarded epoch, compiled only if an epoch fails
     eval_fn = make_evaluate(module)
     if drop_last:
         n_steps = len(train_idx) // batch_size
@@ -607,8 +634,17 @@ def fit(
             global_step = int(state.step)
             kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
             key = jax.random.fold_in(k_train, epoch)
-            state, info = epoch_fn(state, data, train_idx_dev, key, jnp.asarray(kl_w, jnp.float32))
+            kl_dev = jnp.asarray(kl_w, jnp.float32)
+            start_state = state
+            state, info = epoch_fn(state, data, train_idx_dev, key, kl_dev)
             info = jax.device_get(info)
+            if guard and int(info.bad_step) >= 0:
+                # Replay the epoch with per-step checks: same keys, same minibatches.
+                if replay_fn is None:
+                    replay_fn = make_train_epoch(module, tx, batch_size, guard="step")
+                state, info = replay_fn(start_state, data, train_idx_dev, key, kl_dev)
+                info = jax.device_get(info)
+            del start_state
             if int(info.bad_step) >= 0:
                 what, hint = NON_FINITE_KINDS[int(info.bad_kind)]
                 step = int(info.bad_step)

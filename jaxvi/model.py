@@ -279,6 +279,16 @@ class SCVI:
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
             ``gradient_clip_val``.
+
+        Raises
+        ------
+        jaxvi.train.TrainingInterrupted
+            After the running epoch when SIGINT (Ctrl-C) or SIGTERM arrived; the model then
+            holds that epoch's parameters and history (and a checkpoint is written when
+            ``checkpoint_dir`` is set).
+        jaxvi.train.NonFiniteError
+            When a loss, gradient or update became NaN/inf; the message names the epoch and
+            step, and the model keeps the last finite parameters.
         """
         unknown = sorted(set(trainer_kwargs) - _TRAINER_KWARGS)
         if unknown:

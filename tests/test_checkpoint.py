@@ -70,9 +70,6 @@ def test_resume_is_bit_identical_and_keeps_last_k(tmp_path):
     full.train(max_epochs=5, checkpoint_dir=str(tmp_path / "full"), **TRAIN)
     names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "full"))]
     assert names == ["epoch_000004", "epoch_000005"]  # every epoch, newest 2 kept
-    lrs = full.history["train_loss"]  # the plateau fired: lr is not the initial one
-    assert len(lrs) == 5
-
     first = _model(adata)
     first.train(max_epochs=3, checkpoint_dir=str(tmp_path / "part"), **TRAIN)
     resumed = _model(adata)  # a fresh process would build exactly this
@@ -82,14 +79,14 @@ def test_resume_is_bit_identical_and_keeps_last_k(tmp_path):
     meta, _ = ckpt.read_checkpoint(str(tmp_path / "part"))
     assert meta["progress"]["epoch"] == 3
     assert meta["plan"]["reduce_lr_on_plateau"] is True
-    # The learning rate actually changed, so the optimizer state really was restored.
-    state, _ = init_train_state(resumed.module, resumed.variables, PlanConfig())
-    restored = ckpt.restore_state(
-        state._replace(opt_state=init_train_state(resumed.module, resumed.variables,
-                       PlanConfig(reduce_lr_on_plateau=True))[0].opt_state),
-        meta, ckpt.read_checkpoint(str(tmp_path / "part"))[1],
-    )  # fmt: skip
-    assert float(restored.opt_state.hyperparams["learning_rate"]) < 1e-3
+    # The plateau cut the learning rate after epochs 1 and 2: the optimizer state has it.
+    template, _ = init_train_state(
+        resumed.module, resumed.variables, PlanConfig(**TRAIN["plan_kwargs"])
+    )
+    restored = ckpt.restore_state(template, meta, ckpt.read_checkpoint(str(tmp_path / "part"))[1])
+    np.testing.assert_allclose(
+        float(restored.opt_state.hyperparams["learning_rate"]), 1e-3 * 0.6**2, rtol=1e-6
+    )
 
 
 def test_resume_refuses_other_settings_and_architectures(tmp_path):

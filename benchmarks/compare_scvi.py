@@ -214,8 +214,8 @@ def worker(args) -> dict:
     else:
         original = jtrain.make_train_epoch
 
-        def timed_make_train_epoch(module, tx, batch_size):
-            fn = original(module, tx, batch_size)
+        def timed_make_train_epoch(module, tx, batch_size, **kwargs):
+            fn = original(module, tx, batch_size, **kwargs)
 
             class TimedEpoch:
                 """Blocks on each epoch's output (``fit`` reads it right after anyway)."""

@@ -19,7 +19,7 @@ from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import Batch
 from jaxvi.sharding import constrain_cells
 
-__all__ = ["CellData", "gather", "pad_indices", "to_device"]
+__all__ = ["CellData", "gather", "is_host", "pad_indices", "take_rows", "to_device", "to_host"]
 
 
 @flax.struct.dataclass
@@ -114,7 +114,82 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
     )
 
 
+def to_host(arrays: dict) -> CellData:
+    """A :class:`CellData` of host (numpy) arrays: nothing is moved to the device.
+
+    Counts stay as given (dense, or CSR as ``indptr``/``indices``/``data``); prediction
+    methods move bounded pieces with :func:`take_rows` (see :func:`jaxvi.inference.run_chunked`).
+    """
+    x = arrays["X"]
+    dense = indptr = indices = data = None
+    max_row_nnz = 0
+    if sp.issparse(x):
+        csr = sp.csr_matrix(x, dtype=np.float32)
+        indptr, indices, data = csr.indptr, csr.indices, csr.data
+        max_row_nnz = int(np.diff(indptr).max(initial=0))
+    else:
+        dense = np.asarray(x, np.float32)
+
+    def opt(a, dtype):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    return CellData(
+        x=dense,
+        indptr=indptr,
+        indices=indices,
+        data=data,
+        batch_index=np.asarray(arrays["batch_index"], np.int32),
+        labels=np.asarray(arrays["labels"], np.int32),
+        cat_covs=opt(arrays["cat_covs"], np.int32),
+        cont_covs=opt(arrays["cont_covs"], np.float32),
+        size_factor=opt(arrays["size_factor"], np.float32),
+        n_genes=int(x.shape[1]),
+        max_row_nnz=max_row_nnz,
+        qz_m=opt(arrays.get("qz_m"), np.float32),
+        qz_v=opt(arrays.get("qz_v"), np.float32),
+        observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
+    )
+
+
+def is_host(data: CellData) -> bool:
+    """Whether ``data`` holds numpy arrays (from :func:`to_host`)."""
+    return isinstance(data.batch_index, np.ndarray)
+
+
+def take_rows(data: CellData, rows: np.ndarray) -> CellData:
+    """The cells ``rows`` (``(m,)`` int, repeats allowed) of host ``data`` as a host
+    :class:`CellData` with dense ``(m, genes)`` counts, ready for ``jax.device_put``."""
+    rows = np.asarray(rows)
+    if data.x is not None:
+        x = data.x[rows]
+    else:
+        n_cells = data.batch_index.shape[0]
+        csr = sp.csr_matrix((data.data, data.indices, data.indptr), (n_cells, data.n_genes))
+        x = csr[rows].toarray()
+
+    def take(a):
+        return None if a is None else a[rows]
+
+    return CellData(
+        x=np.asarray(x, np.float32),
+        indptr=None,
+        indices=None,
+        data=None,
+        batch_index=data.batch_index[rows],
+        labels=data.labels[rows],
+        cat_covs=take(data.cat_covs),
+        cont_covs=take(data.cont_covs),
+        size_factor=take(data.size_factor),
+        n_genes=data.n_genes,
+        qz_m=take(data.qz_m),
+        qz_v=take(data.qz_v),
+        observed_lib_size=take(data.observed_lib_size),
+    )
+
+
 def _dense_rows(data: CellData, idx: jax.Array) -> jax.Array:
+    if is_host(data):  # outside jit only (tests, small helpers)
+        return jnp.asarray(take_rows(data, np.asarray(idx)).x)
     if data.x is not None:
         return data.x[idx]
     if data.data.shape[0] == 0:  # e.g. a minified AnnData: no stored counts
@@ -134,7 +209,7 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
     """Minibatch of the cells ``idx`` (``(cells,)`` int); ``mask`` marks real cells."""
 
     def take(a):
-        return None if a is None else a[idx]
+        return None if a is None else jnp.asarray(a)[idx]
 
     batch = Batch(
         x=_dense_rows(data, idx),

@@ -18,18 +18,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from jaxvi import checkpoint as ckpt
 from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
+from jaxvi.dataset import to_host as host_cell_data
 from jaxvi.importance import get_importance_weights
 from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
 from jaxvi.streaming import StreamingData
 from jaxvi.train import (
+    FitProgress,
+    NonFiniteError,
     PlanConfig,
-    evaluate,
+    TrainingInterrupted,
     fit,
     get_max_epochs_heuristic,
     init_train_state,
@@ -246,6 +250,10 @@ class SCVI:
         enable_progress_bar: bool = True,
         seed: int | None = None,
         streaming: bool | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        checkpoint_keep: int = 2,
+        resume: str | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -287,12 +295,30 @@ class SCVI:
             Read the cells from disk in shuffled blocks during training instead of loading
             them all (:mod:`jaxvi.streaming`; host memory bounded by
             ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
+        checkpoint_dir, checkpoint_every_n_epochs, checkpoint_keep
+            Write a checkpoint (parameters, optimizer and batch-norm state, epoch, history,
+            split, settings) to ``checkpoint_dir/epoch_<N>`` every this many epochs, keeping the
+            newest ``checkpoint_keep`` (see :mod:`jaxvi.checkpoint`); also on interruption.
+        resume
+            A checkpoint (or a ``checkpoint_dir``: its newest) to continue from. The run goes
+            on to ``max_epochs`` in total, bit-identical to an uninterrupted one; the split,
+            seed and earlier history come from the checkpoint, and other settings must match.
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
             ``gradient_clip_val``, ``precision`` (Lightning's names: ``"32-true"`` exact
             float32 matmuls, ``"bf16-mixed"`` bfloat16 matmul inputs with float32
             accumulation, ``"tf32"``; default JAX's, which is TF32 on recent NVIDIA GPUs).
+
+        Raises
+        ------
+        jaxvi.train.TrainingInterrupted
+            After the running epoch when SIGINT (Ctrl-C) or SIGTERM arrived; the model then
+            holds that epoch's parameters and history (and a checkpoint is written when
+            ``checkpoint_dir`` is set).
+        jaxvi.train.NonFiniteError
+            When a loss, gradient or update became NaN/inf; the message names the epoch and
+            step, and the model keeps the last finite parameters.
         """
         unknown = sorted(set(trainer_kwargs) - _TRAINER_KWARGS)
         if unknown:
@@ -347,6 +373,48 @@ class SCVI:
         if streaming and mesh is not None:
             raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
         self._mesh = mesh
+        state, _ = init_train_state(self.module, self.variables, plan)
+        run = {  # what must agree with a checkpoint for an exact continuation
+            "n_cells": int(n_obs),
+            "batch_size": int(batch_size),
+            "drop_last": drop_last,
+            "plan": ckpt.plan_to_json(plan),
+            "config": dataclasses.asdict(self.config),
+            "check_val_every_n_epoch": check_val_every_n_epoch,
+            "early_stopping": bool(early_stopping),
+            "trainer_kwargs": dict(trainer_kwargs),
+        }
+        history_before, progress = self.history_, None
+        if resume is not None:
+            meta, arrays = ckpt.read_checkpoint(resume)
+            ckpt.check_same_run(meta, run)
+            seed = int(meta["seed"])
+            split = meta["split"]
+            train_idx, val_idx, test_idx = (
+                np.asarray(split[k], np.int64) for k in ("train", "validation", "test")
+            )
+            history_before = ckpt.history_from_json(meta["history_before"])
+            progress = FitProgress(**meta["progress"])
+            state = ckpt.restore_state(state, meta, arrays)
+        checkpointer = None
+        if checkpoint_dir is not None:
+            checkpointer = ckpt.Checkpointer(
+                checkpoint_dir,
+                checkpoint_every_n_epochs,
+                checkpoint_keep,
+                {
+                    **run,
+                    "seed": seed,
+                    "max_epochs": int(max_epochs),
+                    "split": {
+                        "train": [int(i) for i in train_idx],
+                        "validation": [int(i) for i in val_idx],
+                        "test": [int(i) for i in test_idx],
+                    },
+                    "history_before": ckpt.history_to_json(history_before),
+                },
+            )
+        splits = (train_idx, val_idx, test_idx)
         if streaming:
             data = StreamingData(
                 self.adata,
@@ -358,38 +426,49 @@ class SCVI:
             )
         else:
             data = self._device_data(self.adata, load_sparse_tensor)
-        state, _ = init_train_state(self.module, self.variables, plan)
         matmul = _PRECISION[str(precision)] if precision is not None else None
-        with jax.default_matmul_precision(matmul), _out_of_memory_as("A training step"):
-            state, history, epoch_fn = fit(
-                self.module,
-                state,
-                data,
-                train_idx=train_idx,
-                val_idx=val_idx,
-                plan=plan,
-                max_epochs=int(max_epochs),
-                batch_size=int(batch_size),
-                seed=seed,
-                check_val_every_n_epoch=check_val_every_n_epoch,
-                early_stopping=early_stopping,
-                progress_bar=enable_progress_bar,
-                history=self.history_,
-                drop_last=drop_last,
-                **trainer_kwargs,
-            )
+        try:
+            with jax.default_matmul_precision(matmul), _out_of_memory_as("A training step"):
+                state, history, epoch_fn = fit(
+                    self.module,
+                    state,
+                    data,
+                    train_idx=train_idx,
+                    val_idx=val_idx,
+                    plan=plan,
+                    max_epochs=int(max_epochs),
+                    batch_size=int(batch_size),
+                    seed=seed,
+                    check_val_every_n_epoch=check_val_every_n_epoch,
+                    early_stopping=early_stopping,
+                    progress_bar=enable_progress_bar,
+                    history=history_before,
+                    drop_last=drop_last,
+                    progress=progress,
+                    on_epoch_end=checkpointer,
+                    **trainer_kwargs,
+                )
+        except (TrainingInterrupted, NonFiniteError) as err:
+            # Keep the last completed epoch (interruption) or the last finite step.
+            self._set_trained(err.state, err.history, splits)
+            if isinstance(err, TrainingInterrupted) and checkpointer is not None:
+                checkpointer.write(err.state, err.progress)
+            raise
         self._epoch_fn = epoch_fn
+        self._set_trained(state, history, splits)
+
+    def _set_trained(self, state, history, splits) -> None:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.buffers:
             variables["buffers"] = state.buffers
-        if mesh is not None:  # host copies: usable with any device placement afterwards
+        if self._mesh is not None:  # host copies: usable with any device placement
             variables = jax.tree_util.tree_map(to_host, variables)
         self.variables = variables
         self.history_ = history
         self.is_trained_ = True
-        self.train_indices_ = np.asarray(train_idx)
-        self.validation_indices_ = np.asarray(val_idx)
-        self.test_indices_ = np.asarray(test_idx)
+        self.train_indices_, self.validation_indices_, self.test_indices_ = (
+            np.asarray(a) for a in splits
+        )
 
     # ---------------------------------------------------------------- queries
     def get_latent_representation(
@@ -927,18 +1006,21 @@ class SCVI:
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
         self._mesh = mesh
 
-    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
-        if self._mesh is not None:
-            return sharded_cell_data(adata, self.registry_, self._mesh)
+    def _data_arrays(self, adata) -> dict:
         arrays = reglib.registry_arrays(adata, self.registry_)
-        x = arrays["X"]
-        minified = adata.uns.get(MINIFY_UNS_KEY)
-        if minified is not None:
+        if adata.uns.get(MINIFY_UNS_KEY) is not None:
             arrays["qz_m"] = adata.obsm[QZM_KEY]
             arrays["qz_v"] = adata.obsm[QZV_KEY]
             arrays["observed_lib_size"] = adata.obs[LIB_KEY].to_numpy()
-            if minified == "latent_posterior_parameters":
-                load_sparse_tensor = True  # all-zero counts: nothing to densify
+        return arrays
+
+    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+        if self._mesh is not None:
+            return sharded_cell_data(adata, self.registry_, self._mesh)
+        arrays = self._data_arrays(adata)
+        x = arrays["X"]
+        if adata.uns.get(MINIFY_UNS_KEY) == "latent_posterior_parameters":
+            load_sparse_tensor = True  # all-zero counts: nothing to densify
         if load_sparse_tensor is None:
             load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
         return to_device(arrays, sparse=bool(load_sparse_tensor))
@@ -957,13 +1039,20 @@ class SCVI:
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
-        return adata, indices.astype(np.int64), self._device_data(adata, None), bs
+        if self._mesh is not None:  # sharded over the devices of the mesh
+            return adata, indices.astype(np.int64), self._device_data(adata, None), bs
+        # Host data: run_chunked moves bounded pieces to the device (any dataset size).
+        data = host_cell_data(self._data_arrays(adata))
+        return adata, indices.astype(np.int64), data, bs
 
     def _elbo_terms(self, adata, indices, batch_size):
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
         if not hasattr(self, "_evaluate_fn"):
             self._evaluate_fn = make_evaluate(self.module)
-        return evaluate(self._evaluate_fn, self.variables, data, indices, self._next_key(), bs)
+        out = inference.run_chunked(
+            self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
+        )
+        return tuple(np.asarray(a, np.float64) for a in out)
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
         if transform_batch is None:
@@ -1016,6 +1105,13 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
     (scvi-tools' ``_init_library_size``).
     """
     totals = np.asarray(x.sum(axis=1), np.float64).ravel()
+    if np.any(totals == 0):
+        warnings.warn(
+            "This dataset has some empty cells, this might fail inference. Data should be "
+            "filtered with `scanpy.pp.filter_cells()`",
+            UserWarning,
+            stacklevel=3,
+        )
     log_lib = np.log(np.where(totals > 0, totals, 1.0))
     means = np.zeros(n_batch)
     variances = np.ones(n_batch)
@@ -1024,6 +1120,13 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
         if np.any(sel):
             means[b] = log_lib[sel].mean()
             variances[b] = log_lib[sel].var()
+            if variances[b] <= 0:
+                raise ValueError(
+                    f"Batch code {b} has {int(sel.sum())} cell(s) all with the same library "
+                    "size, so the log-library prior of use_observed_lib_size=False has "
+                    "variance 0 (scvi-tools fails here too). Use the observed library size or "
+                    "merge that batch."
+                )
     return means[None].astype(np.float32), variances[None].astype(np.float32)
 
 

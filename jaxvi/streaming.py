@@ -207,7 +207,15 @@ class StreamingData:
             start += steps
             local = np.arange(n, dtype=np.int32)
             state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), kl)
-            total = info if total is None else jax.tree_util.tree_map(np.add, total, info)
+            sums = (info.n_obs, info.loss_sum, info.reconstruction_sum, info.kl_local_sum)
+            if total is not None:
+                sums = tuple(a + b for a, b in zip(sums, total[:4], strict=True))
+            total = info._replace(
+                n_obs=sums[0], loss_sum=sums[1], reconstruction_sum=sums[2], kl_local_sum=sums[3]
+            )
+            bad = int(np.asarray(info.bad_step)) if hasattr(info, "bad_step") else -1
+            if bad >= 0:  # stop at the first non-finite step; report it in epoch numbering
+                return state, total._replace(bad_step=start - steps + bad)
         return state, total
 
     def evaluate(self, evaluate, eval_fn, variables, key, batch_size: int):

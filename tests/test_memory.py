@@ -50,7 +50,7 @@ def test_out_of_memory_becomes_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(dataset_module, "_to_device", boom)
     with pytest.raises(MemoryError, match=r"The count matrix \(0.00 GiB\) does not fit.*backed="):
-        model.get_latent_representation()
+        model.train(max_epochs=1)
     monkeypatch.undo()
     monkeypatch.setattr(model_module, "fit", boom)
     with pytest.raises(MemoryError, match="A training step does not fit.*batch_size"):

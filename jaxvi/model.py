@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi import inference, io, posterior
+from jaxvi import inference, io, posterior, scarches, scvi_io
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
@@ -306,7 +306,8 @@ class SCVI:
                 drop_last=drop_last,
             )
         data = self._device_data(self.adata, load_sparse_tensor)
-        state, _ = init_train_state(self.module, self.variables, plan)
+        freeze = getattr(self, "_query_freeze", None) or {}  # set by load_query_data
+        state, _ = init_train_state(self.module, self.variables, plan, freeze.get("update_mask"))
         state, history, epoch_fn = fit(
             self.module,
             state,
@@ -322,6 +323,7 @@ class SCVI:
             progress_bar=enable_progress_bar,
             history=self.history_,
             drop_last=drop_last,
+            **freeze,
             **trainer_kwargs,
         )
         self._epoch_fn = epoch_fn
@@ -711,11 +713,18 @@ class SCVI:
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
+        format: str = "jaxvi",
     ) -> None:
         """Save to ``dir_path``: ``model.json`` (settings, registry, history), ``model.npz``.
 
         Nothing executes code on load. ``save_anndata`` also writes ``adata.h5ad``.
+        ``format="scvi-tools"`` writes scvi-tools' ``model.pt`` instead (see
+        :func:`jaxvi.scvi_io.write_scvi_tools`), which ``scvi.model.SCVI.load`` reads.
         """
+        if format == "scvi-tools":
+            return scvi_io.write_scvi_tools(self, dir_path, prefix, overwrite, save_anndata)
+        if format != "jaxvi":
+            raise ValueError(f"format must be 'jaxvi' or 'scvi-tools', got {format!r}.")
         if prefix is not None:
             raise NotImplementedError("`prefix` is not supported; use a separate directory.")
         meta = {
@@ -749,8 +758,13 @@ class SCVI:
         """Load a model saved by :meth:`save`; ``adata`` (same genes) or the saved one.
 
         Without ``adata`` and without a saved ``adata.h5ad`` the model loads with no data;
-        pass ``adata`` to its query methods.
+        pass ``adata`` to its query methods. A scvi-tools directory (``model.pt``, no
+        ``model.json``) is read with :meth:`from_scvi_tools`.
         """
+        if not os.path.exists(os.path.join(dir_path, io.MODEL_JSON)) and (
+            scvi_io.is_scvi_tools_dir(dir_path)
+        ):
+            return cls.from_scvi_tools(dir_path, adata=adata)
         meta, arrays = io.read_model_dir(dir_path)
         if meta.get("model_name") != "SCVI":
             raise ValueError(f"{dir_path} holds a {meta.get('model_name')!r} model, not SCVI.")
@@ -788,6 +802,33 @@ class SCVI:
         model.test_indices_ = None if idx["test"] is None else np.asarray(idx["test"])
         model._n_calls = 0
         return model
+
+    @classmethod
+    def from_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None) -> SCVI:
+        """Load a model saved by scvi-tools' ``SCVI.save`` (no torch needed, no code run).
+
+        See :func:`jaxvi.scvi_io.read_scvi_tools`.
+        """
+        return scvi_io.read_scvi_tools(cls, dir_path, adata=adata, prefix=prefix)
+
+    # ----------------------------------------------------------------- scArches
+    @staticmethod
+    def prepare_query_anndata(
+        adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True
+    ):
+        """Zero-pad and reorder ``adata``'s genes to a reference's (scArches).
+
+        See :func:`jaxvi.scarches.prepare_query_anndata`.
+        """
+        return scarches.prepare_query_anndata(
+            adata, reference_model, return_reference_var_names, inplace
+        )
+
+    @classmethod
+    def load_query_data(cls, adata, reference_model, **kwargs) -> SCVI:
+        """A query model initialised from a reference (scArches); see
+        :func:`jaxvi.scarches.load_query_data` for the freeze options."""
+        return scarches.load_query_data(cls, adata, reference_model, **kwargs)
 
     # ---------------------------------------------------------------- helpers
     def _next_key(self) -> jax.Array:

@@ -131,7 +131,9 @@ def compute_kl_weight(plan: PlanConfig, epoch: int, step: int | np.ndarray):
     return np.full(np.shape(step), hi)
 
 
-def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransformation:
+def make_optimizer(
+    plan: PlanConfig, trainable=None, update_mask=None
+) -> optax.GradientTransformation:
     """The reference optimizer, with the learning rate injected as a hyperparameter.
 
     ``Adam``: L2 weight decay added to the gradient, then Adam (``torch.optim.Adam``).
@@ -139,6 +141,9 @@ def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransforma
     ``trainable``: a pytree of bools like the parameters (see
     :func:`jaxvi.module.trainable_mask`); other parameters are never updated, as PyTorch
     skips parameters without a gradient (no weight decay, no optimizer state).
+    ``update_mask``: a pytree of bool arrays shaped like the parameters (scArches query
+    models); entries where it is False get a zero gradient and a zero update, so neither the
+    gradient nor weight decay ever moves them.
     """
 
     def build(learning_rate):
@@ -155,17 +160,30 @@ def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransforma
             core = optax.chain(optax.clip_by_global_norm(plan.gradient_clip_val), core)
         if trainable is not None:
             core = optax.masked(core, trainable)
+        if update_mask is not None:
+            core = optax.chain(_zero_frozen(update_mask), core, _zero_frozen(update_mask))
         return core
 
     return optax.inject_hyperparams(build)(learning_rate=plan.lr)
 
 
+def _zero_frozen(update_mask) -> optax.GradientTransformation:
+    """Set the entries where ``update_mask`` is False to exactly zero."""
+
+    def update(updates, state, params=None):
+        del params
+        out = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0.0), updates, update_mask)
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def init_train_state(
-    module: VAE, variables: dict, plan: PlanConfig
+    module: VAE, variables: dict, plan: PlanConfig, update_mask=None
 ) -> tuple[TrainState, optax.GradientTransformation]:
     """A fresh :class:`TrainState` (copied arrays, new optimizer state) and its optimizer."""
     params = jax.tree_util.tree_map(jnp.array, variables["params"])
-    tx = make_optimizer(plan, trainable_mask(module.config, params))
+    tx = make_optimizer(plan, trainable_mask(module.config, params), update_mask)
     state = TrainState(
         params=params,
         batch_stats=jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {})),
@@ -237,8 +255,13 @@ def _variables(state: TrainState) -> dict:
     return out
 
 
-def make_train_epoch(module: VAE, tx: optax.GradientTransformation, batch_size: int):
+def make_train_epoch(
+    module: VAE, tx: optax.GradientTransformation, batch_size: int, stats_mask=None
+):
     """Compile-once epoch function.
+
+    ``stats_mask``: a pytree of bools like the batch-norm statistics; where False the running
+    statistics are kept (PyTorch's ``momentum=0``, scArches' frozen encoder batch norm).
 
     Returns
     -------
@@ -260,6 +283,11 @@ def make_train_epoch(module: VAE, tx: optax.GradientTransformation, batch_size: 
         (loss, (out, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if stats_mask is not None:
+            new_stats = jax.tree_util.tree_map(
+                lambda keep, new, old: new if keep else old,
+                stats_mask, new_stats, state.batch_stats,
+            )
         n = jnp.sum(mask)
         info = EpochInfo(
             n,
@@ -367,12 +395,16 @@ def fit(
     history: dict[str, pd.DataFrame] | None = None,
     epoch_offset: int = 0,
     drop_last: bool = False,
+    update_mask=None,
+    stats_mask=None,
 ):
     """Train for up to ``max_epochs`` epochs and return ``(state, history, epoch_fn)``.
 
     ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
     ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
     ``drop_last`` drops the ragged last minibatch of each epoch instead of masking it.
+    ``update_mask`` / ``stats_mask`` freeze parameter entries and batch-norm statistics
+    (see :func:`make_optimizer`, :func:`make_train_epoch`).
     """
     from tqdm.auto import tqdm
 
@@ -389,8 +421,8 @@ def fit(
                 "Early stopping / reduce_lr_on_plateau need a validation set; use train_size < 1."
             )
         validate = False
-    tx = make_optimizer(plan, trainable_mask(module.config, state.params))
-    epoch_fn = make_train_epoch(module, tx, batch_size)
+    tx = make_optimizer(plan, trainable_mask(module.config, state.params), update_mask)
+    epoch_fn = make_train_epoch(module, tx, batch_size, stats_mask)
     eval_fn = make_evaluate(module)
     if drop_last:
         n_steps = len(train_idx) // batch_size

@@ -15,9 +15,14 @@ training may change. The rules are scvi-tools 1.4.2's (``ArchesMixin.load_query_
   the one-hot covariate inputs of layers that receive them; biases and other weights are
   frozen, except in the first layer of the encoder with ``freeze_expression=False`` or of the
   decoder with ``freeze_decoder_first_layer=False``, which train entirely;
-- batch-norm running statistics stay fixed in the encoder (``freeze_batchnorm_encoder``) and
-  in the decoder with ``freeze_batchnorm_decoder``; ``freeze_dropout`` turns dropout off;
-- ``unfrozen=True`` trains everything.
+- ``unfrozen=True`` trains every parameter.
+
+scvi-tools 1.4.2 trains a query model with its network in evaluation mode: ``load_query_data``
+calls ``module.eval()`` and Lightning (>= 2.2) keeps the modes of submodules during ``fit``.
+So batch norm normalises with the reference's running statistics, which never change, and
+dropout is off; the batch-norm ``momentum=0`` and ``freeze_dropout`` settings of
+``_set_params_online_update`` have no effect. jaxvi's query models train the same way
+(``network_training=False`` in :func:`jaxvi.train.fit`).
 
 One deliberate difference: scvi-tools freezes entries by zeroing their gradients, so its
 coupled weight decay (1e-6 by default) still moves them slightly; jaxvi zeroes their gradient
@@ -31,7 +36,6 @@ which shifts the covariate columns, while jaxvi keeps each block aligned.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 
@@ -299,7 +303,7 @@ def freeze_masks(
     freeze_batchnorm_encoder: bool = True,
     freeze_batchnorm_decoder: bool = False,
 ) -> dict:
-    """Which entries query training may change, by scvi-tools' rules (module docstring).
+    """Which parameter entries query training may change, by scvi-tools' rules (module docstring).
 
     Parameters
     ----------
@@ -313,9 +317,8 @@ def freeze_masks(
 
     Returns
     -------
-    ``{"update_mask": pytree of bool arrays like variables["params"],
-    "stats_mask": pytree of bools like variables["batch_stats"]}``; True where training may
-    change the entry.
+    A pytree of bool arrays like ``variables["params"]``: True where training may change the
+    entry.
     """
     update: dict = {}
     for path, leaf in _leaf_paths(jax.device_get(variables["params"])):
@@ -355,15 +358,7 @@ def freeze_masks(
                     mask[-n_cat:] = True  # kernel (in, out): the last rows are the one-hots
                 assert transposed == key.endswith(".weight")
         _set_path(update, path, mask)
-    stats: dict = {}
-    for path, _ in _leaf_paths(jax.device_get(variables.get("batch_stats", {}))):
-        key, _ = _torch_key(("batch_stats", *path))
-        frozen = not key.startswith("l_encoder.") and (
-            ("decoder" in key and freeze_batchnorm_decoder)
-            or ("encoder" in key and freeze_batchnorm_encoder)
-        )
-        _set_path(stats, path, not frozen)
-    return {"update_mask": update, "stats_mask": stats}
+    return update
 
 
 # ----------------------------------------------------------------------------- query model
@@ -401,13 +396,13 @@ def load_query_data(
     unfrozen
         Train every parameter (overrides the options below).
     freeze_dropout
-        Turn dropout off (``dropout_rate=0``).
+        No effect: query training runs without dropout anyway (see the module docstring).
     freeze_expression
         Freeze the encoder's first layer except its one-hot covariate inputs.
     freeze_decoder_first_layer
         Freeze the decoder's first layer except its one-hot covariate inputs.
     freeze_batchnorm_encoder, freeze_batchnorm_decoder
-        Freeze batch-norm scale/bias and running statistics of the encoder / decoder.
+        Freeze the batch-norm scale and bias of the encoder / decoder.
     freeze_classifier
         No effect for SCVI (it has no classifier); accepted as scvi-tools does.
     transfer_batch
@@ -424,7 +419,7 @@ def load_query_data(
         For a query with other genes, missing setup columns, or (``transfer_batch=False``)
         new batches.
     """
-    del accelerator, device, freeze_classifier
+    del accelerator, device, freeze_classifier, freeze_dropout
     reference = _load_reference(reference_model)
     ref_reg = reference.registry_
     if inplace_subset_query_vars:
@@ -442,26 +437,13 @@ def load_query_data(
             "This model does not allow for query having batch categories missing from the "
             "reference."
         )
-    init_params = dict(reference.init_params_)
-    model = cls(adata, **init_params)  # fresh variables in the query's shapes
-    if freeze_dropout and not unfrozen:
-        if not model.config.use_observed_lib_size:
-            warnings.warn(
-                "freeze_dropout also turns off the library encoder's dropout in jaxvi "
-                "(scvi-tools keeps it).",
-                UserWarning,
-                stacklevel=3,
-            )
-        from jaxvi.module import VAE
-
-        model.config = dataclasses.replace(model.config, dropout_rate=0.0)
-        model.module = VAE(model.config)
+    model = cls(adata, **reference.init_params_)  # fresh variables in the query's shapes
     model.variables = extend_variables(
         reference.variables, reference.config, model.variables, model.config
     )
-    model._query_freeze = None
+    update_mask = None
     if not unfrozen:
-        model._query_freeze = freeze_masks(
+        update_mask = freeze_masks(
             model.config,
             model.variables,
             freeze_expression=freeze_expression,
@@ -469,5 +451,7 @@ def load_query_data(
             freeze_batchnorm_encoder=freeze_batchnorm_encoder,
             freeze_batchnorm_decoder=freeze_batchnorm_decoder,
         )
+    # Read by SCVI.train: the frozen entries, and the network in evaluation mode.
+    model._query_freeze = {"update_mask": update_mask, "network_training": False}
     model.is_trained_ = False
     return model

@@ -256,12 +256,13 @@ def _variables(state: TrainState) -> dict:
 
 
 def make_train_epoch(
-    module: VAE, tx: optax.GradientTransformation, batch_size: int, stats_mask=None
+    module: VAE, tx: optax.GradientTransformation, batch_size: int, network_training=True
 ):
     """Compile-once epoch function.
 
-    ``stats_mask``: a pytree of bools like the batch-norm statistics; where False the running
-    statistics are kept (PyTorch's ``momentum=0``, scArches' frozen encoder batch norm).
+    ``network_training=False`` computes the loss with the network in evaluation mode (no
+    dropout, batch norm with its fixed running statistics), as scvi-tools 1.4.2 trains a
+    scArches query model.
 
     Returns
     -------
@@ -276,18 +277,13 @@ def make_train_epoch(
         def loss_fn(params):
             variables = _variables(state._replace(params=params))
             out, new_stats = vae_loss(
-                module, variables, batch, key=key, training=True, kl_weight=kl_weight
+                module, variables, batch, key=key, training=network_training, kl_weight=kl_weight
             )
             return out.loss, (out, new_stats)
 
         (loss, (out, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if stats_mask is not None:
-            new_stats = jax.tree_util.tree_map(
-                lambda keep, new, old: new if keep else old,
-                stats_mask, new_stats, state.batch_stats,
-            )
         n = jnp.sum(mask)
         info = EpochInfo(
             n,
@@ -396,15 +392,15 @@ def fit(
     epoch_offset: int = 0,
     drop_last: bool = False,
     update_mask=None,
-    stats_mask=None,
+    network_training: bool = True,
 ):
     """Train for up to ``max_epochs`` epochs and return ``(state, history, epoch_fn)``.
 
     ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
     ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
     ``drop_last`` drops the ragged last minibatch of each epoch instead of masking it.
-    ``update_mask`` / ``stats_mask`` freeze parameter entries and batch-norm statistics
-    (see :func:`make_optimizer`, :func:`make_train_epoch`).
+    ``update_mask`` freezes parameter entries (:func:`make_optimizer`);
+    ``network_training=False`` trains in evaluation mode (:func:`make_train_epoch`).
     """
     from tqdm.auto import tqdm
 
@@ -422,7 +418,7 @@ def fit(
             )
         validate = False
     tx = make_optimizer(plan, trainable_mask(module.config, state.params), update_mask)
-    epoch_fn = make_train_epoch(module, tx, batch_size, stats_mask)
+    epoch_fn = make_train_epoch(module, tx, batch_size, network_training)
     eval_fn = make_evaluate(module)
     if drop_last:
         n_steps = len(train_idx) // batch_size

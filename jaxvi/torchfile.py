@@ -298,6 +298,12 @@ def _materialise(obj, depth: int = 0):
         return _frame_from_record(obj)
     if isinstance(obj, _Record | _IndexRecord | _BlockRecord | _Storage):
         raise UnsafePickleError(f"a bare {type(obj).__name__} outside a DataFrame refused.")
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        plain = (str, bytes, int, float, bool, np.number, np.bool_, type(None))
+        bad = next((v for v in obj.flat if not isinstance(v, plain)), None)
+        if bad is not None:
+            raise UnsafePickleError(f"an object array holding a {type(bad).__name__} refused.")
+        return obj
     if isinstance(obj, OrderedDict):
         return OrderedDict((k, _materialise(v, depth + 1)) for k, v in obj.items())
     if isinstance(obj, dict):

@@ -227,6 +227,12 @@ def test_malformed_tensors_and_frames_are_refused(tmp_path):
     write_pt(tmp_path / "frame.pt", pickle.dumps({"h": frame}, protocol=2))
     with pytest.raises(UnsafePickleError, match="non-numeric"):
         torchfile.load(str(tmp_path / "frame.pt"))
+    # Only plain values inside object arrays.
+    holder = np.empty(1, dtype=object)
+    holder[0] = frame
+    write_pt(tmp_path / "objarr.pt", pickle.dumps({"a": holder}, protocol=2))
+    with pytest.raises(UnsafePickleError, match="refused"):
+        torchfile.load(str(tmp_path / "objarr.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a zip-format torch file"):
         torchfile.load(str(tmp_path / "junk.pt"))

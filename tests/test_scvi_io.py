@@ -390,6 +390,7 @@ def test_scvi_tools_directory_loads_with_same_outputs(scvi_saved):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * float(np.abs(b).max()))
 
 
+@pytest.mark.parametrize("scvi_saved", ["covariates"], indirect=True)
 def test_scvi_tools_directory_loads_without_torch(scvi_saved, tmp_path):
     ref, path, _, _ = scvi_saved
     code = f"""

@@ -825,10 +825,43 @@ class SCVI:
         )
 
     @classmethod
-    def load_query_data(cls, adata, reference_model, **kwargs) -> SCVI:
-        """A query model initialised from a reference (scArches); see
-        :func:`jaxvi.scarches.load_query_data` for the freeze options."""
-        return scarches.load_query_data(cls, adata, reference_model, **kwargs)
+    def load_query_data(
+        cls,
+        adata,
+        reference_model,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device="auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+        transfer_batch: bool = True,
+    ) -> SCVI:
+        """A query model initialised from a reference (scArches), ready to :meth:`train`.
+
+        ``reference_model`` is a jaxvi ``SCVI`` or a saved jaxvi or scvi-tools directory; see
+        :func:`jaxvi.scarches.load_query_data` for the freeze options.
+        """
+        return scarches.load_query_data(
+            cls,
+            adata,
+            reference_model,
+            inplace_subset_query_vars=inplace_subset_query_vars,
+            accelerator=accelerator,
+            device=device,
+            unfrozen=unfrozen,
+            freeze_dropout=freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+            freeze_classifier=freeze_classifier,
+            transfer_batch=transfer_batch,
+        )
 
     # ---------------------------------------------------------------- helpers
     def _next_key(self) -> jax.Array:

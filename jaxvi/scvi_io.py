@@ -32,6 +32,8 @@ from jaxvi.bridge import state_dict_to_variables, variables_to_state_dict
 
 __all__ = [
     "SCVI_TOOLS_VERSION",
+    "init_params_from_scvi",
+    "init_params_to_scvi",
     "is_scvi_tools_dir",
     "read_scvi_tools",
     "read_scvi_tools_files",
@@ -277,7 +279,8 @@ def registry_to_scvi(registry: dict) -> dict:
     }
 
 
-def _init_params_from_scvi(init_params: dict) -> dict:
+def init_params_from_scvi(init_params: dict) -> dict:
+    """jaxvi's ``init_params_`` from scvi-tools' ``{"non_kwargs": ..., "kwargs": {"kwargs"}}``."""
     from jaxvi.model import _VAE_KWARGS
 
     if "non_kwargs" not in init_params:
@@ -290,7 +293,8 @@ def _init_params_from_scvi(init_params: dict) -> dict:
     return {**params, **kwargs}
 
 
-def _init_params_to_scvi(init_params: dict) -> dict:
+def init_params_to_scvi(init_params: dict) -> dict:
+    """scvi-tools' ``init_params_`` layout (as its model cards show it) from jaxvi's."""
     non = {k: init_params[k] for k in _NON_KWARGS}
     kwargs = {k: v for k, v in init_params.items() if k not in _NON_KWARGS}
     return {"kwargs": {"kwargs": kwargs}, "non_kwargs": non}
@@ -339,7 +343,7 @@ def read_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
     parts = read_scvi_tools_files(dir_path, prefix)
     attrs = parts["attr_dict"]
     reg = registry_from_scvi(dict(attrs["registry_"]), parts["var_names"])
-    init_params = _init_params_from_scvi(dict(attrs["init_params_"]))
+    init_params = init_params_from_scvi(dict(attrs["init_params_"]))
     config = config_from_registry(reg, init_params)
     variables = state_dict_to_variables(parts["state_dict"], config)
     _check_variables(variables, config)
@@ -418,7 +422,7 @@ def write_scvi_tools(
     attr_dict = {
         "get_normalized_function_name_": "get_normalized_expression",
         "history_": history,
-        "init_params_": _init_params_to_scvi(model.init_params_),
+        "init_params_": init_params_to_scvi(model.init_params_),
         "is_trained_": bool(model.is_trained_),
         "registry_": registry_to_scvi(model.registry_),
         "run_id_": "",

@@ -19,10 +19,17 @@ class Settings:
         runs are reproducible).
     batch_size
         Minibatch size of the inference methods when ``batch_size=None`` (128, as scvi-tools).
+    stream_chunk_cells
+        Consecutive training cells per disk read when training streams from a backed AnnData
+        (:mod:`jaxvi.streaming`; 1024).
+    stream_max_host_bytes
+        Host memory for the blocks in flight when streaming (1 GiB).
     """
 
     seed: int = 0
     batch_size: int = 128
+    stream_chunk_cells: int = 1024
+    stream_max_host_bytes: int = 2**30
 
 
 settings = Settings()

@@ -7,6 +7,8 @@ jitted program, densifying CSR rows there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from jaxvi.module import Batch
+from jaxvi.sharding import constrain_cells
 
 __all__ = ["CellData", "gather", "pad_indices", "to_device"]
 
@@ -25,7 +28,8 @@ class CellData:
     Either ``x`` (dense ``(cells, genes)``) or the CSR triplet ``indptr`` ``(cells + 1,)``,
     ``indices`` and ``data`` ``(nnz,)`` is set. ``max_row_nnz`` bounds the non-zeros of one row.
     ``qz_m``/``qz_v`` ``(cells, n_latent)`` and ``observed_lib_size`` ``(cells,)`` hold the
-    cached posterior of a minified AnnData (None otherwise).
+    cached posterior of a minified AnnData (None otherwise). ``mesh`` is the
+    ``jax.sharding.Mesh`` the cells are sharded over (:mod:`jaxvi.sharding`), or None.
     """
 
     x: jax.Array | None
@@ -42,6 +46,7 @@ class CellData:
     qz_m: jax.Array | None = None
     qz_v: jax.Array | None = None
     observed_lib_size: jax.Array | None = None
+    mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def n_cells(self) -> int:
@@ -117,7 +122,7 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
     def take(a):
         return None if a is None else a[idx]
 
-    return Batch(
+    batch = Batch(
         x=_dense_rows(data, idx),
         batch_index=data.batch_index[idx],
         labels=data.labels[idx],
@@ -129,6 +134,7 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
         qz_v=take(data.qz_v),
         observed_lib_size=take(data.observed_lib_size),
     )
+    return constrain_cells(batch, data.mesh)  # split over the devices of a sharded dataset
 
 
 def pad_indices(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,14 @@ import numpy as np
 
 from jaxvi.dataset import CellData, gather, pad_indices
 from jaxvi.module import VAE, VAEConfig
+from jaxvi.sharding import to_host
 
-__all__ = ["latent_program", "normalized_expression_program", "run_chunked"]
+__all__ = [
+    "expression_and_latent_program",
+    "latent_program",
+    "normalized_expression_program",
+    "run_chunked",
+]
 
 
 @functools.lru_cache(maxsize=128)
@@ -91,6 +97,45 @@ def normalized_expression_program(config: VAEConfig, n_samples: int, latent_libr
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=32)
+def expression_and_latent_program(config: VAEConfig, latent_library: bool):
+    """``run(variables, data, idx, key, code, gene_idx, scaling) -> (expr, u)``.
+
+    One posterior draw per cell, decoded with batch ``code`` (-1: each cell's own): ``expr``
+    is ``px_scale * scaling`` (``px_rate`` when ``latent_library``) restricted to ``gene_idx``,
+    ``(n_chunks, batch, genes)``, and ``u`` the Gaussian draw of the latent before any
+    ``"ln"`` softmax, ``(n_chunks, batch, n_latent)`` (what importance weights need).
+    """
+    module = VAE(config)
+    ln = config.latent_distribution == "ln"
+
+    def run(variables, data: CellData, idx, key, code, gene_idx, scaling):
+        def body(_, xs):
+            i, idx_i = xs
+            batch = gather(data, idx_i)
+            k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
+            tb = jnp.where(code >= 0, code, batch.batch_index)
+
+            def fwd(m):
+                inf = m.inference(batch, key=None)
+                u = inf.qz_m + jnp.sqrt(inf.qz_v) * jax.random.normal(k_z, inf.qz_m.shape)
+                library = inf.library
+                if inf.ql_m is not None and not config.use_observed_lib_size:
+                    eps = jax.random.normal(k_l, inf.ql_m.shape)
+                    library = inf.ql_m + jnp.sqrt(inf.ql_v) * eps
+                z = jax.nn.softmax(u, axis=-1) if ln else u
+                return u, m.generative(z, library, batch._replace(batch_index=tb))
+
+            u, gen = module.apply(variables, method=fwd)
+            out = gen.px_rate if latent_library else gen.px_scale * scaling
+            return None, (out[..., gene_idx], u)
+
+        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
+        return out
+
+    return jax.jit(run)
+
+
 MAX_CHUNKS_PER_CALL = 64
 
 
@@ -127,7 +172,7 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
         if call > 0 and args and _is_key(args[0]):
             call_args = (jax.random.fold_in(args[0], call), *args[1:])
         out = program(variables, data, jnp.asarray(padded), *call_args)
-        parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], out))
+        parts.append(jax.tree_util.tree_map(lambda a, n=n: to_host(a)[:n], out))
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *parts)
     keep = mask.reshape(-1) > 0
 

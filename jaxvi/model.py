@@ -21,7 +21,10 @@ from jaxvi import inference, io, posterior, scarches, scvi_io
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
+from jaxvi.importance import get_importance_weights
 from jaxvi.module import VAE, VAEConfig, init_variables
+from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
+from jaxvi.streaming import StreamingData
 from jaxvi.train import (
     PlanConfig,
     evaluate,
@@ -129,6 +132,7 @@ class SCVI:
         self.is_trained_ = False
         self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
         self._n_calls = 0
+        self._mesh = None
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -229,6 +233,7 @@ class SCVI:
         check_val_every_n_epoch: int | None = None,
         enable_progress_bar: bool = True,
         seed: int | None = None,
+        streaming: bool | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -237,8 +242,14 @@ class SCVI:
         ----------
         max_epochs
             Epochs; default ``min(round(20000 / n_cells * 400), 400)``.
-        accelerator, devices
-            Accepted for compatibility; JAX's default device is used.
+        accelerator
+            ``"auto"``, or a backend that must be JAX's default (``"cpu"``, ``"gpu"``, ...).
+        devices
+            ``"auto"``: JAX's default device. An int ``n`` (``-1``: all), a list of devices or
+            a ``jax.sharding.Mesh`` with a ``"cells"`` axis: data-parallel training over
+            them (parameters replicated, cells sharded; :mod:`jaxvi.sharding`), across
+            processes after :func:`jaxvi.distributed.initialize`. Queries afterwards use the
+            same devices (see :meth:`to_device`).
         train_size, validation_size, shuffle_set_split
             The seeded train / validation / test split (0.9 / rest by default).
         load_sparse_tensor
@@ -260,6 +271,10 @@ class SCVI:
             Show a progress bar with the running loss.
         seed
             Seed of the split, the minibatch order and the sampling; ``settings.seed`` if None.
+        streaming
+            Read the cells from disk in shuffled blocks during training instead of loading
+            them all (:mod:`jaxvi.streaming`; host memory bounded by
+            ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
@@ -305,7 +320,25 @@ class SCVI:
                 seed=seed,
                 drop_last=drop_last,
             )
-        data = self._device_data(self.adata, load_sparse_tensor)
+        mesh = resolve_devices(devices)
+        if mesh is not None and self.minified_data_type is not None:
+            raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        if streaming is None:
+            streaming = bool(getattr(self.adata, "isbacked", False))
+        if streaming and mesh is not None:
+            raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
+        self._mesh = mesh
+        if streaming:
+            data = StreamingData(
+                self.adata,
+                self.registry_,
+                train_idx,
+                val_idx,
+                chunk_cells=settings.stream_chunk_cells,
+                max_host_bytes=settings.stream_max_host_bytes,
+            )
+        else:
+            data = self._device_data(self.adata, load_sparse_tensor)
         freeze = getattr(self, "_query_freeze", None) or {}  # set by load_query_data
         state, _ = init_train_state(self.module, self.variables, plan, freeze.get("update_mask"))
         state, history, epoch_fn = fit(
@@ -330,6 +363,8 @@ class SCVI:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.buffers:
             variables["buffers"] = state.buffers
+        if mesh is not None:  # host copies: usable with any device placement afterwards
+            variables = jax.tree_util.tree_map(to_host, variables)
         self.variables = variables
         self.history_ = history
         self.is_trained_ = True
@@ -377,6 +412,7 @@ class SCVI:
         return_mean: bool = True,
         return_numpy: bool | None = None,
         silent: bool = True,
+        **importance_weighting_kwargs,
     ):
         """Denoised expression ``px_scale * library_size`` from one z sample per cell.
 
@@ -393,6 +429,12 @@ class SCVI:
         n_samples_overall
             Draw this many expression vectors over the cells (with replacement); needs
             ``return_numpy=True``.
+        weights
+            How ``n_samples_overall`` draws are resampled: ``None``/``"uniform"``, or
+            ``"importance"`` (:meth:`get_importance_weights`; one batch in ``transform_batch``).
+        **importance_weighting_kwargs
+            ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` for
+            :meth:`get_importance_weights`.
 
         Returns
         -------
@@ -400,10 +442,9 @@ class SCVI:
         ``(n_samples, cells, genes)`` with ``return_mean=False``, ``(n_samples_overall, genes)``.
         """
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        if weights not in (None, "uniform"):
-            raise NotImplementedError(
-                f"weights={weights!r} is not supported yet; use None or 'uniform'."
-            )
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
+        importance = weights == "importance" and n_samples_overall is not None
         if n_samples_overall is not None:
             if n_samples != 1:
                 raise ValueError("Use either n_samples or n_samples_overall, not both.")
@@ -427,6 +468,11 @@ class SCVI:
                 missing = [g for g, i in zip(gene_list, gene_idx, strict=True) if i < 0][:5]
                 raise ValueError(f"gene_list has genes the model does not know: {missing}.")
         codes = self._batch_codes(transform_batch)
+        if weights == "importance" and len(codes) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches."
+            )
         latent_library = library_size == "latent"
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
@@ -437,7 +483,23 @@ class SCVI:
         )
         key = self._next_key()
         n_samples = int(n_samples)
-        if n_samples_overall is not None:
+        if importance:
+            rows = np.repeat(indices, n_samples)
+            program = inference.expression_and_latent_program(self.config, latent_library)
+            exprs, zs = inference.run_chunked(
+                program, self.variables, data, rows, bs, key, args[0][0], *args[1:]
+            )
+            p = get_importance_weights(
+                self,
+                adata,
+                indices,
+                zs,
+                transform_batch,
+                batch_size=bs,
+                rows=rows,
+                **importance_weighting_kwargs,
+            )
+        elif n_samples_overall is not None:
             # Each cell n_samples times, one z draw per row: the one-sample program serves
             # every group size (DE asks for a different count per group).
             program = inference.normalized_expression_program(self.config, 1, latent_library)
@@ -466,13 +528,51 @@ class SCVI:
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
             rng = np.random.default_rng(int(self._next_key_int()))
-            exprs = flat[rng.choice(flat.shape[0], int(n_samples_overall), replace=True)]
+            draws = rng.choice(
+                flat.shape[0], int(n_samples_overall), replace=True, p=p if importance else None
+            )
+            exprs = flat[draws]
         elif n_samples > 1 and return_mean:
             exprs = exprs.mean(axis=0)
         if return_numpy is None or return_numpy is False:
             obs_names = adata.obs_names[np.asarray(indices)]
             return pd.DataFrame(exprs, index=obs_names, columns=var_names[gene_idx])
         return exprs
+
+    def get_importance_weights(
+        self,
+        adata=None,
+        indices=None,
+        zs=None,
+        transform_batch=None,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Normalised importance weights of latent draws ``zs`` of the cells ``indices``.
+
+        ``zs`` is ``(cells, n_latent)`` or ``(n_samples, cells, n_latent)`` (pre-softmax for
+        ``"ln"``); the likelihoods of the draws are recomputed from the model. See
+        :func:`jaxvi.importance.get_importance_weights`.
+
+        Returns
+        -------
+        float64 ``(n_draws,)`` summing to one.
+        """
+        return get_importance_weights(
+            self,
+            adata,
+            indices,
+            zs,
+            transform_batch,
+            max_cells,
+            truncation,
+            n_mc_samples,
+            n_mc_samples_per_pass,
+            batch_size,
+        )
 
     def differential_expression(
         self,
@@ -801,6 +901,7 @@ class SCVI:
         )
         model.test_indices_ = None if idx["test"] is None else np.asarray(idx["test"])
         model._n_calls = 0
+        model._mesh = None
         return model
 
     @classmethod
@@ -871,7 +972,17 @@ class SCVI:
     def _next_key_int(self) -> int:
         return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))
 
+    def to_device(self, devices="auto") -> None:
+        """Where queries run: ``"auto"`` (JAX's default device) or, as ``train(devices=)``,
+        an int, a list of devices or a ``Mesh``: the cells are then sharded over them."""
+        mesh = resolve_devices(devices)
+        if mesh is not None and self.minified_data_type is not None:
+            raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        self._mesh = mesh
+
     def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+        if self._mesh is not None:
+            return sharded_cell_data(adata, self.registry_, self._mesh)
         arrays = reglib.registry_arrays(adata, self.registry_)
         x = arrays["X"]
         minified = adata.uns.get(MINIFY_UNS_KEY)

@@ -369,6 +369,7 @@ def read_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
     model.validation_indices_ = _indices(attrs.get("validation_indices_"))
     model.test_indices_ = _indices(attrs.get("test_indices_"))
     model._n_calls = 0
+    model._mesh = None  # as SCVI.load: JAX's default device until to_device()
     return model
 
 

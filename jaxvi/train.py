@@ -27,6 +27,8 @@ import pandas as pd
 
 from jaxvi.dataset import CellData, gather, pad_indices
 from jaxvi.module import VAE, trainable_mask, vae_loss
+from jaxvi.sharding import replicate, to_host
+from jaxvi.streaming import StreamingData
 
 __all__ = [
     "EpochInfo",
@@ -343,9 +345,9 @@ def make_evaluate(module: VAE):
 def evaluate(evaluate_fn, variables, data: CellData, indices: np.ndarray, key, batch_size: int):
     """Per-cell ``(rec, kl_z, kl_l)`` as host float64 arrays of shape ``(len(indices),)``."""
     idx, mask = pad_indices(np.asarray(indices), batch_size)
-    rec, kl_z, kl_l = evaluate_fn(variables, data, jnp.asarray(idx), key)
+    rec, kl_z, kl_l = evaluate_fn(variables, data, idx, key)
     keep = mask.reshape(-1) > 0
-    return tuple(np.asarray(a, np.float64).reshape(-1)[keep] for a in (rec, kl_z, kl_l))
+    return tuple(to_host(a).astype(np.float64).reshape(-1)[keep] for a in (rec, kl_z, kl_l))
 
 
 @dataclasses.dataclass
@@ -399,6 +401,10 @@ def fit(
     ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
     ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
     ``drop_last`` drops the ragged last minibatch of each epoch instead of masking it.
+    ``data`` may also be a :class:`jaxvi.streaming.StreamingData` (cells read from disk in
+    blocks). With ``data`` sharded over a mesh (:func:`jaxvi.sharding.sharded_cell_data`)
+    training is data-parallel: ``state`` is replicated over the mesh here and comes back
+    replicated.
     ``update_mask`` freezes parameter entries (:func:`make_optimizer`);
     ``network_training=False`` trains in evaluation mode (:func:`make_train_epoch`).
     """
@@ -420,14 +426,32 @@ def fit(
     tx = make_optimizer(plan, trainable_mask(module.config, state.params), update_mask)
     epoch_fn = make_train_epoch(module, tx, batch_size, network_training)
     eval_fn = make_evaluate(module)
-    if drop_last:
+    stream = data if isinstance(data, StreamingData) else None
+    if stream is not None:
+        n_steps = stream.n_steps(batch_size, drop_last)
+    elif drop_last:
         n_steps = len(train_idx) // batch_size
-        if n_steps == 0:
-            raise ValueError("drop_last=True with fewer training cells than batch_size.")
     else:
         n_steps = -(-len(train_idx) // batch_size)
-    train_idx_dev = jnp.asarray(np.asarray(train_idx, np.int32))
+    if n_steps == 0:
+        raise ValueError("drop_last=True with fewer training cells than batch_size.")
+    train_idx_dev = np.asarray(train_idx, np.int32)
+    mesh = data.mesh
     k_train, k_val = jax.random.split(jax.random.key(seed))
+
+    def placed(tree):  # replicated over the mesh, or left to JAX's default device
+        return tree if mesh is None else replicate(tree, mesh)
+
+    if mesh is not None:
+        state = placed(state)
+        if batch_size % mesh.size:
+            warnings.warn(
+                f"batch_size {batch_size} is not a multiple of the {mesh.size} devices; "
+                "minibatches are computed replicated (no speed-up).",
+                UserWarning,
+                stacklevel=3,
+            )
+    train_idx_dev = jnp.asarray(train_idx_dev) if mesh is None else placed(train_idx_dev)
     rows: dict[str, list] = {}
     plateau = _Plateau(plan.lr_factor, plan.lr_patience, plan.lr_threshold, plan.lr_min)
     best, wait = math.inf, 0
@@ -435,11 +459,15 @@ def fit(
     bar = tqdm(range(max_epochs), disable=not progress_bar, desc="Training", unit="epoch")
     for local_epoch in bar:
         epoch = epoch_offset + local_epoch
-        global_step = int(state.step)
+        global_step = int(to_host(state.step))
         kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
-        key = jax.random.fold_in(k_train, epoch)
-        state, info = epoch_fn(state, data, train_idx_dev, key, jnp.asarray(kl_w, jnp.float32))
-        info = jax.device_get(info)
+        key = placed(jax.random.fold_in(k_train, epoch))
+        kl_dev = placed(np.asarray(kl_w, np.float32))
+        if stream is None:
+            state, info = epoch_fn(state, data, train_idx_dev, key, kl_dev)
+        else:
+            state, info = stream.run_epoch(epoch_fn, state, key, kl_w, batch_size, drop_last)
+        info = jax.tree_util.tree_map(to_host, info)
         n = float(info.n_obs)
         rec, kl_local = float(info.reconstruction_sum) / n, float(info.kl_local_sum) / n
         metrics = {
@@ -457,9 +485,11 @@ def fit(
             )
         if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
             variables = _variables(state)
-            r, kz, kl = evaluate(
-                eval_fn, variables, data, val_idx, jax.random.fold_in(k_val, epoch), batch_size
-            )
+            k_epoch = placed(jax.random.fold_in(k_val, epoch))
+            if stream is None:
+                r, kz, kl = evaluate(eval_fn, variables, data, val_idx, k_epoch, batch_size)
+            else:
+                r, kz, kl = stream.evaluate(evaluate, eval_fn, variables, k_epoch, batch_size)
             w = float(kl_w[-1])
             metrics.update(
                 {
@@ -474,11 +504,11 @@ def fit(
             rows.setdefault(name, []).append((epoch, value))
         bar.set_postfix(train_loss=f"{metrics['train_loss']:.4g}", refresh=False)
         if plan.reduce_lr_on_plateau and plan.lr_scheduler_metric in metrics:
-            lr = float(state.opt_state.hyperparams["learning_rate"])
+            lr = float(to_host(state.opt_state.hyperparams["learning_rate"]))
             new_lr = plateau.update(metrics[plan.lr_scheduler_metric], lr)
             if new_lr != lr:
                 hp = dict(state.opt_state.hyperparams)
-                hp["learning_rate"] = jnp.asarray(new_lr, jnp.float32)
+                hp["learning_rate"] = placed(np.asarray(new_lr, np.float32))
                 state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
         if early_stopping and early_stopping_monitor in metrics:
             current = sign * metrics[early_stopping_monitor]

@@ -225,6 +225,8 @@ def _index_from_record(rec) -> Any:
 
     if isinstance(rec, _IndexRecord):
         d = rec.data
+        if not isinstance(d.get("name"), str | int | type(None)):
+            raise UnsafePickleError("pandas index with a non-plain name refused.")
         if rec.cls is _RANGE_INDEX:
             return pd.RangeIndex(
                 int(d.get("start", 0)), int(d["stop"]), int(d.get("step", 1)), name=d.get("name")

@@ -322,7 +322,7 @@ def freeze_masks(
     """
     update: dict = {}
     for path, leaf in _leaf_paths(jax.device_get(variables["params"])):
-        key, transposed = _torch_key(("params", *path))
+        key, _ = _torch_key(("params", *path))
         net = key.split(".fc_layers")[0] if "fc_layers" in key else ""
         requires_grad = (
             ("fc_layers" in key and ".0." in key)
@@ -356,7 +356,6 @@ def freeze_masks(
                 injected = layer == 0 or config.deeply_inject_covariates
                 if key.endswith(".weight") and injected and n_cat:
                     mask[-n_cat:] = True  # kernel (in, out): the last rows are the one-hots
-                assert transposed == key.endswith(".weight")
         _set_path(update, path, mask)
     return update
 

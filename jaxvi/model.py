@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from jaxvi import checkpoint as ckpt
-from jaxvi import inference, io, posterior
+from jaxvi import inference, io, posterior, scarches, scvi_io
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
@@ -373,7 +373,8 @@ class SCVI:
         if streaming and mesh is not None:
             raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
         self._mesh = mesh
-        state, _ = init_train_state(self.module, self.variables, plan)
+        freeze = getattr(self, "_query_freeze", None) or {}  # set by load_query_data
+        state, _ = init_train_state(self.module, self.variables, plan, freeze.get("update_mask"))
         run = {  # what must agree with a checkpoint for an exact continuation
             "n_cells": int(n_obs),
             "batch_size": int(batch_size),
@@ -446,6 +447,7 @@ class SCVI:
                     drop_last=drop_last,
                     progress=progress,
                     on_epoch_end=checkpointer,
+                    **freeze,
                     **trainer_kwargs,
                 )
         except (TrainingInterrupted, NonFiniteError) as err:
@@ -911,11 +913,18 @@ class SCVI:
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
+        format: str = "jaxvi",
     ) -> None:
         """Save to ``dir_path``: ``model.json`` (settings, registry, history), ``model.npz``.
 
         Nothing executes code on load. ``save_anndata`` also writes ``adata.h5ad``.
+        ``format="scvi-tools"`` writes scvi-tools' ``model.pt`` instead (see
+        :func:`jaxvi.scvi_io.write_scvi_tools`), which ``scvi.model.SCVI.load`` reads.
         """
+        if format == "scvi-tools":
+            return scvi_io.write_scvi_tools(self, dir_path, prefix, overwrite, save_anndata)
+        if format != "jaxvi":
+            raise ValueError(f"format must be 'jaxvi' or 'scvi-tools', got {format!r}.")
         if prefix is not None:
             raise NotImplementedError("`prefix` is not supported; use a separate directory.")
         meta = {
@@ -949,8 +958,13 @@ class SCVI:
         """Load a model saved by :meth:`save`; ``adata`` (same genes) or the saved one.
 
         Without ``adata`` and without a saved ``adata.h5ad`` the model loads with no data;
-        pass ``adata`` to its query methods.
+        pass ``adata`` to its query methods. A scvi-tools directory (``model.pt``, no
+        ``model.json``) is read with :meth:`from_scvi_tools`.
         """
+        if not os.path.exists(os.path.join(dir_path, io.MODEL_JSON)) and (
+            scvi_io.is_scvi_tools_dir(dir_path)
+        ):
+            return cls.from_scvi_tools(dir_path, adata=adata)
         meta, arrays = io.read_model_dir(dir_path)
         if meta.get("model_name") != "SCVI":
             raise ValueError(f"{dir_path} holds a {meta.get('model_name')!r} model, not SCVI.")
@@ -989,6 +1003,66 @@ class SCVI:
         model._n_calls = 0
         model._mesh = None
         return model
+
+    @classmethod
+    def from_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None) -> SCVI:
+        """Load a model saved by scvi-tools' ``SCVI.save`` (no torch needed, no code run).
+
+        See :func:`jaxvi.scvi_io.read_scvi_tools`.
+        """
+        return scvi_io.read_scvi_tools(cls, dir_path, adata=adata, prefix=prefix)
+
+    # ----------------------------------------------------------------- scArches
+    @staticmethod
+    def prepare_query_anndata(
+        adata, reference_model, return_reference_var_names: bool = False, inplace: bool = True
+    ):
+        """Zero-pad and reorder ``adata``'s genes to a reference's (scArches).
+
+        See :func:`jaxvi.scarches.prepare_query_anndata`.
+        """
+        return scarches.prepare_query_anndata(
+            adata, reference_model, return_reference_var_names, inplace
+        )
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata,
+        reference_model,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device="auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+        transfer_batch: bool = True,
+    ) -> SCVI:
+        """A query model initialised from a reference (scArches), ready to :meth:`train`.
+
+        ``reference_model`` is a jaxvi ``SCVI`` or a saved jaxvi or scvi-tools directory; see
+        :func:`jaxvi.scarches.load_query_data` for the freeze options.
+        """
+        return scarches.load_query_data(
+            cls,
+            adata,
+            reference_model,
+            inplace_subset_query_vars=inplace_subset_query_vars,
+            accelerator=accelerator,
+            device=device,
+            unfrozen=unfrozen,
+            freeze_dropout=freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+            freeze_classifier=freeze_classifier,
+            transfer_batch=transfer_batch,
+        )
 
     # ---------------------------------------------------------------- helpers
     def _next_key(self) -> jax.Array:

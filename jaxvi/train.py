@@ -200,7 +200,9 @@ def compute_kl_weight(plan: PlanConfig, epoch: int, step: int | np.ndarray):
     return np.full(np.shape(step), hi)
 
 
-def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransformation:
+def make_optimizer(
+    plan: PlanConfig, trainable=None, update_mask=None
+) -> optax.GradientTransformation:
     """The reference optimizer, with the learning rate injected as a hyperparameter.
 
     ``Adam``: L2 weight decay added to the gradient, then Adam (``torch.optim.Adam``).
@@ -208,6 +210,9 @@ def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransforma
     ``trainable``: a pytree of bools like the parameters (see
     :func:`jaxvi.module.trainable_mask`); other parameters are never updated, as PyTorch
     skips parameters without a gradient (no weight decay, no optimizer state).
+    ``update_mask``: a pytree of bool arrays shaped like the parameters (scArches query
+    models); entries where it is False get a zero gradient and a zero update, so neither the
+    gradient nor weight decay ever moves them.
     """
 
     def build(learning_rate):
@@ -224,17 +229,30 @@ def make_optimizer(plan: PlanConfig, trainable=None) -> optax.GradientTransforma
             core = optax.chain(optax.clip_by_global_norm(plan.gradient_clip_val), core)
         if trainable is not None:
             core = optax.masked(core, trainable)
+        if update_mask is not None:
+            core = optax.chain(_zero_frozen(update_mask), core, _zero_frozen(update_mask))
         return core
 
     return optax.inject_hyperparams(build)(learning_rate=plan.lr)
 
 
+def _zero_frozen(update_mask) -> optax.GradientTransformation:
+    """Set the entries where ``update_mask`` is False to exactly zero."""
+
+    def update(updates, state, params=None):
+        del params
+        out = jax.tree_util.tree_map(lambda u, m: jnp.where(m, u, 0.0), updates, update_mask)
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def init_train_state(
-    module: VAE, variables: dict, plan: PlanConfig
+    module: VAE, variables: dict, plan: PlanConfig, update_mask=None
 ) -> tuple[TrainState, optax.GradientTransformation]:
     """A fresh :class:`TrainState` (copied arrays, new optimizer state) and its optimizer."""
     params = jax.tree_util.tree_map(jnp.array, variables["params"])
-    tx = make_optimizer(plan, trainable_mask(module.config, params))
+    tx = make_optimizer(plan, trainable_mask(module.config, params), update_mask)
     state = TrainState(
         params=params,
         batch_stats=jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {})),
@@ -322,8 +340,13 @@ def make_train_epoch(
     tx: optax.GradientTransformation,
     batch_size: int,
     guard: bool | str = "step",
+    network_training: bool = True,
 ):
     """Compile-once epoch function.
+
+    ``network_training=False`` computes the loss with the network in evaluation mode (no
+    dropout, batch norm with its fixed running statistics), as scvi-tools 1.4.2 trains a
+    scArches query model.
 
     ``guard`` chooses how non-finite values are caught:
 
@@ -361,7 +384,7 @@ def make_train_epoch(
         def loss_fn(params):
             variables = _variables(state._replace(params=params))
             out, new_stats = vae_loss(
-                module, variables, batch, key=key, training=True, kl_weight=kl_weight
+                module, variables, batch, key=key, training=network_training, kl_weight=kl_weight
             )
             return out.loss, (out, new_stats)
 
@@ -551,6 +574,8 @@ def fit(
     on_epoch_end: Callable[[TrainState, FitProgress], None] | None = None,
     catch_signals: bool = True,
     guard: bool = True,
+    update_mask=None,
+    network_training: bool = True,
 ):
     """Train for up to ``max_epochs`` epochs and return ``(state, history, epoch_fn)``.
 
@@ -574,6 +599,9 @@ def fit(
     NonFiniteError
         When a step's loss, gradient or update is not finite (``guard``); it holds the
         state of the last finite step.
+
+    ``update_mask`` freezes parameter entries (:func:`make_optimizer`);
+    ``network_training=False`` trains in evaluation mode (:func:`make_train_epoch`).
     """
     from tqdm.auto import tqdm
 
@@ -590,8 +618,9 @@ def fit(
                 "Early stopping / reduce_lr_on_plateau need a validation set; use train_size < 1."
             )
         validate = False
-    tx = make_optimizer(plan, trainable_mask(module.config, state.params))
-    epoch_fn = make_train_epoch(module, tx, batch_size, guard="detect" if guard else False)
+    tx = make_optimizer(plan, trainable_mask(module.config, state.params), update_mask)
+    detect = "detect" if guard else False
+    epoch_fn = make_train_epoch(module, tx, batch_size, detect, network_training)
     replay_fn = None  # the per-step guarded epoch, compiled only if an epoch fails
     eval_fn = make_evaluate(module)
     stream = data if isinstance(data, StreamingData) else None
@@ -672,7 +701,9 @@ def fit(
             if guard and int(info.bad_step) >= 0:
                 # Replay the epoch with per-step checks: same keys, same minibatches.
                 if replay_fn is None:
-                    replay_fn = make_train_epoch(module, tx, batch_size, guard="step")
+                    replay_fn = make_train_epoch(
+                        module, tx, batch_size, "step", network_training
+                    )
                 state, info = run_epoch(replay_fn, start_state, key, kl_w)
                 info = jax.tree_util.tree_map(to_host, info)
             del start_state

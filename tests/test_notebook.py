@@ -34,3 +34,10 @@ def test_analysis_notebook_executes(monkeypatch):
     assert "ARI vs cell types:" in text
     assert "genes called DE at 5% FDR:" in text
     assert "Pearson r of gene-wise CV:" in text
+
+
+def test_reference_mapping_notebook_executes(monkeypatch):
+    text = _execute("reference_mapping.ipynb", monkeypatch)
+    assert "batches: ['d0', 'd1', 'd2', 'd3']" in text
+    assert "reference latent unchanged: True" in text
+    assert "label transfer accuracy (15-NN):" in text

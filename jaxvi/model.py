@@ -21,6 +21,7 @@ from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
+from jaxvi.likelihoods import Likelihood, likelihood_name
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.train import (
     PlanConfig,
@@ -71,6 +72,8 @@ class SCVI:
     n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
     use_observed_lib_size, latent_distribution
         As scvi-tools' ``SCVI``: 128, 10, 1, 0.1, ``"gene"``, ``"zinb"``, True, ``"normal"``.
+        ``gene_likelihood`` is a registered name or a :class:`jaxvi.likelihoods.Likelihood`
+        (registered under its name; the model keeps and saves only the name).
     **kwargs
         Further ``VAE`` options: ``log_variational``, ``encode_covariates``,
         ``deeply_inject_covariates``, ``batch_representation``, ``use_batch_norm``,
@@ -86,7 +89,7 @@ class SCVI:
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         dispersion: str = "gene",
-        gene_likelihood: str = "zinb",
+        gene_likelihood: str | Likelihood = "zinb",
         use_observed_lib_size: bool = True,
         latent_distribution: str = "normal",
         **kwargs,
@@ -107,7 +110,7 @@ class SCVI:
             "n_layers": n_layers,
             "dropout_rate": dropout_rate,
             "dispersion": dispersion,
-            "gene_likelihood": gene_likelihood,
+            "gene_likelihood": likelihood_name(gene_likelihood),
             "use_observed_lib_size": use_observed_lib_size,
             "latent_distribution": latent_distribution,
             **kwargs,

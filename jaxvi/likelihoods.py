@@ -18,7 +18,9 @@ field          shape                              constraint  how the model make
 ``zi_logits``  ``zi_logits_shape``: cell-gene     real        logits of an extra-zero gate
                (a decoder head, scVI                          (``gate = sigmoid(zi_logits)``), if
                ``px_dropout``), gene, gene-batch              ``uses_zi_logits``; free per-gene
-               or gene-label (free parameters)                parameters start at 0
+               or gene-label (free parameters)                parameters start at 0 and are
+                                                              stored divided by
+                                                              ``FREE_GATE_SCALE``
 =============  =================================  ==========  =====================================
 
 Per-gene parameters arrive as ``(genes,)`` (``"gene"``) or already looked up per cell,
@@ -52,6 +54,7 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln, xlogy
 
 __all__ = [
+    "FREE_GATE_SCALE",
     "GATE_SHAPES",
     "Likelihood",
     "ParamSpec",
@@ -71,6 +74,10 @@ __all__ = [
 
 EPS = 1e-8
 GATE_SHAPES = ("cell-gene", "gene", "gene-batch", "gene-label")
+# Free (per-gene / batch / label) gate logits are stored divided by this factor: with Adam at
+# lr 1e-3 a free logit moves at most ~1e-3 per step, too slow to leave its start within a
+# normal training run; the factor is a 10x learning-rate multiplier for these parameters.
+FREE_GATE_SCALE = 10.0
 MAX_RATE = 1e8  # scvi-tools clamps Gamma draws / Poisson rates here when sampling
 
 
@@ -299,7 +306,8 @@ class Likelihood:
             link = (
                 "decoder head px_dropout"
                 if self.zi_logits_shape == "cell-gene"
-                else f"free parameter px_dropout, one per {self.zi_logits_shape}"
+                else f"{FREE_GATE_SCALE:g} * free parameter px_dropout, one per "
+                f"{self.zi_logits_shape}"
             )
             specs.append(ParamSpec("zi_logits", self.zi_logits_shape, "real", link))
         return tuple(specs)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxvi.likelihoods import PxParams, get_likelihood
+from jaxvi.likelihoods import FREE_GATE_SCALE, PxParams, get_likelihood
 from jaxvi.nn import DecoderSCVI, Encoder
 
 __all__ = [
@@ -225,7 +225,8 @@ class VAE(nn.Module):
             self.px_r = self.param("px_r", normal, (c.n_input, c.n_labels))
         lik = get_likelihood(c.gene_likelihood)
         if lik.uses_zi_logits and lik.zi_logits_shape != "cell-gene":
-            # A free gate logit per gene (/ batch / label), for likelihoods that ask for one.
+            # A free gate logit per gene (/ batch / label), for likelihoods that ask for one;
+            # stored divided by FREE_GATE_SCALE (a learning-rate multiplier).
             gate_shape = {"gene": (c.n_input,), "gene-batch": (c.n_input, c.n_batch)}.get(
                 lik.zi_logits_shape, (c.n_input, c.n_labels)
             )
@@ -361,11 +362,11 @@ class VAE(nn.Module):
         if not lik.uses_zi_logits:
             px_dropout = None
         elif lik.zi_logits_shape == "gene":
-            px_dropout = self.px_dropout
+            px_dropout = FREE_GATE_SCALE * self.px_dropout
         elif lik.zi_logits_shape == "gene-batch":
-            px_dropout = self.px_dropout.T[batch_index]
+            px_dropout = FREE_GATE_SCALE * self.px_dropout.T[batch_index]
         elif lik.zi_logits_shape == "gene-label":
-            px_dropout = self.px_dropout.T[batch.labels]
+            px_dropout = FREE_GATE_SCALE * self.px_dropout.T[batch.labels]
         return GenerativeOutputs(px_scale, px_r, px_rate, px_dropout)
 
     def library_prior(self, batch_index: jax.Array) -> tuple[jax.Array, jax.Array]:

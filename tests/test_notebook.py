@@ -34,3 +34,9 @@ def test_analysis_notebook_executes(monkeypatch):
     assert "ARI vs cell types:" in text
     assert "genes called DE at 5% FDR:" in text
     assert "Pearson r of gene-wise CV:" in text
+
+
+def test_likelihoods_notebook_executes(monkeypatch):
+    text = _execute("likelihoods.ipynb", monkeypatch)
+    assert "held-out cells: 140, epochs: 2" in text
+    assert "best held-out marginal LL:" in text

@@ -163,7 +163,8 @@ def figure(payload: dict, path: Path) -> None:
         im = ax.imshow(d, cmap="viridis", vmin=max(d.min(), -20.0), vmax=0)
         for i in range(len(trues)):
             for j in range(len(liks)):
-                ax.text(j, i, f"{d[i, j]:.1f}", ha="center", va="center", fontsize=8, color="w")
+                color = "k" if d[i, j] > -5 else "w"
+                ax.text(j, i, f"{d[i, j]:.1f}", ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(liks)), liks)
         ax.set_yticks(range(len(trues)), trues)
         ax.set_xlabel("fitted likelihood")
@@ -194,7 +195,14 @@ def main(argv=None) -> dict:
         default="/tmp/jaxvi-jax-cache",
         help="persistent XLA compilation cache ('' to disable): the same programs recur",
     )
+    ap.add_argument("--replot", default=None, help="only redraw the PNG of this result JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        import json
+
+        path = Path(args.replot)
+        figure(json.loads(path.read_text()), path.with_suffix(".png"))
+        return {}
     if args.jax_cache:
         import jax
 

@@ -1,13 +1,45 @@
-"""Count likelihoods of the scVI decoder as pure, jit-able functions, and their registry.
+"""Likelihoods p(x | z, l) of the scVI decoder: pure, jit-able functions, an interface, a registry.
 
-Every likelihood uses scvi-tools' parameterisation: ``mu`` is the mean (``px_rate``),
-``theta`` the inverse dispersion (``exp(px_r)``; the standard deviation for ``"normal"``) and
-``zi_logits`` the logits of the zero-inflation gate (``px_dropout``). The formulas are
-scvi-tools' ``log_nb_positive`` / ``log_zinb_positive`` (``eps = 1e-8`` inside the logs), so
-that the same decoder outputs give the same reconstruction loss.
+The interface
+-------------
+A likelihood is one :class:`Likelihood` value: a name, ``log_prob``, ``sample``, ``mean`` and
+``variance``, and a declaration of which decoder outputs it reads. The model hands it a
+:class:`PxParams` with up to three fields, made as follows (``Likelihood.param_specs`` lists
+them for a given likelihood):
 
-A new likelihood is one :class:`Likelihood` value handed to :func:`register_likelihood`; the
-model then accepts its name as ``gene_likelihood`` without any other change.
+=============  =================================  ==========  =====================================
+field          shape                              constraint  how the model makes it
+=============  =================================  ==========  =====================================
+``mu``         cell-gene                          positive    ``exp(library) * softmax(decoder)``
+                                                              (scVI ``px_rate``); always present
+``theta``      the model's ``dispersion`` option  positive    ``exp(px_r)``; ``px_r`` is a free
+               (gene, gene-batch, gene-label) or              parameter, or a decoder head for
+               cell-gene (``"gene-cell"``)                    ``"gene-cell"``; if ``uses_theta``
+``zi_logits``  ``zi_logits_shape``: cell-gene     real        logits of an extra-zero gate
+               (a decoder head, scVI                          (``gate = sigmoid(zi_logits)``), if
+               ``px_dropout``), gene, gene-batch              ``uses_zi_logits``; free per-gene
+               or gene-label (free parameters)                parameters start at 0 and are
+                                                              stored divided by
+                                                              ``FREE_GATE_SCALE``
+=============  =================================  ==========  =====================================
+
+Per-gene parameters arrive as ``(genes,)`` (``"gene"``) or already looked up per cell,
+``(cells, genes)`` (``"gene-batch"``, ``"gene-label"``), so every function must broadcast.
+``theta`` is whatever positive quantity the likelihood wants (inverse dispersion for the
+negative binomials, the standard deviation for ``"normal"``).
+
+Built-in likelihoods use scvi-tools' parameterisation and formulas (``log_nb_positive`` /
+``log_zinb_positive``, ``eps = 1e-8`` inside the logs) so that the same decoder outputs give
+the same reconstruction loss: ``"zinb"``, ``"nb"``, ``"poisson"``, ``"normal"``. Two more are
+not in scvi-tools: ``"zip"`` (zero-inflated Poisson, a gate per cell and gene) and
+``"zinb-gene"`` (negative binomial with one zero-inflation gate per gene, the same for every
+cell). :func:`zero_inflated` adds a gate of any shape to any count likelihood.
+
+Every built-in gives the equivalent numpyro distribution (``lik.numpyro_distribution(params)``),
+and :func:`from_numpyro` makes a likelihood from a numpyro distribution constructor. Note on
+accuracy: numpyro's negative binomial log-probability goes through ``betaln`` and is only about
+1e-6 accurate in float32 (worse for large ``theta``), so jaxvi's own formulas are the ones the
+model trains with.
 """
 
 from __future__ import annotations
@@ -22,18 +54,30 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln, xlogy
 
 __all__ = [
+    "FREE_GATE_SCALE",
+    "GATE_SHAPES",
     "Likelihood",
+    "ParamSpec",
     "PxParams",
     "available_likelihoods",
+    "from_numpyro",
     "get_likelihood",
+    "likelihood_name",
     "nb_log_prob",
     "normal_log_prob",
     "poisson_log_prob",
     "register_likelihood",
+    "zero_inflated",
     "zinb_log_prob",
+    "zip_log_prob",
 ]
 
 EPS = 1e-8
+GATE_SHAPES = ("cell-gene", "gene", "gene-batch", "gene-label")
+# Free (per-gene / batch / label) gate logits are stored divided by this factor: with Adam at
+# lr 1e-3 a free logit moves at most ~1e-3 per step, too slow to leave its start within a
+# normal training run; the factor is a 10x learning-rate multiplier for these parameters.
+FREE_GATE_SCALE = 10.0
 MAX_RATE = 1e8  # scvi-tools clamps Gamma draws / Poisson rates here when sampling
 
 
@@ -131,6 +175,28 @@ def normal_log_prob(x: jax.Array, mu: jax.Array, scale: jax.Array) -> jax.Array:
     )
 
 
+def zip_log_prob(x: jax.Array, mu: jax.Array, zi_logits: jax.Array) -> jax.Array:
+    """Elementwise log zero-inflated Poisson (extra zero with probability ``sigmoid(zi_logits)``).
+
+    Parameters
+    ----------
+    x
+        Counts, shape ``(..., genes)``.
+    mu, zi_logits
+        Poisson rate and gate logits, broadcastable to ``x``.
+
+    Returns
+    -------
+    Array with the broadcast shape of the inputs:
+    ``log(g + (1 - g) e^-mu) = logaddexp(zi_logits, -mu) - softplus(zi_logits)`` at zero and
+    ``log(1 - g) + log Poisson(x | mu)`` elsewhere.
+    """
+    log_keep = -jax.nn.softplus(zi_logits)  # log(1 - gate)
+    case_zero = jnp.logaddexp(zi_logits, -mu) + log_keep
+    case_pos = log_keep + poisson_log_prob(x, mu)
+    return jnp.where(x < EPS, case_zero, case_pos)
+
+
 def _gamma_poisson(key, mu, theta):
     k_gamma, k_pois = jax.random.split(key)
     shape = jnp.broadcast_shapes(jnp.shape(mu), jnp.shape(theta))
@@ -156,24 +222,53 @@ def _normal_sample(key, p: PxParams):
     return p.mu + p.theta * jax.random.normal(key, shape)
 
 
+class ParamSpec(NamedTuple):
+    """One parameter a likelihood reads, as the decoder must produce it.
+
+    Attributes
+    ----------
+    name
+        The :class:`PxParams` field: ``"mu"``, ``"theta"`` or ``"zi_logits"``.
+    shape
+        ``"cell-gene"``, ``"gene"``, ``"gene-batch"``, ``"gene-label"``, or ``"dispersion"``
+        (``theta`` follows the model's ``dispersion`` option).
+    constraint
+        ``"positive"`` or ``"real"``.
+    link
+        How the model produces it.
+    """
+
+    name: str
+    shape: str
+    constraint: str
+    link: str
+
+
 @dataclasses.dataclass(frozen=True)
 class Likelihood:
-    """A count likelihood p(x | mu, theta, zi_logits), as the model uses it.
+    """A likelihood p(x | mu, theta, zi_logits) as the model uses it (see the module docstring).
 
     Attributes
     ----------
     name
         The ``gene_likelihood`` string that selects it.
     log_prob
-        ``log_prob(x, params) -> (..., genes)`` elementwise log-likelihood.
+        ``log_prob(x, params) -> (..., genes)`` elementwise log-likelihood; ``x`` are float
+        counts ``(..., cells, genes)``. Must be differentiable in the parameters it reads.
     sample
-        ``sample(key, params) -> (..., genes)`` float32 draws.
+        ``sample(key, params) -> (..., cells, genes)`` float32 draws.
     mean, variance
-        ``f(params) -> (..., genes)``.
+        ``f(params) -> (..., cells, genes)`` (broadcast to the shape of ``params.mu``).
     uses_theta
         Whether ``params.theta`` is read (the model then builds the dispersion ``px_r``).
     uses_zi_logits
-        Whether ``params.zi_logits`` is read (the model then computes ``px_dropout``).
+        Whether ``params.zi_logits`` is read.
+    zi_logits_shape
+        Where the gate logits come from: ``"cell-gene"`` (the decoder's ``px_dropout`` head, as
+        scVI's ZINB), or one free logit per ``"gene"``, ``"gene-batch"`` or ``"gene-label"``.
+    to_numpyro
+        Optional ``to_numpyro(params) -> numpyro.distributions.Distribution``, the same
+        distribution as a numpyro object (see :meth:`numpyro_distribution`).
     """
 
     name: str
@@ -183,6 +278,58 @@ class Likelihood:
     variance: Callable[[PxParams], jax.Array]
     uses_theta: bool = True
     uses_zi_logits: bool = False
+    zi_logits_shape: str = "cell-gene"
+    to_numpyro: Callable[[PxParams], object] | None = None
+
+    def __post_init__(self):
+        """Check the declaration, so that a mistake fails here and not inside a traced model."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"A likelihood needs a non-empty string name, got {self.name!r}.")
+        for field in ("log_prob", "sample", "mean", "variance"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"Likelihood {self.name!r}: `{field}` must be callable.")
+        if self.to_numpyro is not None and not callable(self.to_numpyro):
+            raise TypeError(f"Likelihood {self.name!r}: `to_numpyro` must be callable or None.")
+        if self.zi_logits_shape not in GATE_SHAPES:
+            raise ValueError(
+                f"Likelihood {self.name!r}: `zi_logits_shape` must be one of "
+                f"{list(GATE_SHAPES)}, got {self.zi_logits_shape!r}."
+            )
+
+    @property
+    def param_specs(self) -> tuple[ParamSpec, ...]:
+        """The parameters the decoder must produce for this likelihood."""
+        specs = [ParamSpec("mu", "cell-gene", "positive", "exp(library) * softmax(decoder)")]
+        if self.uses_theta:
+            specs.append(ParamSpec("theta", "dispersion", "positive", "exp(px_r)"))
+        if self.uses_zi_logits:
+            link = (
+                "decoder head px_dropout"
+                if self.zi_logits_shape == "cell-gene"
+                else f"{FREE_GATE_SCALE:g} * free parameter px_dropout, one per "
+                f"{self.zi_logits_shape}"
+            )
+            specs.append(ParamSpec("zi_logits", self.zi_logits_shape, "real", link))
+        return tuple(specs)
+
+    @property
+    def uses_gate_head(self) -> bool:
+        """Whether the decoder's ``px_dropout`` head (cell-gene gate logits) is used."""
+        return self.uses_zi_logits and self.zi_logits_shape == "cell-gene"
+
+    def numpyro_distribution(self, params: PxParams):
+        """The equivalent ``numpyro.distributions.Distribution`` at ``params``.
+
+        Raises
+        ------
+        NotImplementedError
+            When the likelihood was defined without ``to_numpyro``.
+        """
+        if self.to_numpyro is None:
+            raise NotImplementedError(
+                f"Likelihood {self.name!r} has no numpyro equivalent (no `to_numpyro`)."
+            )
+        return self.to_numpyro(params)
 
 
 def _zinb_mean(p: PxParams):
@@ -194,17 +341,161 @@ def _zinb_variance(p: PxParams):
     return (1.0 - gate) * p.mu * (1.0 + p.mu * (gate + 1.0 / p.theta))
 
 
+def _zip_variance(p: PxParams):
+    gate = jax.nn.sigmoid(p.zi_logits)
+    return (1.0 - gate) * p.mu * (1.0 + gate * p.mu)
+
+
+def _zip_sample(key, p: PxParams):
+    k_pois, k_zi = jax.random.split(key)
+    counts = _poisson_sample(k_pois, p)
+    extra_zero = jax.random.uniform(k_zi, counts.shape) <= jax.nn.sigmoid(p.zi_logits)
+    return jnp.where(extra_zero, 0.0, counts)
+
+
 def _normal_variance(p: PxParams):
     # Broadcast: a per-gene scale must still give one variance per (cell, gene), like the others.
     shape = jnp.broadcast_shapes(jnp.shape(p.mu), jnp.shape(p.theta))
     return jnp.broadcast_to(jnp.square(p.theta), shape)
 
 
+def zero_inflated(
+    base: Likelihood, name: str, *, gate: str = "cell-gene", log_prob_zero=None
+) -> Likelihood:
+    """``base`` with an extra zero of probability ``sigmoid(zi_logits)``.
+
+    ``log p(0) = logaddexp(log g, log(1 - g) + log p_base(0))`` and
+    ``log p(x) = log(1 - g) + log p_base(x)`` for ``x > 0``.
+
+    Parameters
+    ----------
+    base
+        A count likelihood that does not read ``zi_logits`` itself.
+    name
+        Name of the new likelihood (not registered here).
+    gate
+        Shape of the gate logits: one of :data:`GATE_SHAPES`.
+    log_prob_zero
+        Optional ``f(params) -> log p_base(0)``; by default ``base.log_prob`` is evaluated at
+        zero, which costs a second evaluation of ``base.log_prob``.
+
+    Returns
+    -------
+    The new :class:`Likelihood`, with a numpyro equivalent when ``base`` has one.
+    """
+    if base.uses_zi_logits:
+        raise ValueError(f"{base.name!r} already reads zi_logits; it cannot get a second gate.")
+
+    def log_prob(x, p):
+        lp0 = (
+            base.log_prob(jnp.zeros_like(x), p) if log_prob_zero is None else log_prob_zero(p)
+        )
+        log_keep = -jax.nn.softplus(p.zi_logits)
+        log_gate = -jax.nn.softplus(-p.zi_logits)
+        return jnp.where(
+            x < EPS, jnp.logaddexp(log_gate, log_keep + lp0), log_keep + base.log_prob(x, p)
+        )
+
+    def sample(key, p):
+        k_base, k_zi = jax.random.split(key)
+        counts = base.sample(k_base, p)
+        extra_zero = jax.random.uniform(k_zi, counts.shape) <= jax.nn.sigmoid(p.zi_logits)
+        return jnp.where(extra_zero, 0.0, counts)
+
+    def mean(p):
+        return (1.0 - jax.nn.sigmoid(p.zi_logits)) * base.mean(p)
+
+    def variance(p):
+        g = jax.nn.sigmoid(p.zi_logits)
+        m = base.mean(p)
+        return (1.0 - g) * (base.variance(p) + g * jnp.square(m))
+
+    to_numpyro = None
+    if base.to_numpyro is not None:
+
+        def to_numpyro(p):
+            from numpyro.distributions import ZeroInflatedDistribution
+
+            return ZeroInflatedDistribution(base.to_numpyro(p), gate_logits=p.zi_logits)
+
+    return Likelihood(
+        name,
+        log_prob=log_prob,
+        sample=sample,
+        mean=mean,
+        variance=variance,
+        uses_theta=base.uses_theta,
+        uses_zi_logits=True,
+        zi_logits_shape=gate,
+        to_numpyro=to_numpyro,
+    )
+
+
+def from_numpyro(
+    name: str,
+    constructor: Callable[[PxParams], object],
+    *,
+    uses_theta: bool,
+    uses_zi_logits: bool = False,
+    zi_logits_shape: str = "cell-gene",
+) -> Likelihood:
+    """A likelihood from a numpyro distribution constructor.
+
+    Parameters
+    ----------
+    name
+        Name of the new likelihood (not registered here).
+    constructor
+        ``constructor(params: PxParams) -> numpyro.distributions.Distribution`` whose batch
+        shape is that of ``params.mu``, e.g. ``lambda p: dist.GammaPoisson(p.theta, p.theta /
+        p.mu)``. It is called inside jitted code, so it must be traceable.
+    uses_theta, uses_zi_logits, zi_logits_shape
+        Which decoder outputs it reads (see :class:`Likelihood`).
+
+    Returns
+    -------
+    :class:`Likelihood` whose ``log_prob``, ``sample``, ``mean`` and ``variance`` are the
+    distribution's. numpyro's own accuracy applies (its negative binomials go through
+    ``betaln``: ~1e-6 relative in float32), and its samplers are used as they are.
+    """
+
+    def log_prob(x, p):
+        return constructor(p).log_prob(x)
+
+    def sample(key, p):
+        return constructor(p).sample(key).astype(jnp.float32)
+
+    def mean(p):
+        return jnp.broadcast_to(constructor(p).mean, jnp.shape(p.mu))
+
+    def variance(p):
+        return jnp.broadcast_to(constructor(p).variance, jnp.shape(p.mu))
+
+    return Likelihood(
+        name,
+        log_prob=log_prob,
+        sample=sample,
+        mean=mean,
+        variance=variance,
+        uses_theta=uses_theta,
+        uses_zi_logits=uses_zi_logits,
+        zi_logits_shape=zi_logits_shape,
+        to_numpyro=constructor,
+    )
+
+
 _REGISTRY: dict[str, Likelihood] = {}
 
 
 def register_likelihood(likelihood: Likelihood, *, overwrite: bool = False) -> Likelihood:
-    """Make ``likelihood`` available as ``gene_likelihood=likelihood.name``."""
+    """Make ``likelihood`` available as ``gene_likelihood=likelihood.name``.
+
+    Models keep only the name (in memory and in saved files), so a saved model with a custom
+    likelihood loads once the same likelihood is registered again. Compiled programs are cached
+    per name: replacing a likelihood with ``overwrite=True`` is meant for a fresh session.
+    """
+    if not isinstance(likelihood, Likelihood):
+        raise TypeError(f"register_likelihood expects a Likelihood, got {type(likelihood)}.")
     if likelihood.name in _REGISTRY and not overwrite:
         raise ValueError(
             f"A likelihood named {likelihood.name!r} is already registered; "
@@ -220,13 +511,40 @@ def get_likelihood(name: str) -> Likelihood:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"`gene_likelihood` must be one of {available_likelihoods()}, got {name!r}."
+            f"`gene_likelihood` must be one of {available_likelihoods()}, got {name!r}. "
+            "A custom likelihood must be registered (jaxvi.register_likelihood) before a "
+            "model that uses it is created or loaded."
         ) from None
+
+
+def likelihood_name(gene_likelihood: str | Likelihood) -> str:
+    """The registered name for a ``gene_likelihood`` argument: a name or a :class:`Likelihood`.
+
+    A :class:`Likelihood` object is registered under its name if that name is free; the same
+    object may be passed again. A different likelihood under a taken name is an error.
+    """
+    if isinstance(gene_likelihood, Likelihood):
+        known = _REGISTRY.get(gene_likelihood.name)
+        if known is None:
+            register_likelihood(gene_likelihood)
+        elif known is not gene_likelihood and known != gene_likelihood:
+            raise ValueError(
+                f"A different likelihood is already registered as {gene_likelihood.name!r}; "
+                "give yours another name (or register it with overwrite=True first)."
+            )
+        return gene_likelihood.name
+    return get_likelihood(gene_likelihood).name
 
 
 def available_likelihoods() -> list[str]:
     """Names of the registered likelihoods."""
     return list(_REGISTRY)
+
+
+def _numpyro():
+    import numpyro.distributions as dist
+
+    return dist
 
 
 register_likelihood(
@@ -237,6 +555,9 @@ register_likelihood(
         mean=_zinb_mean,
         variance=_zinb_variance,
         uses_zi_logits=True,
+        to_numpyro=lambda p: _numpyro().ZeroInflatedNegativeBinomial2(
+            p.mu, p.theta, gate_logits=p.zi_logits
+        ),
     )
 )
 register_likelihood(
@@ -246,6 +567,7 @@ register_likelihood(
         sample=lambda key, p: _gamma_poisson(key, p.mu, p.theta),
         mean=lambda p: p.mu,
         variance=lambda p: p.mu + jnp.square(p.mu) / p.theta,
+        to_numpyro=lambda p: _numpyro().NegativeBinomial2(p.mu, p.theta),
     )
 )
 register_likelihood(
@@ -256,6 +578,7 @@ register_likelihood(
         mean=lambda p: p.mu,
         variance=lambda p: p.mu,
         uses_theta=False,
+        to_numpyro=lambda p: _numpyro().Poisson(p.mu),
     )
 )
 register_likelihood(
@@ -265,5 +588,36 @@ register_likelihood(
         sample=_normal_sample,
         mean=lambda p: p.mu,
         variance=_normal_variance,
+        to_numpyro=lambda p: _numpyro().Normal(p.mu, p.theta),
+    )
+)
+# Not in scvi-tools.
+register_likelihood(
+    Likelihood(
+        "zip",
+        log_prob=lambda x, p: zip_log_prob(x, p.mu, p.zi_logits),
+        sample=_zip_sample,
+        mean=_zinb_mean,
+        variance=_zip_variance,
+        uses_theta=False,
+        uses_zi_logits=True,
+        to_numpyro=lambda p: _numpyro().ZeroInflatedDistribution(
+            _numpyro().Poisson(p.mu), gate_logits=p.zi_logits
+        ),
+    )
+)
+register_likelihood(
+    Likelihood(
+        "zinb-gene",
+        # zinb_log_prob broadcasts the (genes,) gate logits against (cells, genes).
+        log_prob=lambda x, p: zinb_log_prob(x, p.mu, p.theta, p.zi_logits),
+        sample=_zinb_sample,
+        mean=_zinb_mean,
+        variance=_zinb_variance,
+        uses_zi_logits=True,
+        zi_logits_shape="gene",
+        to_numpyro=lambda p: _numpyro().ZeroInflatedNegativeBinomial2(
+            p.mu, p.theta, gate_logits=p.zi_logits
+        ),
     )
 )

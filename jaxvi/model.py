@@ -25,6 +25,7 @@ from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
 from jaxvi.dataset import to_host as host_cell_data
 from jaxvi.importance import get_importance_weights
+from jaxvi.likelihoods import Likelihood, likelihood_name
 from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
@@ -90,6 +91,8 @@ class SCVI:
     n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
     use_observed_lib_size, latent_distribution
         As scvi-tools' ``SCVI``: 128, 10, 1, 0.1, ``"gene"``, ``"zinb"``, True, ``"normal"``.
+        ``gene_likelihood`` is a registered name or a :class:`jaxvi.likelihoods.Likelihood`
+        (registered under its name; the model keeps and saves only the name).
     **kwargs
         Further ``VAE`` options: ``log_variational``, ``encode_covariates``,
         ``deeply_inject_covariates``, ``batch_representation``, ``use_batch_norm``,
@@ -105,7 +108,7 @@ class SCVI:
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         dispersion: str = "gene",
-        gene_likelihood: str = "zinb",
+        gene_likelihood: str | Likelihood = "zinb",
         use_observed_lib_size: bool = True,
         latent_distribution: str = "normal",
         **kwargs,
@@ -126,7 +129,7 @@ class SCVI:
             "n_layers": n_layers,
             "dropout_rate": dropout_rate,
             "dispersion": dispersion,
-            "gene_likelihood": gene_likelihood,
+            "gene_likelihood": likelihood_name(gene_likelihood),
             "use_observed_lib_size": use_observed_lib_size,
             "latent_distribution": latent_distribution,
             **kwargs,

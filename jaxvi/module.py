@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxvi.likelihoods import PxParams, get_likelihood
+from jaxvi.likelihoods import FREE_GATE_SCALE, PxParams, get_likelihood
 from jaxvi.nn import DecoderSCVI, Encoder
 
 __all__ = [
@@ -156,7 +156,8 @@ class GenerativeOutputs(NamedTuple):
 
     ``px_r`` is the log inverse dispersion (``theta = exp(px_r)``), broadcastable to the
     others (``(genes,)`` for ``dispersion="gene"``); ``px_dropout`` are zero-inflation logits
-    (None when the likelihood does not use them).
+    (None when the likelihood does not use them), ``(genes,)`` for a likelihood with one gate
+    per gene.
     """
 
     px_scale: jax.Array
@@ -222,6 +223,14 @@ class VAE(nn.Module):
             self.px_r = self.param("px_r", normal, (c.n_input, c.n_batch))
         elif c.dispersion == "gene-label":
             self.px_r = self.param("px_r", normal, (c.n_input, c.n_labels))
+        lik = get_likelihood(c.gene_likelihood)
+        if lik.uses_zi_logits and lik.zi_logits_shape != "cell-gene":
+            # A free gate logit per gene (/ batch / label), for likelihoods that ask for one;
+            # stored divided by FREE_GATE_SCALE (a learning-rate multiplier).
+            gate_shape = {"gene": (c.n_input,), "gene-batch": (c.n_input, c.n_batch)}.get(
+                lik.zi_logits_shape, (c.n_input, c.n_labels)
+            )
+            self.px_dropout = self.param("px_dropout", nn.initializers.zeros, gate_shape)
         if not c.use_observed_lib_size:
             self.library_log_means = self.variable(
                 "buffers", "library_log_means", jnp.zeros, (1, c.n_batch), jnp.float32
@@ -340,7 +349,7 @@ class VAE(nn.Module):
             training=training,
             mask=batch.mask,
             need_px_r=c.dispersion == "gene-cell",
-            need_px_dropout=lik.uses_zi_logits,
+            need_px_dropout=lik.uses_gate_head,
         )
         if c.dispersion == "gene":
             px_r = self.px_r
@@ -352,6 +361,12 @@ class VAE(nn.Module):
             px_r = px_r_cell
         if not lik.uses_zi_logits:
             px_dropout = None
+        elif lik.zi_logits_shape == "gene":
+            px_dropout = FREE_GATE_SCALE * self.px_dropout
+        elif lik.zi_logits_shape == "gene-batch":
+            px_dropout = FREE_GATE_SCALE * self.px_dropout.T[batch_index]
+        elif lik.zi_logits_shape == "gene-label":
+            px_dropout = FREE_GATE_SCALE * self.px_dropout.T[batch.labels]
         return GenerativeOutputs(px_scale, px_r, px_rate, px_dropout)
 
     def library_prior(self, batch_index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -388,7 +403,7 @@ def trainable_mask(config: VAEConfig, params: dict) -> dict:
         unused.append(("l_encoder",))
     if config.dispersion != "gene-cell" or not lik.uses_theta:
         unused.append(("decoder", "px_r_decoder"))
-    if not lik.uses_zi_logits:
+    if not lik.uses_gate_head:
         unused.append(("decoder", "px_dropout_decoder"))
     if not lik.uses_theta:
         unused.append(("px_r",))

@@ -76,7 +76,7 @@ def _likelihood_program(config: VAEConfig, n_samples: int):
             p = module.apply(variables, method=fwd).px_params()
             out = {"mean": p.mu}
             if lik.uses_zi_logits:
-                out["dropout"] = jax.nn.sigmoid(p.zi_logits)
+                out["dropout"] = jnp.broadcast_to(jax.nn.sigmoid(p.zi_logits), p.mu.shape)
             if lik.uses_theta:
                 out["dispersions"] = jnp.broadcast_to(p.theta, p.mu.shape)
             return out
@@ -213,7 +213,7 @@ def _denoised_program(config: VAEConfig, n_samples: int):
     dispersion.
     """
     module = VAE(config)
-    gamma = config.gene_likelihood in ("nb", "zinb")
+    gamma = config.gene_likelihood in ("nb", "zinb", "zinb-gene")
 
     def run(variables, data: CellData, idx, key, code, size_factor):
         def body(i, idx_i):

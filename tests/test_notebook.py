@@ -41,3 +41,9 @@ def test_reference_mapping_notebook_executes(monkeypatch):
     assert "batches: ['d0', 'd1', 'd2', 'd3']" in text
     assert "reference latent unchanged: True" in text
     assert "label transfer accuracy (15-NN):" in text
+
+
+def test_likelihoods_notebook_executes(monkeypatch):
+    text = _execute("likelihoods.ipynb", monkeypatch)
+    assert "held-out cells: 140, epochs: 2" in text
+    assert "best held-out marginal LL:" in text

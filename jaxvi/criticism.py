@@ -71,20 +71,39 @@ _AXES = {"cells": 0, "features": 1}
 
 
 # ---------------------------------------------------------------- array helpers
+def _to_numpy(x, dtype=np.float32) -> np.ndarray:
+    """Dense ndarray from a numpy, scipy sparse or pydata ``sparse`` array.
+
+    Row-compressed ``sparse.GCXS`` (what ``posterior_predictive_sample`` returns) is read
+    through its CSR buffers: pydata ``sparse``'s own indexing compiles with numba on first
+    use, which takes tens of seconds.
+    """
+    if isinstance(x, np.ndarray):
+        return x.astype(dtype, copy=False)
+    if sp.issparse(x):
+        return x.toarray().astype(dtype, copy=False)
+    if type(x).__name__ == "GCXS" and tuple(x.compressed_axes) == (0,):
+        csr = sp.csr_matrix(
+            (x.data, x.indices, x.indptr), shape=(x.shape[0], int(np.prod(x.shape[1:])))
+        )
+        return csr.toarray().reshape(x.shape).astype(dtype, copy=False)
+    if hasattr(x, "todense"):
+        return np.asarray(x.todense(), dtype=dtype)
+    return np.asarray(x, dtype=dtype)
+
+
 def _dense(x) -> np.ndarray:
     """float64 ndarray from a numpy, scipy sparse or pydata ``sparse`` array."""
-    if sp.issparse(x):
-        return x.toarray().astype(np.float64)
-    if hasattr(x, "todense") and not isinstance(x, np.ndarray):
-        return np.asarray(x.todense(), dtype=np.float64)
-    return np.asarray(x, dtype=np.float64)
+    return _to_numpy(x, np.float64)
 
 
 def _sample(x, s: int) -> np.ndarray:
     """Sample ``s`` of a ``(cells, genes[, samples])`` array, dense float64 ``(cells, genes)``."""
     if x.ndim == 2:
         return _dense(x)
-    return _dense(x[:, :, s])
+    if not isinstance(x, np.ndarray):
+        x = _to_numpy(x)
+    return x[:, :, s].astype(np.float64)
 
 
 def _n_samples(x) -> int:
@@ -345,6 +364,7 @@ def de_agreement(
 
     rows, lfc = [], {}
     for name, x in samples.items():
+        x = x if x.ndim == 2 else _to_numpy(x)
         gen_dfs = []
         for s in range(n_samples):
             ad = _log_normalised(_as_csr(x if x.ndim == 2 else x[:, :, s]), raw_ad.obs, var,
@@ -376,9 +396,7 @@ def de_agreement(
 def _as_csr(x):
     if sp.issparse(x):
         return sp.csr_matrix(x)
-    if hasattr(x, "to_scipy_sparse"):
-        return sp.csr_matrix(x.to_scipy_sparse())
-    return sp.csr_matrix(np.asarray(x))
+    return sp.csr_matrix(_to_numpy(x))
 
 
 # --------------------------------------------------------------------- the class
@@ -404,7 +422,8 @@ class PosteriorPredictiveCheck:
     Attributes
     ----------
     samples
-        ``{name: sparse.GCXS (cells, genes, n_samples)}``.
+        ``{name: float32 ndarray (cells, genes, n_samples)}`` (held dense: the memory of
+        ``n_samples`` dense copies of the counts).
     raw_counts
         scipy CSR ``(cells, genes)``.
     metrics
@@ -474,7 +493,7 @@ class PosteriorPredictiveCheck:
                     f"Samples of {name!r} have shape {x.shape}; the counts are "
                     f"{self.raw_counts.shape}."
                 )
-        self.samples = dict(samples)
+        self.samples = {k: _to_numpy(v) for k, v in samples.items()}
         self.n_samples = min(_n_samples(x) for x in samples.values())
         self.metrics: dict = {}
 

@@ -347,8 +347,8 @@ def de_agreement(
     col = raw_ad.obs[groupby]
     if col.isna().any():
         raise ValueError(f"obs[{groupby!r}] has missing values.")
-    raw_ad.obs[groupby] = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype(
-        "category"
+    raw_ad.obs[groupby] = (
+        col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype("category")
     )
     groups = raw_ad.obs[groupby].cat.categories
     counts = raw_ad.obs[groupby].value_counts()
@@ -367,8 +367,9 @@ def de_agreement(
         x = x if x.ndim == 2 else _to_numpy(x)
         gen_dfs = []
         for s in range(n_samples):
-            ad = _log_normalised(_as_csr(x if x.ndim == 2 else x[:, :, s]), raw_ad.obs, var,
-                                 cell_scale_factor)
+            ad = _log_normalised(
+                _as_csr(x if x.ndim == 2 else x[:, :, s]), raw_ad.obs, var, cell_scale_factor
+            )
             _rank(ad, groupby, de_method, "rank_genes_groups_ppc")
             gen_dfs.append(ad)
         lfc[name] = {}
@@ -472,7 +473,8 @@ class PosteriorPredictiveCheck:
             raise ValueError(f"{RAW!r} is reserved for the observed counts; rename that model.")
         self = cls.__new__(cls)
         self._init(
-            adata, {k: v if v.ndim == 3 else v[:, :, None] for k, v in samples.items()},
+            adata,
+            {k: v if v.ndim == 3 else v[:, :, None] for k, v in samples.items()},
             count_layer_key,
         )
         self.models = {}

@@ -331,9 +331,7 @@ def save_hub_model(
     fmt.save(model, dir_path, overwrite)
     if save_anndata:
         adata = model.adata
-        io._atomic_write(
-            os.path.join(dir_path, io.ADATA_FILE), lambda tmp: adata.write_h5ad(tmp)
-        )
+        io._atomic_write(os.path.join(dir_path, io.ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
     metrics_path = os.path.join(dir_path, METRICS_FILE)
     if metrics is True:
         report = create_criticism_report(

@@ -148,9 +148,10 @@ def test_several_models_each_get_their_own_rows(adata, samples):
         ref = alone.differential_expression(de_groupby="labels", p_val_thresh=0.2)
         mine = summary[summary["model"] == name].reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, ref)
-    assert summary["n_cells"].tolist()[:3] == adata.obs["labels"].value_counts()[
-        ["label_0", "label_1", "label_2"]
-    ].tolist()
+    assert (
+        summary["n_cells"].tolist()[:3]
+        == adata.obs["labels"].value_counts()[["label_0", "label_1", "label_2"]].tolist()
+    )
     lfc = both.metrics["diff_exp"]["lfc_per_model_per_group"]
     assert set(lfc) == set(samples)
     assert list(lfc["scvi_a"]["label_0"].columns) == ["raw", "approx"]

@@ -34,3 +34,12 @@ def test_analysis_notebook_executes(monkeypatch):
     assert "ARI vs cell types:" in text
     assert "genes called DE at 5% FDR:" in text
     assert "Pearson r of gene-wise CV:" in text
+
+
+def test_criticism_notebook_executes(monkeypatch):
+    pytest.importorskip("scanpy")
+    pytest.importorskip("leidenalg")
+    text = _execute("criticism.ipynb", monkeypatch)
+    assert "cell-wise CV MAE" in text
+    assert "card written to" in text
+    assert "reloaded model has the same latent space: True" in text

@@ -70,12 +70,18 @@ def synthetic_iid(
     AnnData of shape ``(batch_size * n_batches, n_genes)`` with ``obs["batch"]``,
     ``obs["labels"]`` (categorical), ``var_names`` ``gene_0 ...``; or a MuData.
     """
-    for name, value in (("batch_size", batch_size), ("n_genes", n_genes),
-                        ("n_batches", n_batches)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("n_genes", n_genes),
+        ("n_batches", n_batches),
+    ):
         if int(value) != value or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    for name, value in (("n_proteins", n_proteins), ("n_regions", n_regions),
-                        ("n_labels", n_labels)):
+    for name, value in (
+        ("n_proteins", n_proteins),
+        ("n_regions", n_regions),
+        ("n_labels", n_labels),
+    ):
         if int(value) != value or value < 0:
             raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
     if not 0.0 <= float(dropout_ratio) <= 1.0:

@@ -486,6 +486,10 @@ class PosteriorPredictiveCheck:
         raw = adata.X if count_layer_key is None else adata.layers[count_layer_key]
         if raw is None:
             raise ValueError("adata.X is empty; pass `count_layer_key` with the counts.")
+        if adata.uns.get("_scvi_adata_minify_type") == "latent_posterior_parameters":
+            raise ValueError(
+                "This AnnData is minified (its counts were dropped); check against the full data."
+            )
         self.adata = adata
         self.count_layer_key = count_layer_key
         self.raw_counts = sp.csr_matrix(raw)

@@ -129,6 +129,10 @@ def test_ppc_errors(adata, models):
         PosteriorPredictiveCheck.from_samples(
             adata, {"m": np.zeros((400, 100, 2))}, count_layer_key="counts"
         )
+    mini = adata.copy()
+    mini.uns["_scvi_adata_minify_type"] = "latent_posterior_parameters"
+    with pytest.raises(ValueError, match="minified"):
+        PosteriorPredictiveCheck.from_samples(mini, {"m": np.zeros((400, 100, 2))})
     ppc = PosteriorPredictiveCheck.from_samples(adata, {"m": np.ones((400, 100, 2))})
     with pytest.raises(ValueError, match="not found"):
         ppc.differential_expression(de_groupby="cell_type")

@@ -183,8 +183,12 @@ def worker(args) -> dict:
         batch_size=args.batch_size,
         train_size=args.train_size,
         enable_progress_bar=False,
-        check_val_every_n_epoch=None,
+        check_val_every_n_epoch=getattr(args, "validate_every", None),
     )
+    if args.precision:
+        train_kwargs["precision"] = args.precision
+    res["precision"] = args.precision
+    res["devices"] = args.devices
     epoch_starts: list[float] = []
     epoch_ends: list[float] = []
 
@@ -210,8 +214,8 @@ def worker(args) -> dict:
     else:
         original = jtrain.make_train_epoch
 
-        def timed_make_train_epoch(module, tx, batch_size):
-            fn = original(module, tx, batch_size)
+        def timed_make_train_epoch(module, tx, batch_size, **kwargs):
+            fn = original(module, tx, batch_size, **kwargs)
 
             class TimedEpoch:
                 """Blocks on each epoch's output (``fit`` reads it right after anyway)."""
@@ -234,7 +238,7 @@ def worker(args) -> dict:
         res["init_s"] = C.now() - t0
         t0 = C.now()
         with C.LoadProbe() as probe:
-            model.train(seed=args.seed, **train_kwargs)
+            model.train(seed=args.seed, devices=args.devices or "auto", **train_kwargs)
         res["train_wall_s"] = C.now() - t0
         jtrain.make_train_epoch = original
         res["epoch_fn_compilations"] = int(model._epoch_fn._cache_size())
@@ -261,6 +265,10 @@ def worker(args) -> dict:
     res["final_train_loss"] = _history_last(history, "train_loss")
     res["final_elbo_train"] = _history_last(history, "elbo_train")
     res["final_kl_weight"] = _history_last(history, "kl_weight")
+    if "elbo_validation" in history:
+        res["elbo_validation_history"] = [
+            float(v) for v in history["elbo_validation"].to_numpy().ravel()
+        ]
 
     t0 = C.now()
     elbos = []
@@ -271,7 +279,24 @@ def worker(args) -> dict:
     res["heldout_elbo_reps"] = elbos
     res["heldout_elbo"] = sum(elbos) / len(elbos) if elbos else None
     res["peak_rss_mb"] = C.peak_rss_mb()
+    res["peak_device_mb"] = _peak_device_mb(args.worker)
     return res
+
+
+def _peak_device_mb(tool: str) -> float | None:
+    """Peak accelerator memory of this process (None on the CPU)."""
+    if tool == "scvi":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        return None
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use", 0) / 2**20
 
 
 # ========================================================================= parent
@@ -302,6 +327,12 @@ def run_worker_once(args, tool: str, dataset: str, epochs: int) -> dict:
         "--scvi-accelerator",
         args.scvi_accelerator,
     ]
+    if getattr(args, "precision", None):
+        cmd += ["--precision", args.precision]
+    if getattr(args, "devices", None):
+        cmd += ["--devices", str(args.devices)]
+    if getattr(args, "validate_every", None):
+        cmd += ["--validate-every", str(args.validate_every)]
     quiet = C.wait_for_quiet(args.wait_quiet, window_s=10.0) if args.wait_quiet > 0 else None
     print(f"[compare_scvi] {TOOL_NAMES[tool]:10s} {dataset:9s} {epochs:4d} epochs ...", flush=True)
     env = dict(os.environ)
@@ -639,6 +670,9 @@ def main(argv=None):
     p.add_argument("--elbo-reps", type=int, default=3, help="held-out ELBO evaluations to average")
     p.add_argument("--no-single-epoch", action="store_true", help="skip the 1-epoch cross-check")
     p.add_argument("--scvi-accelerator", default="cpu")
+    p.add_argument("--precision", default=None, help="Lightning precision name, both tools")
+    p.add_argument("--devices", type=int, default=None, help="jaxvi data-parallel devices")
+    p.add_argument("--validate-every", type=int, default=None, help="validation every N epochs")
     p.add_argument("--worker-timeout", type=float, default=3600.0)
     p.add_argument(
         "--max-foreign-cores",

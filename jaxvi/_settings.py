@@ -19,10 +19,23 @@ class Settings:
         runs are reproducible).
     batch_size
         Minibatch size of the inference methods when ``batch_size=None`` (128, as scvi-tools).
+    stream_chunk_cells
+        Consecutive training cells per disk read when training streams from a backed AnnData
+        (:mod:`jaxvi.streaming`; 1024).
+    stream_max_host_bytes
+        Host memory for the blocks in flight when streaming (1 GiB).
+    inference_bytes_per_call
+        Most bytes of (dense float32) counts a prediction method moves to the device in one
+        call (256 MiB). Prediction methods keep the data on the host and send it in pieces
+        of at most this size (at least one minibatch), so any number of cells goes through
+        with bounded device memory.
     """
 
     seed: int = 0
     batch_size: int = 128
+    stream_chunk_cells: int = 1024
+    stream_max_host_bytes: int = 2**30
+    inference_bytes_per_call: int = 256 * 2**20
 
 
 settings = Settings()

@@ -7,15 +7,19 @@ jitted program, densifying CSR rows there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import Batch
+from jaxvi.sharding import constrain_cells
 
-__all__ = ["CellData", "gather", "pad_indices", "to_device"]
+__all__ = ["CellData", "gather", "is_host", "pad_indices", "take_rows", "to_device", "to_host"]
 
 
 @flax.struct.dataclass
@@ -25,7 +29,8 @@ class CellData:
     Either ``x`` (dense ``(cells, genes)``) or the CSR triplet ``indptr`` ``(cells + 1,)``,
     ``indices`` and ``data`` ``(nnz,)`` is set. ``max_row_nnz`` bounds the non-zeros of one row.
     ``qz_m``/``qz_v`` ``(cells, n_latent)`` and ``observed_lib_size`` ``(cells,)`` hold the
-    cached posterior of a minified AnnData (None otherwise).
+    cached posterior of a minified AnnData (None otherwise). ``mesh`` is the
+    ``jax.sharding.Mesh`` the cells are sharded over (:mod:`jaxvi.sharding`), or None.
     """
 
     x: jax.Array | None
@@ -42,6 +47,7 @@ class CellData:
     qz_m: jax.Array | None = None
     qz_v: jax.Array | None = None
     observed_lib_size: jax.Array | None = None
+    mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def n_cells(self) -> int:
@@ -50,6 +56,19 @@ class CellData:
 
 
 def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
+    """Move host arrays to the device; see :func:`_to_device`. A device out-of-memory error
+    becomes a ``MemoryError`` that names the size of the counts and the alternatives."""
+    try:
+        return _to_device(arrays, sparse=sparse)
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        x = arrays["X"]
+        n_bytes = x.data.nbytes * 2 if sp.issparse(x) and sparse else x.shape[0] * x.shape[1] * 4
+        raise out_of_memory_error("The count matrix", n_bytes, e) from None
+
+
+def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
     """Move host arrays from :func:`jaxvi.registry.registry_arrays` to the device.
 
     Parameters
@@ -95,7 +114,82 @@ def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
     )
 
 
+def to_host(arrays: dict) -> CellData:
+    """A :class:`CellData` of host (numpy) arrays: nothing is moved to the device.
+
+    Counts stay as given (dense, or CSR as ``indptr``/``indices``/``data``); prediction
+    methods move bounded pieces with :func:`take_rows` (see :func:`jaxvi.inference.run_chunked`).
+    """
+    x = arrays["X"]
+    dense = indptr = indices = data = None
+    max_row_nnz = 0
+    if sp.issparse(x):
+        csr = sp.csr_matrix(x, dtype=np.float32)
+        indptr, indices, data = csr.indptr, csr.indices, csr.data
+        max_row_nnz = int(np.diff(indptr).max(initial=0))
+    else:
+        dense = np.asarray(x, np.float32)
+
+    def opt(a, dtype):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    return CellData(
+        x=dense,
+        indptr=indptr,
+        indices=indices,
+        data=data,
+        batch_index=np.asarray(arrays["batch_index"], np.int32),
+        labels=np.asarray(arrays["labels"], np.int32),
+        cat_covs=opt(arrays["cat_covs"], np.int32),
+        cont_covs=opt(arrays["cont_covs"], np.float32),
+        size_factor=opt(arrays["size_factor"], np.float32),
+        n_genes=int(x.shape[1]),
+        max_row_nnz=max_row_nnz,
+        qz_m=opt(arrays.get("qz_m"), np.float32),
+        qz_v=opt(arrays.get("qz_v"), np.float32),
+        observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
+    )
+
+
+def is_host(data: CellData) -> bool:
+    """Whether ``data`` holds numpy arrays (from :func:`to_host`)."""
+    return isinstance(data.batch_index, np.ndarray)
+
+
+def take_rows(data: CellData, rows: np.ndarray) -> CellData:
+    """The cells ``rows`` (``(m,)`` int, repeats allowed) of host ``data`` as a host
+    :class:`CellData` with dense ``(m, genes)`` counts, ready for ``jax.device_put``."""
+    rows = np.asarray(rows)
+    if data.x is not None:
+        x = data.x[rows]
+    else:
+        n_cells = data.batch_index.shape[0]
+        csr = sp.csr_matrix((data.data, data.indices, data.indptr), (n_cells, data.n_genes))
+        x = csr[rows].toarray()
+
+    def take(a):
+        return None if a is None else a[rows]
+
+    return CellData(
+        x=np.asarray(x, np.float32),
+        indptr=None,
+        indices=None,
+        data=None,
+        batch_index=data.batch_index[rows],
+        labels=data.labels[rows],
+        cat_covs=take(data.cat_covs),
+        cont_covs=take(data.cont_covs),
+        size_factor=take(data.size_factor),
+        n_genes=data.n_genes,
+        qz_m=take(data.qz_m),
+        qz_v=take(data.qz_v),
+        observed_lib_size=take(data.observed_lib_size),
+    )
+
+
 def _dense_rows(data: CellData, idx: jax.Array) -> jax.Array:
+    if is_host(data):  # outside jit only (tests, small helpers)
+        return jnp.asarray(take_rows(data, np.asarray(idx)).x)
     if data.x is not None:
         return data.x[idx]
     if data.data.shape[0] == 0:  # e.g. a minified AnnData: no stored counts
@@ -115,9 +209,9 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
     """Minibatch of the cells ``idx`` (``(cells,)`` int); ``mask`` marks real cells."""
 
     def take(a):
-        return None if a is None else a[idx]
+        return None if a is None else jnp.asarray(a)[idx]
 
-    return Batch(
+    batch = Batch(
         x=_dense_rows(data, idx),
         batch_index=data.batch_index[idx],
         labels=data.labels[idx],
@@ -129,6 +223,7 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
         qz_v=take(data.qz_v),
         observed_lib_size=take(data.observed_lib_size),
     )
+    return constrain_cells(batch, data.mesh)  # split over the devices of a sharded dataset
 
 
 def pad_indices(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -380,12 +380,14 @@ def differential_expression(
     silent
         Hide the progress bar.
     weights
-        ``"uniform"`` (or None). ``"importance"`` raises ``NotImplementedError``.
+        ``"uniform"`` (or None), or ``"importance"``: each group's draws are resampled with
+        :meth:`jaxvi.SCVI.get_importance_weights` (anchors from the group's cells).
     filter_outlier_cells
         Drop cells flagged by scikit-learn's ``EllipticEnvelope`` on the latent mean before
         sampling (the raw statistics still use all cells).
     importance_weighting_kwargs
-        Accepted for compatibility; unused with uniform weights.
+        ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` of the
+        importance weights (unused with uniform weights).
     **kwargs
         Options of scvi-tools' ``get_bayes_factors``: ``n_samples_overall`` (5000 samples per
         group), ``use_permutation`` (False), ``m_permutation`` (10000), ``change_fn``,
@@ -413,12 +415,7 @@ def differential_expression(
         raise ValueError(f"mode must be 'vanilla' or 'change', got {mode!r}.")
     if opts["test_mode"] not in ("two", "three"):
         raise ValueError(f"test_mode must be 'two' or 'three', got {opts['test_mode']!r}.")
-    if weights == "importance":
-        raise NotImplementedError(
-            "weights='importance' needs importance weights, which jaxvi does not implement "
-            "yet; use weights='uniform'."
-        )
-    if weights not in (None, "uniform"):
+    if weights not in (None, "uniform", "importance"):
         raise ValueError(f"weights must be 'uniform' or 'importance', got {weights!r}.")
     if not batch_correction and (batchid1 is not None or batchid2 is not None):
         raise ValueError("batchid1 / batchid2 need batch_correction=True.")
@@ -448,7 +445,14 @@ def differential_expression(
         if filter_outlier_cells:
             cells = _filter_outliers(model, adata, cells, int(rng.integers(2**31 - 1)))
         scales, labels = _sample_scales(
-            model, adata, cells, batches, opts["n_samples_overall"], batch_size
+            model,
+            adata,
+            cells,
+            batches,
+            opts["n_samples_overall"],
+            batch_size,
+            weights,
+            importance_weighting_kwargs or {},
         )
         return cells, scales, labels
 
@@ -608,7 +612,9 @@ def _filter_outliers(model, adata, cells: np.ndarray, seed: int) -> np.ndarray:
     return cells[keep]
 
 
-def _sample_scales(model, adata, cells, batches, n_samples_overall, batch_size):
+def _sample_scales(
+    model, adata, cells, batches, n_samples_overall, batch_size, weights=None, iw_kwargs=None
+):
     """``(scales (N, genes) float32, batch labels (N,))``: ``n_samples_overall / len(batches)``
     draws per batch of ``batches`` (``[None]``: observed batches)."""
     n = int(n_samples_overall / len(batches))
@@ -629,6 +635,8 @@ def _sample_scales(model, adata, cells, batches, n_samples_overall, batch_size):
             n_samples_overall=n,
             batch_size=bs,
             return_numpy=True,
+            weights=weights,
+            **(iw_kwargs or {}),
         )
         scales.append(np.asarray(s))
         labels.append(np.full(len(s), b, dtype=object))

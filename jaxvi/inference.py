@@ -13,10 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvi.dataset import CellData, gather, pad_indices
+from jaxvi._settings import settings
+from jaxvi.dataset import CellData, gather, is_host, pad_indices, take_rows
 from jaxvi.module import VAE, VAEConfig
+from jaxvi.sharding import to_host
 
-__all__ = ["latent_program", "normalized_expression_program", "run_chunked"]
+__all__ = [
+    "chunks_per_call",
+    "expression_and_latent_program",
+    "last_run",
+    "latent_program",
+    "normalized_expression_program",
+    "run_chunked",
+]
 
 
 @functools.lru_cache(maxsize=128)
@@ -91,16 +100,69 @@ def normalized_expression_program(config: VAEConfig, n_samples: int, latent_libr
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=32)
+def expression_and_latent_program(config: VAEConfig, latent_library: bool):
+    """``run(variables, data, idx, key, code, gene_idx, scaling) -> (expr, u)``.
+
+    One posterior draw per cell, decoded with batch ``code`` (-1: each cell's own): ``expr``
+    is ``px_scale * scaling`` (``px_rate`` when ``latent_library``) restricted to ``gene_idx``,
+    ``(n_chunks, batch, genes)``, and ``u`` the Gaussian draw of the latent before any
+    ``"ln"`` softmax, ``(n_chunks, batch, n_latent)`` (what importance weights need).
+    """
+    module = VAE(config)
+    ln = config.latent_distribution == "ln"
+
+    def run(variables, data: CellData, idx, key, code, gene_idx, scaling):
+        def body(_, xs):
+            i, idx_i = xs
+            batch = gather(data, idx_i)
+            k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
+            tb = jnp.where(code >= 0, code, batch.batch_index)
+
+            def fwd(m):
+                inf = m.inference(batch, key=None)
+                u = inf.qz_m + jnp.sqrt(inf.qz_v) * jax.random.normal(k_z, inf.qz_m.shape)
+                library = inf.library
+                if inf.ql_m is not None and not config.use_observed_lib_size:
+                    eps = jax.random.normal(k_l, inf.ql_m.shape)
+                    library = inf.ql_m + jnp.sqrt(inf.ql_v) * eps
+                z = jax.nn.softmax(u, axis=-1) if ln else u
+                return u, m.generative(z, library, batch._replace(batch_index=tb))
+
+            u, gen = module.apply(variables, method=fwd)
+            out = gen.px_rate if latent_library else gen.px_scale * scaling
+            return None, (out[..., gene_idx], u)
+
+        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
+        return out
+
+    return jax.jit(run)
+
+
 MAX_CHUNKS_PER_CALL = 64
 
 
-def _bucket(n_chunks: int) -> int:
-    """Chunks per call: the next power of two, at most ``MAX_CHUNKS_PER_CALL``."""
-    return min(MAX_CHUNKS_PER_CALL, 1 << max(n_chunks - 1, 0).bit_length())
+def _bucket(n_chunks: int, limit: int = MAX_CHUNKS_PER_CALL) -> int:
+    """Chunks per call: the next power of two, at most ``limit``."""
+    return min(limit, 1 << max(n_chunks - 1, 0).bit_length())
 
 
 def _is_key(a) -> bool:
     return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+# Statistics of the latest run_chunked call: device calls, and the most cells / bytes of
+# counts moved to the device in one call (host data only).
+last_run: dict = {}
+
+
+def chunks_per_call(n_genes: int, batch_size: int) -> int:
+    """Chunks of ``batch_size`` cells per device call under
+    ``settings.inference_bytes_per_call``: a power of two, between 1 and
+    ``MAX_CHUNKS_PER_CALL``."""
+    cells = int(settings.inference_bytes_per_call) // max(4 * int(n_genes), 1)
+    chunks = max(1, min(MAX_CHUNKS_PER_CALL, cells // int(batch_size)))
+    return 1 << (chunks.bit_length() - 1)
 
 
 def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis: int = 0):
@@ -109,25 +171,42 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
     ``program(variables, data, idx, *args)`` takes ``idx`` of shape ``(n_chunks, batch)``.
     Chunk counts are padded to a power of two and split into calls of at most
     ``MAX_CHUNKS_PER_CALL`` chunks, so a program compiles for a handful of shapes whatever the
-    number of cells, and device memory stays bounded. When ``args[0]`` is a PRNG key, each
-    call after the first gets ``fold_in(key, call)``.
+    number of cells. When ``data`` lives on the host (:func:`jaxvi.dataset.to_host`), each
+    call moves only its own cells, densified, to the device, and calls are sized so that
+    this stays under ``settings.inference_bytes_per_call``: device memory is bounded
+    whatever the size of the dataset. When ``args[0]`` is a PRNG key, each call after the
+    first gets ``fold_in(key, call)``.
 
     Outputs of shape ``(n_chunks, *pre, batch, *post)`` become ``(*pre, n_cells, *post)``
     where ``pre`` has ``cell_axis`` dimensions.
     """
     idx, mask = pad_indices(np.asarray(indices), batch_size)
     n_chunks = idx.shape[0]
+    host = is_host(data)
+    per_call = chunks_per_call(data.n_genes, batch_size) if host else MAX_CHUNKS_PER_CALL
+    stats = {"calls": 0, "max_cells_per_call": 0, "max_bytes_per_call": 0}
     parts = []
-    for call, start in enumerate(range(0, n_chunks, MAX_CHUNKS_PER_CALL)):
-        part = idx[start : start + MAX_CHUNKS_PER_CALL]
+    for call, start in enumerate(range(0, n_chunks, per_call)):
+        part = idx[start : start + per_call]
         n = part.shape[0]
-        padded = np.zeros((_bucket(n), batch_size), np.int32)
+        padded = np.zeros((_bucket(n, per_call), batch_size), np.int32)
         padded[:n] = part
+        call_data = data
+        if host:
+            piece = take_rows(data, padded.reshape(-1))
+            stats["max_cells_per_call"] = max(stats["max_cells_per_call"], padded.size)
+            stats["max_bytes_per_call"] = max(stats["max_bytes_per_call"], piece.x.nbytes)
+            call_data = jax.device_put(piece)
+            padded = np.arange(padded.size, dtype=np.int32).reshape(padded.shape)
         call_args = args
         if call > 0 and args and _is_key(args[0]):
             call_args = (jax.random.fold_in(args[0], call), *args[1:])
-        out = program(variables, data, jnp.asarray(padded), *call_args)
-        parts.append(jax.tree_util.tree_map(lambda a, n=n: np.asarray(a)[:n], out))
+        out = program(variables, call_data, jnp.asarray(padded), *call_args)
+        parts.append(jax.tree_util.tree_map(lambda a, n=n: to_host(a)[:n], out))
+        stats["calls"] += 1
+        del call_data, out
+    last_run.clear()
+    last_run.update(stats)
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *parts)
     keep = mask.reshape(-1) > 0
 

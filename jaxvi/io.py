@@ -7,13 +7,24 @@ name and renamed into place, so an interrupted save never leaves a half-written 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "flatten_tree", "read_model_dir", "unflatten_tree", "write_model_dir"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PickleRefused",
+    "array_manifest",
+    "flatten_tree",
+    "read_model_dir",
+    "unflatten_tree",
+    "write_model_dir",
+]
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -58,16 +69,48 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def array_manifest(arrays: dict[str, np.ndarray]) -> dict[str, dict]:
+    """``{name: {"shape", "dtype", "sha256"}}`` of each array (the declaration checked on load)."""
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        out[k] = {
+            "shape": list(v.shape),
+            "dtype": v.dtype.str,
+            "sha256": hashlib.sha256(v.tobytes()).hexdigest(),
+        }
+    return out
+
+
 def write_model_dir(
-    dir_path: str, meta: dict, arrays: dict[str, np.ndarray], *, overwrite: bool, adata=None
+    dir_path: str,
+    meta: dict,
+    arrays: dict[str, np.ndarray],
+    *,
+    overwrite: bool,
+    adata=None,
+    json_name: str = MODEL_JSON,
+    npz_name: str = MODEL_NPZ,
+    kind: str = "jaxvi",
+    version: int = FORMAT_VERSION,
 ) -> None:
-    """Write ``model.json`` (``meta`` plus format fields), ``model.npz`` and maybe the AnnData."""
-    if os.path.exists(os.path.join(dir_path, MODEL_JSON)) and not overwrite:
+    """Write ``json_name`` (``meta`` plus format fields and the array manifest), ``npz_name``
+    and maybe the AnnData; each file atomically (temporary name, then rename)."""
+    if os.path.exists(os.path.join(dir_path, json_name)) and not overwrite:
         raise ValueError(
             f"{dir_path} already contains a saved model; pass `overwrite=True` to replace it."
         )
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v.dtype.hasobject:
+            raise TypeError(f"Array {k!r} has dtype object; only plain numeric arrays are saved.")
     os.makedirs(dir_path, exist_ok=True)
-    meta = {"format": "jaxvi", "format_version": FORMAT_VERSION, **meta}
+    meta = {
+        "format": kind,
+        "format_version": version,
+        **{k: v for k, v in meta.items() if k not in ("format", "format_version")},
+        "arrays": array_manifest(arrays),
+    }
 
     def write_npz(tmp):
         with open(tmp, "wb") as f:
@@ -77,34 +120,120 @@ def write_model_dir(
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
 
-    _atomic_write(os.path.join(dir_path, MODEL_NPZ), write_npz)
+    _atomic_write(os.path.join(dir_path, npz_name), write_npz)
     if adata is not None:
         _atomic_write(os.path.join(dir_path, ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
-    _atomic_write(os.path.join(dir_path, MODEL_JSON), write_json)
+    _atomic_write(os.path.join(dir_path, json_name), write_json)
 
 
-def read_model_dir(dir_path: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read ``(meta, arrays)`` written by :func:`write_model_dir`, refusing anything else."""
-    json_path = os.path.join(dir_path, MODEL_JSON)
+def read_model_dir(
+    dir_path: str,
+    *,
+    json_name: str = MODEL_JSON,
+    npz_name: str = MODEL_NPZ,
+    kind: str = "jaxvi",
+    max_version: int = FORMAT_VERSION,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read ``(meta, arrays)`` written by :func:`write_model_dir`, refusing anything else.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``json_name`` or ``npz_name`` is missing.
+    ValueError
+        Truncated or corrupted files (invalid JSON, not a zip archive, CRC or checksum
+        mismatch, unreadable members), another file kind, a format version newer than
+        ``max_version``, arrays whose shape or dtype differ from the declaration in the
+        JSON, and any array that would need pickle (code execution) to load.
+    """
+    json_path = os.path.join(dir_path, json_name)
+    npz_path = os.path.join(dir_path, npz_name)
     if not os.path.exists(json_path):
-        raise FileNotFoundError(f"No saved jaxvi model in {dir_path} ({MODEL_JSON} missing).")
+        hint = ""
+        if os.path.exists(os.path.join(dir_path, "model.pt")):
+            hint = (
+                " It holds a scvi-tools model.pt, a pickle that jaxvi does not execute; convert "
+                "its weights with jaxvi.bridge."
+            )
+        raise FileNotFoundError(f"No saved {kind} in {dir_path} ({json_name} missing).{hint}")
     try:
-        with open(json_path) as f:
+        with open(json_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path} is corrupted or truncated: {e}") from e
-    if meta.get("format") != "jaxvi":
-        raise ValueError(f"{json_path} is not a jaxvi model file.")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{dir_path} was saved with format version {meta['format_version']}, newer than "
-            f"this jaxvi reads ({FORMAT_VERSION}); upgrade jaxvi."
-        )
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path} is corrupted or truncated (not valid JSON: {e}).") from e
+    if not isinstance(meta, dict) or meta.get("format") != kind:
+        raise ValueError(f"{json_path} is not a {kind} file.")
     try:
-        with np.load(os.path.join(dir_path, MODEL_NPZ), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as e:
-        raise ValueError(f"{dir_path}/{MODEL_NPZ} holds objects that need pickle: refused.") from e
-    except (OSError, EOFError, KeyError) as e:
-        raise ValueError(f"{dir_path}/{MODEL_NPZ} is corrupted or truncated: {e}") from e
+        version = int(meta.get("format_version", -1))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{json_path} has an invalid format_version.") from e
+    if version > max_version:
+        raise ValueError(
+            f"{dir_path} was saved with format version {version}, newer than this jaxvi reads "
+            f"({max_version}); upgrade jaxvi."
+        )
+    if not os.path.exists(npz_path):
+        raise FileNotFoundError(f"{npz_path} is missing: the save is incomplete.")
+    arrays = _read_npz(npz_path)
+    declared = meta.get("arrays")
+    if declared is not None:
+        _check_manifest(npz_path, declared, arrays)
     return meta, arrays
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` read member by member, never unpickling."""
+    fmt = np.lib.format
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise ValueError(f"{path} is corrupted: CRC mismatch in member {bad!r}.")
+            arrays = {}
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    raise ValueError(f"{path} holds a member {name!r} that is not an array.")
+                with zf.open(name) as f:
+                    version = fmt.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = fmt.read_array_header_1_0(f)
+                    else:
+                        shape, _, dtype = fmt.read_array_header_2_0(f)
+                    if dtype.hasobject:
+                        raise PickleRefused(
+                            f"{path}: array {name[:-4]!r} holds Python objects, which only "
+                            "pickle (running code from the file) could load: refused."
+                        )
+                with zf.open(name) as f:
+                    arrays[name[:-4]] = fmt.read_array(f, allow_pickle=False)
+            return arrays
+    except PickleRefused:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is corrupted or truncated: {e}") from e
+
+
+class PickleRefused(ValueError):
+    """A saved file would need pickle (arbitrary code execution) to load."""
+
+
+def _check_manifest(path: str, declared: dict, arrays: dict[str, np.ndarray]) -> None:
+    if not isinstance(declared, dict):
+        raise ValueError(f"{path}: the array declaration in the JSON is malformed.")
+    missing = sorted(set(declared) - set(arrays))
+    extra = sorted(set(arrays) - set(declared))
+    if missing or extra:
+        raise ValueError(
+            f"{path} does not hold the declared arrays: missing {missing[:5]}, "
+            f"undeclared {extra[:5]}."
+        )
+    for k, d in declared.items():
+        a = arrays[k]
+        if list(a.shape) != list(d.get("shape", [])) or a.dtype.str != d.get("dtype"):
+            raise ValueError(
+                f"{path}: array {k!r} is {a.dtype.str}{list(a.shape)} but the JSON declares "
+                f"{d.get('dtype')}{d.get('shape')}."
+            )
+        digest = hashlib.sha256(a.tobytes()).hexdigest()
+        if "sha256" in d and digest != d["sha256"]:
+            raise ValueError(f"{path}: array {k!r} is corrupted (checksum mismatch).")

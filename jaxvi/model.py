@@ -7,6 +7,7 @@ library prior) and the training history; every computation is a module-level fun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -17,14 +18,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from jaxvi import checkpoint as ckpt
 from jaxvi import inference, io, posterior
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
+from jaxvi.dataset import to_host as host_cell_data
+from jaxvi.importance import get_importance_weights
+from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import VAE, VAEConfig, init_variables
+from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
+from jaxvi.streaming import StreamingData
 from jaxvi.train import (
+    FitProgress,
+    NonFiniteError,
     PlanConfig,
-    evaluate,
+    TrainingInterrupted,
     fit,
     get_max_epochs_heuristic,
     init_train_state,
@@ -56,6 +65,16 @@ _TRAINER_KWARGS = {
     "early_stopping_min_delta",
     "early_stopping_mode",
     "gradient_clip_val",
+    "precision",
+}
+# Lightning's ``precision`` values -> JAX's default matmul precision for training.
+_PRECISION = {
+    "32": "float32",
+    "32-true": "float32",
+    "bf16": "BF16_BF16_F32",
+    "bf16-mixed": "BF16_BF16_F32",
+    "bf16-true": "BF16_BF16_F32",
+    "tf32": "tensorfloat32",
 }
 
 
@@ -129,6 +148,7 @@ class SCVI:
         self.is_trained_ = False
         self.train_indices_ = self.validation_indices_ = self.test_indices_ = None
         self._n_calls = 0
+        self._mesh = None
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -229,6 +249,11 @@ class SCVI:
         check_val_every_n_epoch: int | None = None,
         enable_progress_bar: bool = True,
         seed: int | None = None,
+        streaming: bool | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        checkpoint_keep: int = 2,
+        resume: str | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -237,8 +262,14 @@ class SCVI:
         ----------
         max_epochs
             Epochs; default ``min(round(20000 / n_cells * 400), 400)``.
-        accelerator, devices
-            Accepted for compatibility; JAX's default device is used.
+        accelerator
+            ``"auto"``, or a backend that must be JAX's default (``"cpu"``, ``"gpu"``, ...).
+        devices
+            ``"auto"``: JAX's default device. An int ``n`` (``-1``: all), a list of devices or
+            a ``jax.sharding.Mesh`` with a ``"cells"`` axis: data-parallel training over
+            them (parameters replicated, cells sharded; :mod:`jaxvi.sharding`), across
+            processes after :func:`jaxvi.distributed.initialize`. Queries afterwards use the
+            same devices (see :meth:`to_device`).
         train_size, validation_size, shuffle_set_split
             The seeded train / validation / test split (0.9 / rest by default).
         load_sparse_tensor
@@ -260,10 +291,34 @@ class SCVI:
             Show a progress bar with the running loss.
         seed
             Seed of the split, the minibatch order and the sampling; ``settings.seed`` if None.
+        streaming
+            Read the cells from disk in shuffled blocks during training instead of loading
+            them all (:mod:`jaxvi.streaming`; host memory bounded by
+            ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
+        checkpoint_dir, checkpoint_every_n_epochs, checkpoint_keep
+            Write a checkpoint (parameters, optimizer and batch-norm state, epoch, history,
+            split, settings) to ``checkpoint_dir/epoch_<N>`` every this many epochs, keeping the
+            newest ``checkpoint_keep`` (see :mod:`jaxvi.checkpoint`); also on interruption.
+        resume
+            A checkpoint (or a ``checkpoint_dir``: its newest) to continue from. The run goes
+            on to ``max_epochs`` in total, bit-identical to an uninterrupted one; the split,
+            seed and earlier history come from the checkpoint, and other settings must match.
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
-            ``gradient_clip_val``.
+            ``gradient_clip_val``, ``precision`` (Lightning's names: ``"32-true"`` exact
+            float32 matmuls, ``"bf16-mixed"`` bfloat16 matmul inputs with float32
+            accumulation, ``"tf32"``; default JAX's, which is TF32 on recent NVIDIA GPUs).
+
+        Raises
+        ------
+        jaxvi.train.TrainingInterrupted
+            After the running epoch when SIGINT (Ctrl-C) or SIGTERM arrived; the model then
+            holds that epoch's parameters and history (and a checkpoint is written when
+            ``checkpoint_dir`` is set).
+        jaxvi.train.NonFiniteError
+            When a loss, gradient or update became NaN/inf; the message names the epoch and
+            step, and the model keeps the last finite parameters.
         """
         unknown = sorted(set(trainer_kwargs) - _TRAINER_KWARGS)
         if unknown:
@@ -282,6 +337,11 @@ class SCVI:
         plan_kw = {**(plan_config or {}), **(plan_kwargs or {})}
         if "gradient_clip_val" in trainer_kwargs:
             plan_kw["gradient_clip_val"] = trainer_kwargs.pop("gradient_clip_val")
+        precision = trainer_kwargs.pop("precision", None)
+        if precision is not None and str(precision) not in _PRECISION:
+            raise ValueError(
+                f"precision={precision!r} is not supported; use one of {sorted(_PRECISION)}."
+            )
         plan = PlanConfig.from_kwargs(plan_kw)
         splitter = dict(datasplitter_kwargs or {})
         drop_last = bool(splitter.pop("drop_last", False))
@@ -305,35 +365,110 @@ class SCVI:
                 seed=seed,
                 drop_last=drop_last,
             )
-        data = self._device_data(self.adata, load_sparse_tensor)
+        mesh = resolve_devices(devices)
+        if mesh is not None and self.minified_data_type is not None:
+            raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        if streaming is None:
+            streaming = bool(getattr(self.adata, "isbacked", False))
+        if streaming and mesh is not None:
+            raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
+        self._mesh = mesh
         state, _ = init_train_state(self.module, self.variables, plan)
-        state, history, epoch_fn = fit(
-            self.module,
-            state,
-            data,
-            train_idx=train_idx,
-            val_idx=val_idx,
-            plan=plan,
-            max_epochs=int(max_epochs),
-            batch_size=int(batch_size),
-            seed=seed,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            early_stopping=early_stopping,
-            progress_bar=enable_progress_bar,
-            history=self.history_,
-            drop_last=drop_last,
-            **trainer_kwargs,
-        )
+        run = {  # what must agree with a checkpoint for an exact continuation
+            "n_cells": int(n_obs),
+            "batch_size": int(batch_size),
+            "drop_last": drop_last,
+            "plan": ckpt.plan_to_json(plan),
+            "config": dataclasses.asdict(self.config),
+            "check_val_every_n_epoch": check_val_every_n_epoch,
+            "early_stopping": bool(early_stopping),
+            "trainer_kwargs": dict(trainer_kwargs),
+        }
+        history_before, progress = self.history_, None
+        if resume is not None:
+            meta, arrays = ckpt.read_checkpoint(resume)
+            ckpt.check_same_run(meta, run)
+            seed = int(meta["seed"])
+            split = meta["split"]
+            train_idx, val_idx, test_idx = (
+                np.asarray(split[k], np.int64) for k in ("train", "validation", "test")
+            )
+            history_before = ckpt.history_from_json(meta["history_before"])
+            progress = FitProgress(**meta["progress"])
+            state = ckpt.restore_state(state, meta, arrays)
+        checkpointer = None
+        if checkpoint_dir is not None:
+            checkpointer = ckpt.Checkpointer(
+                checkpoint_dir,
+                checkpoint_every_n_epochs,
+                checkpoint_keep,
+                {
+                    **run,
+                    "seed": seed,
+                    "max_epochs": int(max_epochs),
+                    "split": {
+                        "train": [int(i) for i in train_idx],
+                        "validation": [int(i) for i in val_idx],
+                        "test": [int(i) for i in test_idx],
+                    },
+                    "history_before": ckpt.history_to_json(history_before),
+                },
+            )
+        splits = (train_idx, val_idx, test_idx)
+        if streaming:
+            data = StreamingData(
+                self.adata,
+                self.registry_,
+                train_idx,
+                val_idx,
+                chunk_cells=settings.stream_chunk_cells,
+                max_host_bytes=settings.stream_max_host_bytes,
+            )
+        else:
+            data = self._device_data(self.adata, load_sparse_tensor)
+        matmul = _PRECISION[str(precision)] if precision is not None else None
+        try:
+            with jax.default_matmul_precision(matmul), _out_of_memory_as("A training step"):
+                state, history, epoch_fn = fit(
+                    self.module,
+                    state,
+                    data,
+                    train_idx=train_idx,
+                    val_idx=val_idx,
+                    plan=plan,
+                    max_epochs=int(max_epochs),
+                    batch_size=int(batch_size),
+                    seed=seed,
+                    check_val_every_n_epoch=check_val_every_n_epoch,
+                    early_stopping=early_stopping,
+                    progress_bar=enable_progress_bar,
+                    history=history_before,
+                    drop_last=drop_last,
+                    progress=progress,
+                    on_epoch_end=checkpointer,
+                    **trainer_kwargs,
+                )
+        except (TrainingInterrupted, NonFiniteError) as err:
+            # Keep the last completed epoch (interruption) or the last finite step.
+            self._set_trained(err.state, err.history, splits)
+            if isinstance(err, TrainingInterrupted) and checkpointer is not None:
+                checkpointer.write(err.state, err.progress)
+            raise
         self._epoch_fn = epoch_fn
+        self._set_trained(state, history, splits)
+
+    def _set_trained(self, state, history, splits) -> None:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.buffers:
             variables["buffers"] = state.buffers
+        if self._mesh is not None:  # host copies: usable with any device placement
+            variables = jax.tree_util.tree_map(to_host, variables)
         self.variables = variables
         self.history_ = history
         self.is_trained_ = True
-        self.train_indices_ = np.asarray(train_idx)
-        self.validation_indices_ = np.asarray(val_idx)
-        self.test_indices_ = np.asarray(test_idx)
+        self.train_indices_, self.validation_indices_, self.test_indices_ = (
+            np.asarray(a) for a in splits
+        )
 
     # ---------------------------------------------------------------- queries
     def get_latent_representation(
@@ -375,6 +510,7 @@ class SCVI:
         return_mean: bool = True,
         return_numpy: bool | None = None,
         silent: bool = True,
+        **importance_weighting_kwargs,
     ):
         """Denoised expression ``px_scale * library_size`` from one z sample per cell.
 
@@ -391,6 +527,12 @@ class SCVI:
         n_samples_overall
             Draw this many expression vectors over the cells (with replacement); needs
             ``return_numpy=True``.
+        weights
+            How ``n_samples_overall`` draws are resampled: ``None``/``"uniform"``, or
+            ``"importance"`` (:meth:`get_importance_weights`; one batch in ``transform_batch``).
+        **importance_weighting_kwargs
+            ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` for
+            :meth:`get_importance_weights`.
 
         Returns
         -------
@@ -398,10 +540,9 @@ class SCVI:
         ``(n_samples, cells, genes)`` with ``return_mean=False``, ``(n_samples_overall, genes)``.
         """
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        if weights not in (None, "uniform"):
-            raise NotImplementedError(
-                f"weights={weights!r} is not supported yet; use None or 'uniform'."
-            )
+        if weights not in (None, "uniform", "importance"):
+            raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
+        importance = weights == "importance" and n_samples_overall is not None
         if n_samples_overall is not None:
             if n_samples != 1:
                 raise ValueError("Use either n_samples or n_samples_overall, not both.")
@@ -425,6 +566,11 @@ class SCVI:
                 missing = [g for g, i in zip(gene_list, gene_idx, strict=True) if i < 0][:5]
                 raise ValueError(f"gene_list has genes the model does not know: {missing}.")
         codes = self._batch_codes(transform_batch)
+        if weights == "importance" and len(codes) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches."
+            )
         latent_library = library_size == "latent"
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
@@ -435,7 +581,23 @@ class SCVI:
         )
         key = self._next_key()
         n_samples = int(n_samples)
-        if n_samples_overall is not None:
+        if importance:
+            rows = np.repeat(indices, n_samples)
+            program = inference.expression_and_latent_program(self.config, latent_library)
+            exprs, zs = inference.run_chunked(
+                program, self.variables, data, rows, bs, key, args[0][0], *args[1:]
+            )
+            p = get_importance_weights(
+                self,
+                adata,
+                indices,
+                zs,
+                transform_batch,
+                batch_size=bs,
+                rows=rows,
+                **importance_weighting_kwargs,
+            )
+        elif n_samples_overall is not None:
             # Each cell n_samples times, one z draw per row: the one-sample program serves
             # every group size (DE asks for a different count per group).
             program = inference.normalized_expression_program(self.config, 1, latent_library)
@@ -464,13 +626,51 @@ class SCVI:
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
             rng = np.random.default_rng(int(self._next_key_int()))
-            exprs = flat[rng.choice(flat.shape[0], int(n_samples_overall), replace=True)]
+            draws = rng.choice(
+                flat.shape[0], int(n_samples_overall), replace=True, p=p if importance else None
+            )
+            exprs = flat[draws]
         elif n_samples > 1 and return_mean:
             exprs = exprs.mean(axis=0)
         if return_numpy is None or return_numpy is False:
             obs_names = adata.obs_names[np.asarray(indices)]
             return pd.DataFrame(exprs, index=obs_names, columns=var_names[gene_idx])
         return exprs
+
+    def get_importance_weights(
+        self,
+        adata=None,
+        indices=None,
+        zs=None,
+        transform_batch=None,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Normalised importance weights of latent draws ``zs`` of the cells ``indices``.
+
+        ``zs`` is ``(cells, n_latent)`` or ``(n_samples, cells, n_latent)`` (pre-softmax for
+        ``"ln"``); the likelihoods of the draws are recomputed from the model. See
+        :func:`jaxvi.importance.get_importance_weights`.
+
+        Returns
+        -------
+        float64 ``(n_draws,)`` summing to one.
+        """
+        return get_importance_weights(
+            self,
+            adata,
+            indices,
+            zs,
+            transform_batch,
+            max_cells,
+            truncation,
+            n_mc_samples,
+            n_mc_samples_per_pass,
+            batch_size,
+        )
 
     def differential_expression(
         self,
@@ -787,6 +987,7 @@ class SCVI:
         )
         model.test_indices_ = None if idx["test"] is None else np.asarray(idx["test"])
         model._n_calls = 0
+        model._mesh = None
         return model
 
     # ---------------------------------------------------------------- helpers
@@ -797,16 +998,29 @@ class SCVI:
     def _next_key_int(self) -> int:
         return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))
 
-    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+    def to_device(self, devices="auto") -> None:
+        """Where queries run: ``"auto"`` (JAX's default device) or, as ``train(devices=)``,
+        an int, a list of devices or a ``Mesh``: the cells are then sharded over them."""
+        mesh = resolve_devices(devices)
+        if mesh is not None and self.minified_data_type is not None:
+            raise ValueError("Data-parallel queries need the counts; this model is minified.")
+        self._mesh = mesh
+
+    def _data_arrays(self, adata) -> dict:
         arrays = reglib.registry_arrays(adata, self.registry_)
-        x = arrays["X"]
-        minified = adata.uns.get(MINIFY_UNS_KEY)
-        if minified is not None:
+        if adata.uns.get(MINIFY_UNS_KEY) is not None:
             arrays["qz_m"] = adata.obsm[QZM_KEY]
             arrays["qz_v"] = adata.obsm[QZV_KEY]
             arrays["observed_lib_size"] = adata.obs[LIB_KEY].to_numpy()
-            if minified == "latent_posterior_parameters":
-                load_sparse_tensor = True  # all-zero counts: nothing to densify
+        return arrays
+
+    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
+        if self._mesh is not None:
+            return sharded_cell_data(adata, self.registry_, self._mesh)
+        arrays = self._data_arrays(adata)
+        x = arrays["X"]
+        if adata.uns.get(MINIFY_UNS_KEY) == "latent_posterior_parameters":
+            load_sparse_tensor = True  # all-zero counts: nothing to densify
         if load_sparse_tensor is None:
             load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
         return to_device(arrays, sparse=bool(load_sparse_tensor))
@@ -825,13 +1039,20 @@ class SCVI:
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
-        return adata, indices.astype(np.int64), self._device_data(adata, None), bs
+        if self._mesh is not None:  # sharded over the devices of the mesh
+            return adata, indices.astype(np.int64), self._device_data(adata, None), bs
+        # Host data: run_chunked moves bounded pieces to the device (any dataset size).
+        data = host_cell_data(self._data_arrays(adata))
+        return adata, indices.astype(np.int64), data, bs
 
     def _elbo_terms(self, adata, indices, batch_size):
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
         if not hasattr(self, "_evaluate_fn"):
             self._evaluate_fn = make_evaluate(self.module)
-        return evaluate(self._evaluate_fn, self.variables, data, indices, self._next_key(), bs)
+        out = inference.run_chunked(
+            self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
+        )
+        return tuple(np.asarray(a, np.float64) for a in out)
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
         if transform_batch is None:
@@ -884,6 +1105,13 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
     (scvi-tools' ``_init_library_size``).
     """
     totals = np.asarray(x.sum(axis=1), np.float64).ravel()
+    if np.any(totals == 0):
+        warnings.warn(
+            "This dataset has some empty cells, this might fail inference. Data should be "
+            "filtered with `scanpy.pp.filter_cells()`",
+            UserWarning,
+            stacklevel=3,
+        )
     log_lib = np.log(np.where(totals > 0, totals, 1.0))
     means = np.zeros(n_batch)
     variances = np.ones(n_batch)
@@ -892,7 +1120,25 @@ def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
         if np.any(sel):
             means[b] = log_lib[sel].mean()
             variances[b] = log_lib[sel].var()
+            if variances[b] <= 0:
+                raise ValueError(
+                    f"Batch code {b} has {int(sel.sum())} cell(s) all with the same library "
+                    "size, so the log-library prior of use_observed_lib_size=False has "
+                    "variance 0 (scvi-tools fails here too). Use the observed library size or "
+                    "merge that batch."
+                )
     return means[None].astype(np.float32), variances[None].astype(np.float32)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as(what: str):
+    """Turn XLA's device out-of-memory error into a clear ``MemoryError``."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory_error(what, None, e) from None
 
 
 def _check_accelerator(accelerator: str) -> None:

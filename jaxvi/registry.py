@@ -36,6 +36,20 @@ def setup_anndata(
     """
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if getattr(adata, "is_view", False):
+        raise ValueError(
+            "setup_anndata got a view of an AnnData (e.g. adata[cells]); it writes to "
+            "adata.obs and adata.uns. Please run `adata = adata.copy()` first."
+        )
+    for axis, names in (("obs", adata.obs_names), ("var", adata.var_names)):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:3].tolist()
+            warnings.warn(
+                f"adata.{axis}_names are not unique (e.g. {dup}); outputs indexed by these "
+                f"names will be ambiguous. Consider `adata.{axis}_names_make_unique()`.",
+                UserWarning,
+                stacklevel=3,
+            )
     setup_args = {
         "layer": layer,
         "batch_key": batch_key,
@@ -45,6 +59,13 @@ def setup_anndata(
         "continuous_covariate_keys": list(continuous_covariate_keys or []) or None,
     }
     x = _get_counts(adata, layer)
+    if sp.issparse(x) and x.format == "csc":
+        warnings.warn(
+            "Training will be faster when sparse matrix is formatted as CSR. It is safe to "
+            "cast before model initialization.",
+            UserWarning,
+            stacklevel=3,
+        )
     _check_counts(x, layer)
     batch_cats = _categories(adata, batch_key, "batch_key")
     label_cats = _categories(adata, labels_key, "labels_key")
@@ -73,6 +94,8 @@ def setup_anndata(
     arrays = registry_arrays(adata, registry)
     adata.obs["_scvi_batch"] = arrays["batch_index"]
     adata.obs["_scvi_labels"] = arrays["labels"]
+    _warn_small_categories(arrays["batch_index"], "_scvi_batch")
+    _warn_small_categories(arrays["labels"], "_scvi_labels")
     return registry
 
 
@@ -97,19 +120,32 @@ def registry_arrays(adata, registry: dict) -> dict:
     """
     args = registry["setup_args"]
     var_names = [str(v) for v in adata.var_names]
+    order = None
     if var_names != registry["var_names"]:
         ref = registry["var_names"]
         missing = [g for g in ref if g not in set(var_names)][:5]
-        raise ValueError(
-            f"The genes of this AnnData ({len(var_names)}) do not match the {len(ref)} genes "
-            f"the model was set up with (same names, same order required)"
-            + (f"; missing e.g. {missing}." if missing else "; the order differs.")
+        same_set = not missing and len(var_names) == len(ref)
+        unique = len(set(ref)) == len(ref) and len(set(var_names)) == len(var_names)
+        if not (same_set and unique):
+            raise ValueError(
+                f"The genes of this AnnData ({len(var_names)}) do not match the {len(ref)} "
+                "genes the model was set up with"
+                + (f"; missing e.g. {missing}." if missing else " (names not unique).")
+            )
+        warnings.warn(
+            "`var_names` of this AnnData are the model's genes in another order; the columns "
+            "are reordered to the model's order.",
+            UserWarning,
+            stacklevel=3,
         )
+        order = pd.Index(var_names).get_indexer(ref)
     x = _get_counts(adata, args["layer"])
     if sp.issparse(x):
         x = sp.csr_matrix(x, dtype=np.float32)
     else:
         x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    if order is not None:
+        x = x[:, order]
     out = {
         "X": x,
         "batch_index": _codes(adata, args["batch_key"], registry["batch_categories"]),
@@ -144,9 +180,30 @@ def _get_counts(adata, layer):
         x = adata.layers[layer]
     if x is None:
         raise ValueError("adata.X is None; pass `layer=` naming the layer with counts.")
-    if hasattr(x, "to_memory"):  # backed datasets
+    if hasattr(x, "to_memory"):  # backed sparse datasets
         x = x.to_memory()
+    elif not sp.issparse(x) and not isinstance(x, np.ndarray) and hasattr(x, "shape"):
+        x = np.asarray(x)  # backed dense (h5py / zarr) datasets
+    if sp.issparse(x) and x.format not in ("csr", "csc"):
+        where = f"adata.layers['{layer}']" if layer else "adata.X"
+        raise ValueError(
+            f"{where} is a sparse {x.format.upper()} matrix. Only CSR and CSC matrices are "
+            "supported; convert it, e.g. `adata.X = adata.X.tocsr()`."
+        )
     return x
+
+
+def _warn_small_categories(codes: np.ndarray, name: str) -> None:
+    """scvi-tools' warning for categories (by code) with fewer than 3 cells."""
+    counts = np.bincount(codes)
+    for cat, n in enumerate(counts):
+        if 0 < n < 3:
+            warnings.warn(
+                f"Category {cat} in adata.obs['{name}'] has fewer than 3 cells. Models may "
+                "not train properly.",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def _check_counts(x, layer) -> None:

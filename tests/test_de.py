@@ -388,7 +388,7 @@ def test_sampler_uses_normalized_expression(small, monkeypatch):
         ({"groupby": "missing"}, ValueError, "not found"),
         ({}, ValueError, "groupby"),
         ({"groupby": "groups", "mode": "fancy"}, ValueError, "mode"),
-        ({"groupby": "groups", "weights": "importance"}, NotImplementedError, "importance"),
+        ({"groupby": "groups", "weights": "heavy"}, ValueError, "weights"),
         ({"groupby": "groups", "n_samples": 10}, TypeError, "n_samples"),
         ({"groupby": "groups", "test_mode": "one"}, ValueError, "test_mode"),
         ({"groupby": "groups", "batchid1": ["a"]}, ValueError, "batch_correction"),

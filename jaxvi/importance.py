@@ -1,0 +1,297 @@
+"""Importance weights of posterior draws (scvi-tools' ``RNASeqMixin.get_importance_weights``).
+
+Draws ``z_m`` (m = 1..M) are made from the posteriors q(z | x) of a set of cells. A subset of
+those cells (at most ``max_cells``, chosen at random) serves as anchors a = 1..A. The weight of
+draw ``m`` favours latent codes under which many anchors are likely::
+
+    log w_m = logsumexp_a [ log p(z_m) + log p(x_a | z_m, l_a) - log p(x_a)
+                            - logsumexp_a' log q(z_m | x_a') ]
+
+where ``p(x_a | z_m, l_a)`` is the likelihood decoded from ``z_m`` (with the batch and
+covariates of the cell ``z_m`` was drawn for, or the transform batch) with its mean rescaled to
+the anchor's observed total count ``l_a``, and ``log p(x_a)`` the importance-sampled marginal
+log-likelihood (:func:`jaxvi.posterior.get_marginal_ll`). Weights are normalised to sum to
+one. With ``truncation``, log weights below their log-mean are raised to it (scvi-tools 1.4.2
+applies this floor, although the truncated importance sampling it cites caps weights instead).
+
+The decoded parameters are recomputed from ``z_m`` inside one compiled program rather than
+stored, and the ``M x A x genes`` likelihood terms are never held at once: a ``lax.scan`` over
+chunks of draws maps over the anchors.
+
+Where jaxvi differs from scvi-tools 1.4.2: for ``latent_distribution="ln"`` the densities p(z)
+and q(z | x) are evaluated at the Gaussian draw before its softmax (scvi-tools evaluates them
+at the softmax); and the mean is rescaled to the anchor's library for every likelihood
+(scvi-tools rescales it only for ``"zinb"`` and ``"nb"``; for ``"poisson"`` and ``"normal"`` it
+keeps each draw's own library).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvi.dataset import CellData, gather
+from jaxvi.inference import MAX_CHUNKS_PER_CALL, _bucket
+from jaxvi.likelihoods import get_likelihood
+from jaxvi.module import VAE, VAEConfig
+
+__all__ = ["get_importance_weights", "importance_log_weights", "normalize_log_weights"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _normal_log_density(x, mean, var):
+    return -0.5 * (jnp.square(x - mean) / var + jnp.log(var) + _LOG_2PI)
+
+
+@functools.lru_cache(maxsize=32)
+def _log_weight_program(config: VAEConfig):
+    """``run(variables, data, rows, u, code, anchors, anchor_mask, anchor_log_px)``.
+
+    ``rows`` ``(n_chunks, batch)`` int cells the draws belong to, ``u`` ``(n_chunks, batch,
+    n_latent)`` the draws (pre-softmax), ``anchors`` ``(A,)`` anchor cells with ``anchor_mask``
+    ``(A,)`` (1 for real anchors) and ``anchor_log_px`` ``(A,)``. Returns unnormalised log
+    weights ``(n_chunks, batch)``.
+    """
+    module = VAE(config)
+    lik = get_likelihood(config.gene_likelihood)
+    ln = config.latent_distribution == "ln"
+
+    def run(variables, data: CellData, rows, u, code, anchors, anchor_mask, anchor_log_px):
+        anchor_batch = gather(data, anchors)
+        inf = module.apply(variables, anchor_batch, key=None, method=VAE.inference)
+        qz_m, qz_v = inf.qz_m, inf.qz_v  # (A, L)
+        x_a = anchor_batch.x  # (A, G)
+        lib_a = jnp.sum(x_a, axis=-1)  # (A,)
+        real = anchor_mask > 0
+
+        def body(_, xs):
+            rows_i, u_i = xs
+            batch = gather(data, rows_i)
+            tb = jnp.where(code >= 0, code, batch.batch_index)
+            z = jax.nn.softmax(u_i, axis=-1) if ln else u_i
+            library = jnp.zeros((z.shape[0], 1), z.dtype)
+            gen = module.apply(
+                variables, z, library, batch._replace(batch_index=tb), method=VAE.generative
+            )
+            params = gen.px_params()
+            log_pz = jnp.sum(_normal_log_density(u_i, 0.0, 1.0), -1)  # (B,)
+            log_qz = jnp.sum(_normal_log_density(u_i[:, None, :], qz_m, qz_v), -1)  # (B, A)
+            log_qz = jnp.where(real, log_qz, -jnp.inf)
+
+            def per_anchor(xl):
+                x, lib = xl
+                p = params._replace(mu=gen.px_scale * lib)
+                return jnp.sum(lik.log_prob(x[None, :], p), -1)  # (B,)
+
+            log_px_z = jax.lax.map(per_anchor, (x_a, lib_a), batch_size=8).T  # (B, A)
+            terms = (
+                log_pz[:, None]
+                + log_px_z
+                - anchor_log_px[None, :]
+                - jax.nn.logsumexp(log_qz, axis=1, keepdims=True)
+            )
+            terms = jnp.where(real, terms, -jnp.inf)
+            return None, jax.nn.logsumexp(terms, axis=1)
+
+        _, out = jax.lax.scan(body, None, (rows, u))
+        return out
+
+    return jax.jit(run)
+
+
+def importance_log_weights(
+    model,
+    data: CellData,
+    rows: np.ndarray,
+    u: np.ndarray,
+    code: int,
+    anchors: np.ndarray,
+    anchor_log_px: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Unnormalised log weights ``(M,)`` of draws ``u`` ``(M, n_latent)`` of cells ``rows``.
+
+    Parameters
+    ----------
+    model
+        A jaxvi ``SCVI`` (its config and variables are used).
+    data
+        Device data holding every cell of ``rows`` and ``anchors``.
+    rows
+        ``(M,)`` int: the cell each draw was made for.
+    u
+        ``(M, n_latent)`` float: latent draws before any ``"ln"`` softmax.
+    code
+        Batch code to decode with, or -1 for each cell's own batch.
+    anchors
+        ``(A,)`` int anchor cells.
+    anchor_log_px
+        ``(A,)`` float ``log p(x_a)`` of the anchors.
+    batch_size
+        Draws per chunk.
+
+    Returns
+    -------
+    float64 ``(M,)`` log weights (see the module docstring).
+    """
+    rows = np.asarray(rows, np.int32)
+    u = np.asarray(u, np.float32)
+    m = len(rows)
+    n_anchor = len(anchors)
+    # Anchors are padded to a power of two so that groups of similar size share a program.
+    a_pad = 1 << max(n_anchor - 1, 0).bit_length()
+    anchor_idx = np.zeros(a_pad, np.int32)
+    anchor_idx[:n_anchor] = anchors
+    anchor_mask = np.zeros(a_pad, np.float32)
+    anchor_mask[:n_anchor] = 1.0
+    log_px = np.zeros(a_pad, np.float32)
+    log_px[:n_anchor] = anchor_log_px
+    n_chunks = max(1, -(-m // batch_size))
+    rows_p = np.zeros(n_chunks * batch_size, np.int32)
+    rows_p[:m] = rows
+    u_p = np.zeros((n_chunks * batch_size, u.shape[-1]), np.float32)
+    u_p[:m] = u
+    rows_p = rows_p.reshape(n_chunks, batch_size)
+    u_p = u_p.reshape(n_chunks, batch_size, -1)
+    program = _log_weight_program(model.config)
+    args = (
+        jnp.int32(code),
+        jnp.asarray(anchor_idx),
+        jnp.asarray(anchor_mask),
+        jnp.asarray(log_px),
+    )
+    parts = []
+    for start in range(0, n_chunks, MAX_CHUNKS_PER_CALL):
+        r = rows_p[start : start + MAX_CHUNKS_PER_CALL]
+        z = u_p[start : start + MAX_CHUNKS_PER_CALL]
+        n = len(r)
+        size = _bucket(n)
+        r = np.concatenate([r, np.zeros((size - n, batch_size), np.int32)])
+        z = np.concatenate([z, np.zeros((size - n, *z.shape[1:]), np.float32)])
+        out = program(model.variables, data, jnp.asarray(r), jnp.asarray(z), *args)
+        parts.append(np.asarray(out, np.float64)[:n].reshape(-1))
+    return np.concatenate(parts)[:m]
+
+
+def normalize_log_weights(log_w: np.ndarray, truncation: bool = False) -> np.ndarray:
+    """Probabilities ``(M,)`` (float64, summing to 1) from log weights ``(M,)``.
+
+    With ``truncation``, log weights below ``log(mean(w))`` are first raised to it.
+    """
+    log_w = np.asarray(log_w, np.float64)
+    if not np.all(np.isfinite(log_w)):
+        raise FloatingPointError(
+            "Importance weights are not finite; the anchors' marginal log-likelihoods or the "
+            "decoded likelihood overflowed."
+        )
+    if truncation:
+        tau = _logsumexp(log_w) - np.log(len(log_w))
+        log_w = np.maximum(log_w, tau)
+    p = np.exp(log_w - _logsumexp(log_w))
+    return p / p.sum()
+
+
+def _logsumexp(a: np.ndarray) -> float:
+    top = np.max(a)
+    return float(top + np.log(np.sum(np.exp(a - top))))
+
+
+def get_importance_weights(
+    model,
+    adata=None,
+    indices=None,
+    zs=None,
+    transform_batch=None,
+    max_cells: int = 1024,
+    truncation: bool = False,
+    n_mc_samples: int = 500,
+    n_mc_samples_per_pass: int = 250,
+    batch_size: int | None = None,
+    *,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Normalised importance weights of latent draws of the cells ``indices``.
+
+    Parameters
+    ----------
+    model
+        A trained jaxvi ``SCVI``.
+    adata, indices
+        The cells the draws were made for (default: all cells of the model's AnnData).
+    zs
+        Latent draws before any ``"ln"`` softmax: ``(cells, n_latent)`` (one per cell) or
+        ``(n_samples, cells, n_latent)``, aligned with ``indices``. scvi-tools also takes the
+        posterior and likelihood distributions of the draws; jaxvi recomputes them from the
+        model.
+    transform_batch
+        Batch category every draw is decoded with (default: each cell's own batch).
+    max_cells
+        At most this many anchor cells, drawn without replacement from ``indices``.
+    truncation
+        Raise log weights below their log-mean to it (scvi-tools' rule).
+    n_mc_samples, n_mc_samples_per_pass
+        Importance samples for the anchors' ``log p(x)``
+        (:func:`jaxvi.posterior.get_marginal_ll`).
+    batch_size
+        Draws per chunk (``settings.batch_size`` by default).
+    rows
+        Internal: ``(M,)`` cells of each draw when ``zs`` is ``(M, n_latent)`` with repeats.
+
+    Returns
+    -------
+    float64 ``(n_draws,)`` weights summing to one, in the order of ``zs`` flattened over its
+    leading axes (sample-major for ``(n_samples, cells, n_latent)``).
+    """
+    from jaxvi import posterior
+
+    if getattr(model, "minified_data_type", None) is not None:
+        raise ValueError(
+            "Importance weights need the counts of the anchor cells; this model's AnnData is "
+            "minified."
+        )
+    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
+    if zs is None:
+        raise ValueError("Pass the latent draws `zs`.")
+    zs = np.asarray(zs, np.float32)
+    n_latent = model.config.n_latent
+    if zs.ndim not in (2, 3) or zs.shape[-1] != n_latent:
+        raise ValueError(
+            f"zs must be (cells, {n_latent}) or (n_samples, cells, {n_latent}); got {zs.shape}."
+        )
+    if rows is None:
+        if zs.shape[-2] != len(indices):
+            raise ValueError(f"zs has {zs.shape[-2]} cells but indices select {len(indices)}.")
+        rows = np.tile(indices, zs.shape[0] if zs.ndim == 3 else 1)
+    u = zs.reshape(-1, n_latent)
+    if len(rows) != len(u):
+        raise ValueError(f"rows has {len(rows)} entries for {len(u)} draws.")
+    if int(max_cells) < 1:
+        raise ValueError(f"max_cells must be >= 1, got {max_cells}.")
+    codes = model._batch_codes(transform_batch)
+    if len(codes) > 1:
+        raise NotImplementedError(
+            "Importance weights cannot be computed when expression levels are averaged across "
+            "batches."
+        )
+    cells = np.unique(indices)
+    if len(cells) > max_cells:
+        rng = np.random.default_rng(model._next_key_int())
+        anchors = rng.choice(cells, size=int(max_cells), replace=False)
+    else:
+        anchors = cells
+    log_px = posterior.get_marginal_ll(
+        model,
+        adata,
+        anchors,
+        n_mc_samples=n_mc_samples,
+        batch_size=bs,
+        return_mean=False,
+        n_mc_samples_per_pass=n_mc_samples_per_pass,
+    )
+    log_w = importance_log_weights(model, data, rows, u, int(codes[0]), anchors, log_px, bs)
+    return normalize_log_weights(log_w, truncation)

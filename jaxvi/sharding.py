@@ -1,0 +1,221 @@
+"""Data parallelism over a ``jax.sharding.Mesh``: parameters replicated, cells sharded.
+
+jaxvi uses one mesh axis, ``"cells"``. Every array with a leading cell axis (the counts and
+covariates of the dataset, and each minibatch built from them) is split over that axis; the
+parameters, optimiser state and batch-norm statistics are replicated. The training step and
+the inference programs are the same jitted functions as on one device: XLA's SPMD partitioner
+turns the sums over the minibatch (the ELBO, its gradient, batch-norm statistics) into
+all-reduces, so a sharded run computes what the single-device run computes for the same
+global minibatch, up to the order of floating-point sums.
+
+A :class:`~jaxvi.dataset.CellData` built by :func:`sharded_cell_data` carries its mesh (a
+static field), and :func:`jaxvi.dataset.gather` shards every minibatch it builds over it, so
+any program that takes the data trains or infers data-parallel without further arguments.
+
+The same code runs over several processes (hosts) after :func:`jaxvi.distributed.initialize`:
+arrays are then assembled from each process's own rows with
+``jax.make_array_from_process_local_data``.
+
+How a minibatch reaches the devices: its cells are gathered from the sharded dataset (each
+device contributes the rows it holds, then an all-reduce of ``batch x genes`` values) and the
+result is constrained to the cell axis, so each device computes the network for
+``batch / n_devices`` cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "CELLS",
+    "constrain_cells",
+    "data_mesh",
+    "local_cell_range",
+    "padded_cells",
+    "replicate",
+    "resolve_devices",
+    "shard_cells",
+    "sharded_cell_data",
+    "to_host",
+]
+
+CELLS = "cells"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh ``("cells",)`` over ``devices`` (default: every device of every
+    process, ``jax.devices()``)."""
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("A mesh needs at least one device.")
+    return Mesh(np.array(devs), (CELLS,))
+
+
+def resolve_devices(devices) -> Mesh | None:
+    """The mesh selected by ``SCVI.train(devices=...)``.
+
+    ``"auto"`` or ``None``: no mesh (JAX's default device). An int ``n``: the first ``n``
+    devices of ``jax.devices()`` (``-1``: all). A list of devices, or a ``Mesh`` with a
+    ``"cells"`` axis, as given.
+    """
+    if devices is None or (isinstance(devices, str) and devices == "auto"):
+        return None
+    if isinstance(devices, Mesh):
+        if CELLS not in devices.axis_names:
+            raise ValueError(f"The mesh needs an axis named {CELLS!r}; got {devices.axis_names}.")
+        return devices
+    all_devices = jax.devices()
+    if isinstance(devices, bool) or not isinstance(devices, int | list | tuple):
+        raise ValueError(
+            f"devices must be 'auto', an int, a list of jax devices or a Mesh; got {devices!r}."
+        )
+    if isinstance(devices, int):
+        n = len(all_devices) if devices == -1 else devices
+        if not 1 <= n <= len(all_devices):
+            raise ValueError(
+                f"devices={devices} but JAX sees {len(all_devices)} device(s): {all_devices}."
+            )
+        return data_mesh(all_devices[:n])
+    return data_mesh(list(devices))
+
+
+def constrain_cells(tree, mesh: Mesh | None):
+    """Inside a jitted function: shard axis 0 of every leaf of ``tree`` over ``mesh``.
+
+    Leaves whose leading size is not a multiple of the number of devices are left to XLA
+    (computed replicated). Without a mesh, ``tree`` is returned unchanged.
+    """
+    if mesh is None or mesh.size == 1:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec(CELLS))
+
+    def one(a):
+        if a is None or a.ndim == 0 or a.shape[0] % mesh.size:
+            return a
+        return jax.lax.with_sharding_constraint(a, sharding)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _global_array(local: np.ndarray, sharding: NamedSharding, global_shape) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def replicate(tree, mesh: Mesh):
+    """Place every leaf of ``tree`` on all devices of ``mesh`` (each process passes the same
+    values). PRNG keys are carried as their key data."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def one(a):
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(a))
+            return jax.random.wrap_key_data(
+                _global_array(data, sharding, data.shape), impl=jax.random.key_impl(a)
+            )
+        host = np.asarray(a)
+        return _global_array(host, sharding, host.shape)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def padded_cells(n_cells: int, mesh: Mesh) -> int:
+    """``n_cells`` rounded up to a multiple of the number of devices."""
+    return -(-n_cells // mesh.size) * mesh.size
+
+
+def local_cell_range(n_cells: int, mesh: Mesh) -> tuple[int, int]:
+    """``(start, stop)`` of the padded cell rows this process holds (its devices are
+    contiguous in the mesh, as :func:`data_mesh` orders ``jax.devices()``)."""
+    n_pad = padded_cells(n_cells, mesh)
+    per = n_pad // mesh.size
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if mine != list(range(mine[0], mine[-1] + 1)):
+        raise ValueError("This process's devices must be contiguous in the mesh.")
+    return mine[0] * per, (mine[-1] + 1) * per
+
+
+def shard_cells(arrays: dict, n_cells: int, mesh: Mesh) -> dict:
+    """Global arrays from host arrays of this process's rows.
+
+    Parameters
+    ----------
+    arrays
+        ``{name: ndarray or None}``; each array holds the rows ``local_cell_range(n_cells,
+        mesh)`` of a ``(cells, ...)`` array (rows past ``n_cells`` zero-padded by the caller or
+        here).
+    n_cells
+        Number of real cells of the dataset.
+    mesh
+        The data mesh.
+
+    Returns
+    -------
+    dict of ``jax.Array`` of global shape ``(padded_cells, ...)`` sharded over ``"cells"``.
+    """
+    start, stop = local_cell_range(n_cells, mesh)
+    n_pad = padded_cells(n_cells, mesh)
+    sharding = NamedSharding(mesh, PartitionSpec(CELLS))
+    out = {}
+    for name, a in arrays.items():
+        if a is None:
+            out[name] = None
+            continue
+        a = np.asarray(a)
+        if a.shape[0] < stop - start:
+            pad = np.zeros((stop - start - a.shape[0], *a.shape[1:]), a.dtype)
+            a = np.concatenate([a, pad])
+        out[name] = _global_array(a, sharding, (n_pad, *a.shape[1:]))
+    return out
+
+
+def sharded_cell_data(adata, registry: dict, mesh: Mesh):
+    """The registered fields of ``adata`` as a :class:`~jaxvi.dataset.CellData` sharded over
+    ``mesh``, each process reading only its own rows (``adata[start:stop]``; for a backed
+    AnnData only those rows are read from disk). Counts are stored dense."""
+    import scipy.sparse as sp
+
+    from jaxvi.dataset import CellData
+    from jaxvi.registry import registry_arrays
+
+    n = adata.n_obs
+    start, stop = local_cell_range(n, mesh)
+    rows = adata[start : min(stop, n)]
+    arrays = registry_arrays(rows, registry)
+    x = arrays.pop("X")
+    arrays["x"] = (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float32)
+    for k in ("batch_index", "labels", "cat_covs"):
+        if arrays[k] is not None:
+            arrays[k] = np.asarray(arrays[k], np.int32)
+    for k in ("cont_covs", "size_factor"):
+        if arrays[k] is not None:
+            arrays[k] = np.asarray(arrays[k], np.float32)
+    g = shard_cells(arrays, n, mesh)
+    return CellData(
+        x=g["x"],
+        indptr=None,
+        indices=None,
+        data=None,
+        batch_index=g["batch_index"],
+        labels=g["labels"],
+        cat_covs=g["cat_covs"],
+        cont_covs=g["cont_covs"],
+        size_factor=g["size_factor"],
+        n_genes=int(x.shape[1]),
+        mesh=mesh,
+    )
+
+
+def to_host(a) -> np.ndarray:
+    """A host copy of ``a``; arrays spread over several processes are all-gathered first."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)

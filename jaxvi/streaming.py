@@ -1,0 +1,230 @@
+"""Training from data larger than memory: shuffled contiguous chunks read from disk.
+
+The cells stay in an on-disk AnnData (``anndata.read_h5ad(path, backed="r")``, dense or CSR).
+Each epoch the training cells (in disk order) are cut into chunks of ``chunk_cells``
+consecutive training cells; the chunk order is shuffled and consecutive chunks are grouped into
+blocks of ``block_cells`` cells. A block is read (one contiguous range per chunk), densified
+and moved to the device, and the compiled epoch program (:func:`jaxvi.train.make_train_epoch`)
+runs over its minibatches, which are drawn from a fresh permutation of the block. A background
+thread reads the next block while the device trains on the current one, so at most two blocks
+are on the host at once: host memory is about ``2 * block_cells * genes * 4`` bytes whatever
+the size of the dataset (``block_cells`` is derived from ``max_host_bytes``).
+
+Every block has the same shape except the last, so training compiles twice per ``train()``.
+The minibatches differ from in-memory training (cells are mixed within a block, not across
+the whole dataset), as in other chunked loaders (annbatch, scDataset).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+
+import anndata
+import jax
+import numpy as np
+import scipy.sparse as sp
+
+from jaxvi.dataset import to_device
+from jaxvi.registry import registry_arrays
+
+__all__ = ["StreamingData", "read_rows"]
+
+
+def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> dict:
+    """Registered arrays of the cells ``rows`` (sorted ints).
+
+    Rows closer than ``max_gap`` are read as one contiguous range (the rows in between are
+    read and dropped): a few large reads cost less than many small ones.
+
+    Returns
+    -------
+    dict as :func:`jaxvi.registry.registry_arrays`, with ``X`` dense float32
+    ``(len(rows), genes)``.
+    """
+    return _Reader(adata, registry).read(rows, max_gap)
+
+
+class _Reader:
+    """Reads rows of an AnnData. For a backed h5ad the counts come straight from its HDF5
+    arrays (the CSR ``indptr`` is read once, ``O(cells)``) and the covariates from arrays
+    computed once; otherwise through AnnData views."""
+
+    def __init__(self, adata, registry: dict):
+        self.adata, self.registry = adata, registry
+        self.n_genes = int(adata.n_vars)
+        self.x = self.indptr = self.obs = None
+        if not getattr(adata, "isbacked", False):
+            return
+        layer = registry["setup_args"]["layer"]
+        node = adata.file["X" if layer is None else f"layers/{layer}"]
+        encoding = node.attrs.get("encoding-type", "array")
+        if hasattr(node, "shape") and encoding == "array":
+            self.x = node  # dense HDF5 dataset
+        elif encoding == "csr_matrix":
+            self.x = node
+            self.indptr = np.asarray(node["indptr"][:], np.int64)
+        else:
+            return  # CSC and others: the generic path
+        empty = sp.csr_matrix((adata.n_obs, self.n_genes), dtype=np.float32)
+        shell = anndata.AnnData(
+            empty,
+            obs=adata.obs,
+            var=adata.var,
+            layers=None if layer is None else {layer: empty},
+        )
+        self.obs = registry_arrays(shell, registry)
+
+    def _range(self, lo: int, hi: int) -> np.ndarray | sp.csr_matrix:
+        if self.indptr is None:
+            return np.asarray(self.x[lo:hi], np.float32)
+        s, e = int(self.indptr[lo]), int(self.indptr[hi])
+        data = np.asarray(self.x["data"][s:e], np.float32)
+        idx = np.asarray(self.x["indices"][s:e])
+        return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
+
+    def read(self, rows: np.ndarray, max_gap: int = 4096) -> dict:
+        rows = np.asarray(rows)
+        if len(rows) == 0:
+            raise ValueError("No rows to read.")
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
+        if self.obs is not None:
+            xs = []
+            for run in runs:
+                lo = int(run[0])
+                x = self._range(lo, int(run[-1]) + 1)
+                x = x[run - lo]
+                xs.append(x.toarray() if sp.issparse(x) else x)
+            out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
+            out["X"] = np.concatenate(xs).astype(np.float32, copy=False)
+            return out
+        parts = []
+        for run in runs:
+            lo = int(run[0])
+            arrays = registry_arrays(self.adata[lo : int(run[-1]) + 1], self.registry)
+            keep = run - lo
+            x = arrays.pop("X")
+            part = {k: None if v is None else v[keep] for k, v in arrays.items()}
+            part["X"] = (x[keep].toarray() if sp.issparse(x) else np.asarray(x)[keep]).astype(
+                np.float32, copy=False
+            )
+            parts.append(part)
+        return {
+            k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
+            for k in parts[0]
+        }
+
+
+@dataclasses.dataclass
+class StreamingData:
+    """Cells of an on-disk AnnData, streamed in blocks (see the module docstring).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with ``SCVI.setup_anndata``, typically backed.
+    registry
+        The model's registry.
+    train_idx, val_idx
+        Training and validation cells.
+    chunk_cells
+        Consecutive training cells per disk read.
+    max_host_bytes
+        Bound on the host memory of the two blocks in flight (dense float32 counts).
+    block_cells
+        Cells per block (default: the most ``max_host_bytes`` allows, a multiple of
+        ``chunk_cells``, at least one chunk).
+    """
+
+    adata: object
+    registry: dict
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    chunk_cells: int = 1024
+    max_host_bytes: int = 2**30
+    block_cells: int | None = None
+
+    def __post_init__(self):
+        self.train_idx = np.sort(np.asarray(self.train_idx, np.int64))
+        self.val_idx = np.sort(np.asarray(self.val_idx, np.int64))
+        n_genes = int(self.adata.n_vars)
+        if self.chunk_cells < 1:
+            raise ValueError(f"chunk_cells must be >= 1, got {self.chunk_cells}.")
+        if self.block_cells is None:
+            per_block = int(self.max_host_bytes) // (2 * n_genes * 4)
+            n_chunks = max(1, per_block // self.chunk_cells)
+            self.block_cells = n_chunks * self.chunk_cells
+        elif self.block_cells % self.chunk_cells:
+            raise ValueError("block_cells must be a multiple of chunk_cells.")
+        self.mesh = None
+        self._reader = _Reader(self.adata, self.registry)
+
+    # ------------------------------------------------------------------ layout
+    def _blocks(self, rng: np.random.Generator | None, cells: np.ndarray) -> list[np.ndarray]:
+        """Blocks of sorted cell ids: chunks in shuffled order (the ragged chunk last)."""
+        chunks = [cells[i : i + self.chunk_cells] for i in range(0, len(cells), self.chunk_cells)]
+        full = [c for c in chunks if len(c) == self.chunk_cells]
+        ragged = [c for c in chunks if len(c) < self.chunk_cells]
+        if rng is not None:
+            full = [full[i] for i in rng.permutation(len(full))]
+        chunks = full + ragged
+        per = self.block_cells // self.chunk_cells
+        return [np.sort(np.concatenate(chunks[i : i + per])) for i in range(0, len(chunks), per)]
+
+    def n_steps(self, batch_size: int, drop_last: bool) -> int:
+        """Minibatches per epoch (blocks are whole minibatches except possibly the last)."""
+        sizes = [len(b) for b in self._blocks(None, self.train_idx)]
+        if drop_last:
+            return sum(s // batch_size for s in sizes)
+        return sum(-(-s // batch_size) for s in sizes)
+
+    def _read(self, rows):
+        return self._reader.read(rows)
+
+    def _stream(self, blocks):
+        """Yield ``(cells, CellData)`` per block, reading the next block in the background."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._read, blocks[0])
+            for i, cells in enumerate(blocks):
+                arrays = pending.result()
+                if i + 1 < len(blocks):
+                    pending = pool.submit(self._read, blocks[i + 1])
+                yield cells, to_device(arrays)
+
+    # ------------------------------------------------------------------ running
+    def run_epoch(self, epoch_fn, state, key, kl_weights: np.ndarray, batch_size: int, drop_last):
+        """One epoch over all blocks; returns ``(state, EpochInfo summed over blocks)``."""
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        blocks = self._blocks(np.random.default_rng(seed), self.train_idx)
+        total = None
+        start = 0
+        for b, (cells, data) in enumerate(self._stream(blocks)):
+            n = len(cells)
+            steps = n // batch_size if drop_last else -(-n // batch_size)
+            if steps == 0:
+                continue
+            kl = np.asarray(kl_weights[start : start + steps], np.float32)
+            start += steps
+            local = np.arange(n, dtype=np.int32)
+            state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), kl)
+            sums = (info.n_obs, info.loss_sum, info.reconstruction_sum, info.kl_local_sum)
+            if total is not None:
+                sums = tuple(a + b for a, b in zip(sums, total[:4], strict=True))
+            total = info._replace(
+                n_obs=sums[0], loss_sum=sums[1], reconstruction_sum=sums[2], kl_local_sum=sums[3]
+            )
+            bad = int(np.asarray(info.bad_step)) if hasattr(info, "bad_step") else -1
+            if bad >= 0:  # stop at the first non-finite step; report it in epoch numbering
+                return state, total._replace(bad_step=start - steps + bad)
+        return state, total
+
+    def evaluate(self, evaluate, eval_fn, variables, key, batch_size: int):
+        """Per-cell ``(rec, kl_z, kl_l)`` of the validation cells, block by block (in the
+        order of ``val_idx`` sorted)."""
+        parts = []
+        for b, (cells, data) in enumerate(self._stream(self._blocks(None, self.val_idx))):
+            local = np.arange(len(cells))
+            parts.append(
+                evaluate(eval_fn, variables, data, local, jax.random.fold_in(key, b), batch_size)
+            )
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))

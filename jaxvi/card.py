@@ -567,14 +567,14 @@ def card_info_from_model(
     ``data_is_minified`` to the model's AnnData state (None without one). Further keyword
     arguments set the other :class:`ModelCardInfo` fields.
     """
-    import anndata
+    from importlib.metadata import version
 
     from jaxvi import __version__
 
     reg = model.registry_
     setup = dict(reg["setup_args"])
     if versions is None:
-        versions = {"jaxvi_version": __version__, "anndata_version": anndata.__version__}
+        versions = {"jaxvi_version": __version__, "anndata_version": version("anndata")}
     kwargs.setdefault("data_is_annotated", setup.get("labels_key") is not None)
     if "data_is_minified" not in kwargs and model.adata is not None:
         kwargs["data_is_minified"] = model.minified_data_type is not None

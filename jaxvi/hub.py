@@ -100,12 +100,16 @@ def _detect_format(dir_path: str) -> ModelFormat:
     )
 
 
-def _jaxvi_versions(model) -> dict:
-    import anndata
+def _anndata_version() -> str:
+    from importlib.metadata import version
 
+    return version("anndata")
+
+
+def _jaxvi_versions(model) -> dict:
     from jaxvi import __version__
 
-    return {"jaxvi_version": __version__, "anndata_version": anndata.__version__}
+    return {"jaxvi_version": __version__, "anndata_version": _anndata_version()}
 
 
 def _jaxvi_save(model, dir_path: str, overwrite: bool) -> None:
@@ -347,11 +351,9 @@ def save_hub_model(
     else:
         report = None
     versions = fmt.versions(model)
-    import anndata
-
     metadata = HubMetadata(
         scvi_version=fmt.scvi_version(model),
-        anndata_version=anndata.__version__,
+        anndata_version=_anndata_version(),
         model_cls_name=type(model).__name__,
         training_data_url=training_data_url,
         model_parent_module="jaxvi" if fmt.name == "jaxvi" else "scvi.model",

@@ -1,10 +1,18 @@
 """jaxvi: scVI, the single-cell variational autoencoder of scvi-tools, in JAX/Flax."""
 
-from jaxvi import datasets, likelihoods
+from jaxvi import data, datasets, likelihoods
 from jaxvi._settings import settings
 from jaxvi.likelihoods import Likelihood, register_likelihood
 from jaxvi.model import SCVI
 
-__all__ = ["SCVI", "Likelihood", "datasets", "likelihoods", "register_likelihood", "settings"]
+__all__ = [
+    "SCVI",
+    "Likelihood",
+    "data",
+    "datasets",
+    "likelihoods",
+    "register_likelihood",
+    "settings",
+]
 
 __version__ = "0.1.0"

@@ -47,3 +47,12 @@ def test_likelihoods_notebook_executes(monkeypatch):
     text = _execute("likelihoods.ipynb", monkeypatch)
     assert "held-out cells: 140, epochs: 2" in text
     assert "best held-out marginal LL:" in text
+
+
+def test_criticism_notebook_executes(monkeypatch):
+    pytest.importorskip("scanpy")
+    pytest.importorskip("leidenalg")
+    text = _execute("criticism.ipynb", monkeypatch)
+    assert "cell-wise CV MAE" in text
+    assert "card written to" in text
+    assert "reloaded model has the same latent space: True" in text

@@ -1,0 +1,593 @@
+"""Criticism reports (``metrics.json``) and scvi-hub model cards (``README.md``).
+
+:func:`create_criticism_report` runs the posterior predictive checks of
+:mod:`jaxvi.criticism` the way scvi-tools 1.4.2's ``scvi.criticism.create_criticism_report``
+does (5 samples for the CVs, the first one for DE, t-test, adjusted p-value threshold 0.2)
+and writes the three markdown tables the hub card embeds:
+
+* cell-wise CV: mean absolute error, Pearson r, Spearman rho and R^2 between the model's and
+  the observed per-cell CV, with a training and a validation column when the model has both
+  splits; R^2 is ``1 - sum((m - o)^2) / sum((m - mean(m))^2)``, i.e. sklearn's
+  ``r2_score(model CV, observed CV)`` with the *model* as the reference (the reference's
+  argument order, kept so that the numbers compare);
+* gene-wise CV: the same four numbers over genes (one column, all cells);
+* DE: one row per group, sorted by group size.
+
+:func:`model_card` renders the card: a YAML header (``library_name``, ``license``, tags with
+the model class, versions, modalities, tissues, ``annotated``), a description, the metrics,
+the model properties (init parameters, setup arguments, data registry, minified flag,
+summary statistics), training data / code URLs and references. The section layout and
+table formats are scvi-hub's; the prose is jaxvi's and states what the numbers are (the
+reference's template mentions a squared Pearson correlation and a Wilcoxon test while its
+code reports Pearson r and runs a t-test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+import pandas as pd
+
+from jaxvi.criticism import (
+    METRIC_CV_CELL,
+    METRIC_CV_GENE,
+    METRIC_DIFF_EXP,
+    RAW,
+    PosteriorPredictiveCheck,
+)
+
+__all__ = [
+    "METRICS_FILE",
+    "NA_FIELD",
+    "ModelCardInfo",
+    "card_info_from_model",
+    "create_criticism_report",
+    "cv_scores",
+    "cv_table",
+    "de_table",
+    "metrics_report",
+    "model_card",
+]
+
+METRICS_FILE = "metrics.json"
+NA_FIELD = "Not provided by uploader"
+MISSING_FIELD = "To be added..."
+REPORT_KEYS = ("cell_wise_cv", "gene_wise_cv", "diff_exp")
+_SKIPPABLE = (METRIC_CV_CELL, METRIC_CV_GENE, METRIC_DIFF_EXP)
+
+
+# ------------------------------------------------------------------ the tables
+def cv_scores(model_cv, raw_cv) -> dict[str, float]:
+    """Agreement of model and observed CVs.
+
+    Parameters
+    ----------
+    model_cv, raw_cv
+        ``(n,)`` arrays (per cell or per gene).
+
+    Returns
+    -------
+    dict with ``mae`` (mean |m - o|), ``pearson``, ``spearman`` and ``r2``
+    (``1 - sum((m - o)^2) / sum((m - mean(m))^2)``).
+    """
+    from scipy.stats import pearsonr, spearmanr
+
+    m = np.asarray(model_cv, np.float64)
+    o = np.asarray(raw_cv, np.float64)
+    if m.shape != o.shape or m.ndim != 1 or m.size < 2:
+        raise ValueError(f"CV arrays must be 1-D of equal length >= 2, got {m.shape}, {o.shape}.")
+    if not (np.isfinite(m).all() and np.isfinite(o).all()):
+        raise ValueError(
+            "A coefficient of variation is NaN or infinite (a cell or gene whose every "
+            "generated sample is zero); the CV tables cannot be computed."
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = 1.0 - np.sum((m - o) ** 2) / np.sum((m - m.mean()) ** 2)
+    return {
+        "mae": float(np.mean(np.abs(m - o))),
+        "pearson": float(pearsonr(m, o)[0]),
+        "spearman": float(spearmanr(m, o)[0]),
+        "r2": float(r2),
+    }
+
+
+def cv_table(model_cv, raw_cv, train_indices=None, validation_indices=None) -> str:
+    """Markdown table of :func:`cv_scores`, as on scvi-hub cards.
+
+    With non-empty ``train_indices`` and ``validation_indices`` (positions into the CV
+    arrays) the table has a "Training Value" and a "Validation Value" column; otherwise one
+    "Training Value" column over all entries.
+    """
+    m = np.asarray(model_cv)
+    o = np.asarray(raw_cv)
+    tr = [] if train_indices is None else np.asarray(train_indices, np.int64)
+    va = [] if validation_indices is None else np.asarray(validation_indices, np.int64)
+    if len(tr) > 0 and len(va) > 0:
+        a, b = cv_scores(m[tr], o[tr]), cv_scores(m[va], o[va])
+        return (
+            "| Metric                  | Training Value | Validation Value |\n"
+            "|-------------------------|----------------|------------------|\n"
+            f"| Mean Absolute Error | {a['mae']:.2f}  | {b['mae']:.2f}           |\n"
+            f"| Pearson Correlation | {a['pearson']:.2f}  | {b['pearson']:.2f}  |\n"
+            f"| Spearman Correlation | {a['spearman']:.2f} | {b['spearman']:.2f}  |\n"
+            f"| R² (R-Squared) | {a['r2']:.2f}  | {b['r2']:.2f}      |"
+        )
+    a = cv_scores(m, o)
+    return (
+        "| Metric                  | Training Value |\n"
+        "|-------------------------|----------------|\n"
+        f"| Mean Absolute Error | {a['mae']:.2f}   |\n"
+        f"| Pearson Correlation | {a['pearson']:.2f}  |\n"
+        f"| Spearman Correlation | {a['spearman']:.2f} |\n"
+        f"| R² (R-Squared) | {a['r2']:.2f}  |"
+    )
+
+
+def de_table(summary: pd.DataFrame, model: str | None = None) -> str:
+    """Markdown DE table: one row per group (largest first), columns ``gene_f1 ... n_cells``.
+
+    ``summary`` is :meth:`PosteriorPredictiveCheck.differential_expression`'s output; with
+    several models pass ``model`` to pick one. Every value is written with two decimals
+    (``n_cells`` too, as on scvi-hub cards).
+    """
+    df = summary if model is None else summary[summary["model"] == model]
+    if model is None and df["model"].nunique() > 1:
+        raise ValueError("The summary holds several models; pass `model=`.")
+    df = df.set_index("group").drop(columns=["model"])
+    df = df.sort_values(by="n_cells", ascending=False)
+    cols = list(df.columns)
+    lines = [
+        "| Index | " + " | ".join(cols) + " |",
+        "| --- | " + " | ".join("---" for _ in cols) + " |",
+    ]
+    for group, row in zip(df.index, df.itertuples(index=False), strict=True):
+        cells = [str(group)] + [f"{float(v):.2f}" for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metrics_report(
+    ppc: PosteriorPredictiveCheck,
+    model_name: str = "model",
+    train_indices=None,
+    validation_indices=None,
+    skip_metrics=(),
+    label_key: str | None = None,
+    p_val_thresh: float = 0.2,
+) -> dict[str, str]:
+    """The three markdown tables of a criticism report from a PPC object.
+
+    Computes the metrics not yet in ``ppc.metrics`` (cell-wise and gene-wise CV, DE with
+    ``label_key`` or Leiden clusters) and returns ``{"cell_wise_cv", "gene_wise_cv",
+    "diff_exp"}``; a skipped metric gives an empty string.
+    """
+    unknown = set(skip_metrics) - set(_SKIPPABLE)
+    if unknown:
+        raise ValueError(f"Unknown metrics to skip {sorted(unknown)}; choose from {_SKIPPABLE}.")
+    if model_name not in ppc.samples:
+        raise ValueError(f"No samples for model {model_name!r} (have {list(ppc.samples)}).")
+    out = dict.fromkeys(REPORT_KEYS, "")
+    if METRIC_CV_CELL not in skip_metrics:
+        cv = ppc.metrics.get(METRIC_CV_CELL)
+        if cv is None:
+            cv = ppc.coefficient_of_variation("features")
+        out["cell_wise_cv"] = cv_table(cv[model_name], cv[RAW], train_indices, validation_indices)
+    if METRIC_CV_GENE not in skip_metrics:
+        cv = ppc.metrics.get(METRIC_CV_GENE)
+        if cv is None:
+            cv = ppc.coefficient_of_variation("cells")
+        out["gene_wise_cv"] = cv_table(cv[model_name], cv[RAW])
+    if METRIC_DIFF_EXP not in skip_metrics:
+        summary = ppc.differential_expression(de_groupby=label_key, p_val_thresh=p_val_thresh)
+        out["diff_exp"] = de_table(summary, model=model_name)
+    return out
+
+
+def _annotate(adata, ppc: PosteriorPredictiveCheck, name: str) -> None:
+    """The reference's side effects: CV ratios and log fold changes stored on the AnnData."""
+    m = ppc.metrics
+    if METRIC_CV_GENE in m:
+        cv = m[METRIC_CV_GENE]
+        adata.var["cv_gene_ratio"] = (cv[name] / (cv[name] + cv[RAW])).to_numpy()
+    if METRIC_CV_CELL in m:
+        cv = m[METRIC_CV_CELL]
+        adata.obs["cv_cell_ratio"] = (cv[name] / (cv[name] + cv[RAW])).to_numpy()
+    if METRIC_DIFF_EXP in m:
+        lfc = m[METRIC_DIFF_EXP]["lfc_per_model_per_group"][name]
+        genes = list(adata.var_names)
+        for side, key in (("approx", "lfc_model"), ("raw", "lfc_raw")):
+            frame = pd.DataFrame({g: d[side] for g, d in lfc.items()}).loc[genes]
+            frame.index = adata.var_names
+            adata.varm[key] = frame
+
+
+def create_criticism_report(
+    model,
+    adata=None,
+    skip_metrics=(),
+    n_samples: int = 5,
+    label_key: str | None = None,
+    save_folder: str | None = None,
+    batch_size: int = 32,
+) -> dict[str, str]:
+    """Posterior predictive checks of ``model`` as the tables of a scvi-hub card.
+
+    Parameters
+    ----------
+    model
+        A trained jaxvi ``SCVI`` (anything with ``posterior_predictive_sample``,
+        ``registry_``, ``train_indices``, ``validation_indices``).
+    adata
+        Data to check (default: the model's AnnData, all cells: train, validation and test).
+    skip_metrics
+        Any of ``"cv_cell"``, ``"cv_gene"``, ``"diff_exp"``.
+    n_samples
+        Posterior predictive samples for the CVs (DE uses the first).
+    label_key
+        obs column with the DE groups; default the model's registered ``labels_key``, and
+        Leiden clusters of the counts when there is none.
+    save_folder
+        Where to write ``metrics.json`` (created if needed); None writes nothing.
+    batch_size
+        Cells per chunk when sampling.
+
+    Returns
+    -------
+    ``{"cell_wise_cv", "gene_wise_cv", "diff_exp"}`` markdown tables (empty when skipped).
+    As the reference, the checked AnnData gains ``var["cv_gene_ratio"]``,
+    ``obs["cv_cell_ratio"]`` (model CV / (model CV + observed CV)) and ``varm["lfc_model"]``,
+    ``varm["lfc_raw"]`` (genes x groups).
+    """
+    own = adata is None or adata is model.adata
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError("The model has no AnnData; pass `adata=`.")
+    if model.minified_data_type is not None and own:
+        raise ValueError(
+            "The model's AnnData is minified (no counts): pass the full AnnData as `adata=`."
+        )
+    setup = model.registry_["setup_args"]
+    if label_key is None:
+        label_key = setup.get("labels_key")
+    ppc = PosteriorPredictiveCheck(
+        adata,
+        {"model": model},
+        count_layer_key=setup.get("layer"),
+        n_samples=n_samples,
+        batch_size=batch_size,
+    )
+    train = model.train_indices if own else None
+    val = model.validation_indices if own else None
+    report = metrics_report(ppc, "model", train, val, skip_metrics, label_key)
+    _annotate(adata, ppc, "model")
+    if save_folder is not None:
+        os.makedirs(save_folder, exist_ok=True)
+        with open(os.path.join(save_folder, METRICS_FILE), "w") as f:
+            json.dump(report, f, indent=4)
+    return report
+
+
+# ------------------------------------------------------------------- the card
+_PRETEXT = """\
+scVI (single-cell variational inference) is a deep generative model of single-cell RNA-seq
+counts. An encoder maps each cell's expression to a low-dimensional latent representation; a
+decoder maps it back to the parameters of a count distribution per gene, accounting for
+library size and technical batches. The latent space serves visualisation, clustering and
+batch integration; the decoder gives denoised expression and differential expression.
+
+This model was trained with jaxvi, a JAX/Flax implementation of scvi-tools' `SCVI` (same
+model, same defaults).
+
+- The scVI paper: [Lopez et al., Nature Methods 2018](https://www.nature.com/articles/s41592-018-0229-2).
+- scvi-hub, for sharing and reusing pre-trained models:
+[Ergen et al., bioRxiv 2024](https://www.biorxiv.org/content/10.1101/2024.03.01.582887v2).
+- scvi-tools' [scVI user guide](https://docs.scvi-tools.org/en/stable/user_guide/models/scvi.html)
+and [reference mapping with scArches](https://docs.scvi-tools.org/en/stable/tutorials/notebooks/scrna/scarches_scvi_tools.html).
+"""
+
+_TEMPLATE = """\
+---
+{header}
+---
+
+{pretext}
+# Model Description
+
+{description}
+
+# Metrics
+
+Key performance metrics of the uploaded model, when the uploader computed them. They come
+from posterior predictive checks: counts generated by the model for the training cells are
+compared with the observed counts.
+
+<details>
+<summary><strong>Coefficient of variation</strong></summary>
+
+The cell-wise coefficient of variation (CV, standard deviation over mean of a cell's counts
+across genes) measures how well the generated counts keep the variation between cells. The
+table compares the model's CV with the observed one: mean absolute error, Pearson and
+Spearman correlation, and R² computed with the model CV as the reference. A Pearson
+correlation below about 0.4 suggests not using generated counts for downstream analysis;
+the latent space may still be useful.
+
+**Cell-wise Coefficient of Variation**:
+
+{cell_wise_cv}
+
+The gene-wise coefficient of variation (across cells, per gene) measures how well the
+variation of each gene is kept. It is usually well reproduced.
+
+**Gene-wise Coefficient of Variation**:
+
+{gene_wise_cv}
+
+</details>
+
+<details>
+<summary><strong>Differential expression metric</strong></summary>
+
+One-vs-rest differential expression (Welch t-test on log-normalised counts) for each cell
+type or cluster, on observed and on generated counts, compared per group: F1 score of the
+top-gene overlap, mean absolute error, Pearson and Spearman correlation of the log fold
+changes, and ROC AUC and precision-recall AUC of the generated-data scores against the genes
+found differentially expressed in the observed data.
+
+**Differential expression**:
+
+{de_metrics}
+
+</details>
+
+# Model Properties
+
+The parameters used to set up and train the model.
+
+<details>
+<summary><strong>Model Parameters</strong></summary>
+
+Arguments of the model's constructor:
+```json
+{model_init_params}
+```
+
+</details>
+
+<details>
+<summary><strong>Setup Data Arguments</strong></summary>
+
+Arguments of `setup_anndata` for the training data:
+```json
+{model_setup_anndata_args}
+```
+
+</details>
+
+<details>
+<summary><strong>Data Registry</strong></summary>
+
+Where the model reads each registered field of the AnnData:
+{model_data_registry}
+
+- **Data is Minified**: {data_is_minified}
+
+</details>
+
+<details>
+<summary><strong>Summary Statistics</strong></summary>
+
+{model_summary_stats}
+
+</details>
+
+<details>
+<summary><strong>Training</strong></summary>
+
+**Training data url**: {training_data_url}
+
+Code used to train the model, if the uploader provided it:
+
+**Training Code URL**: {training_code_url}
+
+</details>
+
+# References
+
+{references}
+"""
+
+
+@dataclasses.dataclass
+class ModelCardInfo:
+    """Everything a model card shows.
+
+    Parameters
+    ----------
+    license_info
+        License identifier of the model (e.g. ``"cc-by-4.0"``).
+    model_cls_name
+        ``"SCVI"``.
+    model_init_params
+        Constructor arguments (flat dict; nested ``kwargs`` dicts are flattened).
+    model_setup_anndata_args
+        ``setup_anndata`` arguments.
+    model_summary_stats
+        ``{n_batch, n_cells, n_extra_categorical_covs, n_extra_continuous_covs, n_labels,
+        n_vars}``.
+    model_data_registry
+        ``{registry key: location}``, e.g. ``{"X": "adata.X"}``.
+    library_name
+        The hub's ``library_name`` (``"jaxvi"``; ``"scvi-tools"`` for a scvi-tools model file).
+    versions
+        Ordered ``{name: version}`` written as ``name:version`` tags, e.g.
+        ``{"jaxvi_version": "0.1.0", "anndata_version": "0.12.2"}``.
+    data_modalities, tissues
+        Tags ``modality:...``, ``tissue:...``.
+    data_is_annotated, data_is_minified
+        Tag ``annotated:...`` and the minified flag (None: not stated).
+    training_data_url, training_code_url, description, references
+        Free text; missing URLs read "Not provided by uploader".
+    metrics_report
+        ``{"cell_wise_cv", "gene_wise_cv", "diff_exp"}`` tables (``metrics.json``).
+    """
+
+    license_info: str
+    model_cls_name: str
+    model_init_params: dict
+    model_setup_anndata_args: dict
+    model_summary_stats: dict
+    model_data_registry: dict
+    library_name: str = "jaxvi"
+    versions: dict = dataclasses.field(default_factory=dict)
+    data_modalities: list = dataclasses.field(default_factory=list)
+    tissues: list = dataclasses.field(default_factory=list)
+    data_is_annotated: bool | None = None
+    data_is_minified: bool | None = None
+    training_data_url: str | None = None
+    training_code_url: str | None = None
+    description: str = MISSING_FIELD
+    references: str = MISSING_FIELD
+    metrics_report: dict | None = None
+
+    def tags(self) -> list[str]:
+        """The card's tags, in scvi-hub's order."""
+        tags = ["biology", "genomics", "single-cell", f"model_cls_name:{self.model_cls_name}"]
+        tags += [f"{k}:{v}" for k, v in self.versions.items()]
+        tags += [f"modality:{m}" for m in self.data_modalities]
+        tags += [f"tissue:{t}" for t in self.tissues]
+        if self.data_is_annotated is not None:
+            tags.append(f"annotated:{self.data_is_annotated}")
+        return tags
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/+\-]*$")
+
+
+def _yaml_scalar(value: str) -> str:
+    s = str(value)
+    if _PLAIN.match(s) and not s.endswith(":") and s.lower() not in ("true", "false", "null"):
+        return s
+    return json.dumps(s)  # a JSON string is a valid YAML scalar
+
+
+def _flatten_params(params: dict) -> dict:
+    if "non_kwargs" in params:  # scvi-tools' layout: {"non_kwargs": ..., "kwargs": {...}}
+        flat = dict(params["non_kwargs"])
+        for inner in params.get("kwargs", {}).values():
+            flat.update(inner)
+        return flat
+    return dict(params)
+
+
+def _summary_markdown(stats: dict) -> str:
+    rows = ["| Summary Stat Key          | Value |", "|--------------------------|-------|"]
+    rows += [f"| {k:<25} | {v} |" for k, v in sorted(stats.items())]
+    return "\n".join(rows)
+
+
+def _registry_markdown(registry: dict) -> str:
+    rows = [
+        "| Registry Key             | scvi-tools Location                  |",
+        "|--------------------------|--------------------------------------|",
+    ]
+    rows += [f"| {k:<25} | {v:<36} |" for k, v in registry.items()]
+    return "\n".join(rows)
+
+
+def model_card(info: ModelCardInfo) -> str:
+    """The model card (``README.md`` text) in scvi-hub's format."""
+    header = [
+        f"library_name: {_yaml_scalar(info.library_name)}",
+        f"license: {_yaml_scalar(info.license_info)}",
+        "tags:",
+    ] + [f"- {_yaml_scalar(t)}" for t in info.tags()]
+    report = info.metrics_report or {}
+
+    def metric(key):
+        return report.get(key) or NA_FIELD
+
+    return _TEMPLATE.format(
+        header="\n".join(header),
+        pretext=_PRETEXT,
+        description=info.description,
+        cell_wise_cv=metric("cell_wise_cv"),
+        gene_wise_cv=metric("gene_wise_cv"),
+        de_metrics=metric("diff_exp"),
+        model_init_params=json.dumps(_flatten_params(info.model_init_params), indent=4),
+        model_setup_anndata_args=json.dumps(info.model_setup_anndata_args, indent=4),
+        model_data_registry=_registry_markdown(info.model_data_registry),
+        data_is_minified=MISSING_FIELD if info.data_is_minified is None else info.data_is_minified,
+        model_summary_stats=_summary_markdown(info.model_summary_stats),
+        training_data_url=info.training_data_url or NA_FIELD,
+        training_code_url=info.training_code_url or NA_FIELD,
+        references=info.references,
+    )
+
+
+def data_registry(setup_args: dict) -> dict[str, str]:
+    """``{registry key: location}`` for jaxvi's ``setup_anndata`` arguments.
+
+    ``X``, ``batch``, ``labels`` and ``size_factor`` are where scvi-tools registers them as
+    well; extra covariates are read from their obs columns.
+    """
+    layer = setup_args.get("layer")
+    reg = {
+        "X": "adata.X" if layer is None else f"adata.layers['{layer}']",
+        "batch": "adata.obs['_scvi_batch']",
+        "labels": "adata.obs['_scvi_labels']",
+    }
+    if setup_args.get("size_factor_key"):
+        reg["size_factor"] = f"adata.obs['{setup_args['size_factor_key']}']"
+    for key, name in (
+        ("categorical_covariate_keys", "extra_categorical_covs"),
+        ("continuous_covariate_keys", "extra_continuous_covs"),
+    ):
+        if setup_args.get(key):
+            reg[name] = f"adata.obs[{list(setup_args[key])}]"
+    return reg
+
+
+def card_info_from_model(
+    model,
+    license_info: str = "cc-by-4.0",
+    metrics_report: dict | None = None,
+    library_name: str = "jaxvi",
+    versions: dict | None = None,
+    data_modalities=("rna",),
+    **kwargs,
+) -> ModelCardInfo:
+    """:class:`ModelCardInfo` of a jaxvi ``SCVI``.
+
+    ``versions`` defaults to ``{"jaxvi_version": ..., "anndata_version": ...}``;
+    ``data_is_annotated`` defaults to whether a ``labels_key`` was registered and
+    ``data_is_minified`` to the model's AnnData state (None without one). Further keyword
+    arguments set the other :class:`ModelCardInfo` fields.
+    """
+    from importlib.metadata import version
+
+    from jaxvi import __version__
+
+    reg = model.registry_
+    setup = dict(reg["setup_args"])
+    if versions is None:
+        versions = {"jaxvi_version": __version__, "anndata_version": version("anndata")}
+    kwargs.setdefault("data_is_annotated", setup.get("labels_key") is not None)
+    if "data_is_minified" not in kwargs and model.adata is not None:
+        kwargs["data_is_minified"] = model.minified_data_type is not None
+    return ModelCardInfo(
+        license_info=license_info,
+        model_cls_name=reg.get("model_name", "SCVI"),
+        model_init_params=dict(model.init_params_),
+        model_setup_anndata_args=setup,
+        model_summary_stats=dict(reg["summary_stats"]),
+        model_data_registry=data_registry(setup),
+        library_name=library_name,
+        versions=dict(versions),
+        data_modalities=list(data_modalities),
+        metrics_report=metrics_report,
+        **kwargs,
+    )

@@ -9,7 +9,8 @@ A hub directory holds what scvi-hub (Hugging Face) serves for a model::
     README.md                       the model card
 
 The model files come from a :class:`ModelFormat`. jaxvi's own format is registered here;
-another format (scvi-tools' ``model.pt``) plugs in with :func:`register_model_format` and is
+another format plugs in with :func:`register_model_format` (scvi-tools' ``model.pt``,
+through :mod:`jaxvi.scvi_io`, is registered as ``"scvi-tools"``) and is
 then written by ``save_hub_model(..., model_format=name)`` and recognised on load, from the
 metadata's ``model_format`` or, for directories written by scvi-tools, from its files.
 """
@@ -122,6 +123,43 @@ def _jaxvi_load(dir_path: str, adata):
     return SCVI.load(dir_path, adata=adata)
 
 
+def _scvi_tools_save(model, dir_path: str, overwrite: bool) -> None:
+    from jaxvi import scvi_io
+
+    scvi_io.write_scvi_tools(model, dir_path, overwrite=overwrite, save_anndata=False)
+
+
+def _scvi_tools_load(dir_path: str, adata):
+    from jaxvi import scvi_io
+    from jaxvi.model import SCVI
+
+    return scvi_io.read_scvi_tools(SCVI, dir_path, adata=adata)
+
+
+def _scvi_tools_versions(model) -> dict:
+    from jaxvi import scvi_io
+
+    return {"scvi_version": scvi_io.SCVI_TOOLS_VERSION, "anndata_version": _anndata_version()}
+
+
+def _scvi_tools_version(model) -> str:
+    from jaxvi import scvi_io
+
+    return scvi_io.SCVI_TOOLS_VERSION
+
+
+register_model_format(
+    ModelFormat(
+        name="scvi-tools",
+        files=("model.pt",),
+        save=_scvi_tools_save,
+        load=_scvi_tools_load,
+        library_name="scvi-tools",
+        versions=_scvi_tools_versions,
+        scvi_version=_scvi_tools_version,
+    )
+)
+
 register_model_format(
     ModelFormat(
         name="jaxvi",
@@ -155,7 +193,11 @@ class HubMetadata:
         """Write the JSON file (refuses to replace one unless ``overwrite``)."""
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it.")
-        text = json.dumps(dataclasses.asdict(self), indent=4)
+        content = dataclasses.asdict(self)
+        if self.model_format == "scvi-tools":  # exactly scvi-tools' fields, so that it loads
+            content = {k: content[k] for k in _SCVI_FIELDS}
+            content["model_parent_module"] = "scvi.model"
+        text = json.dumps(content, indent=4)
         io._atomic_write(path, lambda tmp: _write_text(tmp, text))
 
     @classmethod
@@ -178,6 +220,15 @@ class HubMetadata:
             known["model_format"] = "scvi-tools"
             known.setdefault("model_parent_module", "scvi.model")
         return cls(**known)
+
+
+_SCVI_FIELDS = (
+    "scvi_version",
+    "anndata_version",
+    "model_cls_name",
+    "training_data_url",
+    "model_parent_module",
+)
 
 
 def _write_text(path: str, text: str) -> None:

@@ -362,3 +362,29 @@ def test_same_weights_give_the_same_cv_metrics_within_sampling_noise(model):
         mae_b = cv_scores(b["model"], b["Raw"])["mae"]
         assert mae_b == pytest.approx(mae_a, abs=0.05)
         assert mae_a > 0.5  # 1 epoch: far from the data, so agreement is not trivial
+
+
+def test_hub_directory_in_scvi_tools_format(model, tmp_path):
+    """A hub directory whose model files are scvi-tools' (``model.pt``, written without
+    torch): its metadata holds exactly scvi-tools' fields, and it loads back, through the
+    metadata, into a model with the same outputs; scvi-tools itself reads the model files."""
+    d = tmp_path / "hub_scvi"
+    hub.save_hub_model(model, str(d), model_format="scvi-tools", metrics=None)
+    assert (d / "model.pt").exists()
+    meta = json.loads((d / "_scvi_required_metadata.json").read_text())
+    assert sorted(meta) == sorted(hub._SCVI_FIELDS)
+    assert meta["model_parent_module"] == "scvi.model"
+    assert meta["scvi_version"] == "1.4.2"
+    h = hub.HubModel(str(d))
+    assert h.metadata.model_format == "scvi-tools"
+    assert "library_name: scvi-tools" in h.model_card
+    _same_outputs(model, h.load_model(adata=model.adata.copy()))
+    scvi = pytest.importorskip("scvi")
+    adata = model.adata.copy()
+    reference = scvi.model.SCVI.load(str(d), adata=adata)
+    np.testing.assert_allclose(
+        reference.get_latent_representation(),
+        model.get_latent_representation(),
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -56,3 +56,10 @@ def test_criticism_notebook_executes(monkeypatch):
     assert "cell-wise CV MAE" in text
     assert "card written to" in text
     assert "reloaded model has the same latent space: True" in text
+
+
+def test_benchmarks_notebook_executes(monkeypatch):
+    """The benchmarks notebook reads the committed JSON results and draws them."""
+    text = _execute("benchmarks.ipynb", monkeypatch)
+    assert "compare_scvi       compare_scvi_" in text
+    assert "| synthetic | jaxvi |" in text  # the committed jaxvi vs scvi-tools table

@@ -620,7 +620,9 @@ def fit(
         validate = False
     tx = make_optimizer(plan, trainable_mask(module.config, state.params), update_mask)
     detect = "detect" if guard else False
-    epoch_fn = make_train_epoch(module, tx, batch_size, detect, network_training)
+    epoch_fn = make_train_epoch(
+        module, tx, batch_size, guard=detect, network_training=network_training
+    )
     replay_fn = None  # the per-step guarded epoch, compiled only if an epoch fails
     eval_fn = make_evaluate(module)
     stream = data if isinstance(data, StreamingData) else None
@@ -702,7 +704,7 @@ def fit(
                 # Replay the epoch with per-step checks: same keys, same minibatches.
                 if replay_fn is None:
                     replay_fn = make_train_epoch(
-                        module, tx, batch_size, "step", network_training
+                        module, tx, batch_size, guard="step", network_training=network_training
                     )
                 state, info = run_epoch(replay_fn, start_state, key, kl_w)
                 info = jax.tree_util.tree_map(to_host, info)

@@ -124,6 +124,12 @@ def main(argv=None) -> dict:
     p.add_argument("--accelerator", action="store_true", help="a GPU/TPU runs both tools")
     p.add_argument("--quick", action="store_true", help="two small points per axis")
     p.add_argument("--tag", default=None)
+    p.add_argument(
+        "--values",
+        action="append",
+        default=[],
+        help="override an axis' values, e.g. --values batch_size=128,512 (repeatable)",
+    )
     args = p.parse_args(argv)
     # what compare_scvi's worker expects
     args.seed, args.data_seed, args.train_size, args.elbo_reps = 0, 0, 0.9, 1
@@ -136,18 +142,34 @@ def main(argv=None) -> dict:
         base.update(n_cells=2000, n_genes=300)
         grid = {k: v[:2] for k, v in grid.items()}
         grid["n_cells"], grid["n_genes"] = [2000, 4000], [300, 600]
-    rows = []
+    for override in args.values:
+        axis, _, vals = override.partition("=")
+        grid[axis] = [None if v == "None" else (v if axis == "precision" else int(v))
+                      for v in vals.split(",")]  # fmt: skip
+    out_path = C.result_path("throughput", args.tag)
+    rows, done = [], {}
     for axis in [a for a in args.axes.split(",") if a]:
         for value in grid[axis]:
             point = {**base, axis: value}
+            key = tuple(sorted(point.items(), key=lambda kv: kv[0]))
             print(f"[throughput] {axis}={value}", flush=True)
-            row = run_point(args, point, tools)
-            row["axis"] = axis
+            if key in done:  # the base point of another axis: measured already
+                row = {**done[key], "axis": axis}
+            else:
+                row = run_point(args, point, tools)
+                row["axis"] = axis
+                done[key] = row
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
+            C.write_json(out_path, _payload(args, base, grid, rows))  # after every point
+    print(markdown(rows))
+    print("saved", out_path)
+    return _payload(args, base, grid, rows)
+
+
+def _payload(args, base, grid, rows) -> dict:
     table = markdown(rows)
-    print(table)
-    payload = {
+    return {
         "benchmark": "throughput",
         "started_utc": C.utc_timestamp(),
         "machine": C.machine_info(),
@@ -157,9 +179,6 @@ def main(argv=None) -> dict:
         "rows": rows,
         "markdown": table,
     }
-    out = C.write_json(C.result_path("throughput", args.tag), payload)
-    print("saved", out)
-    return payload
 
 
 if __name__ == "__main__":

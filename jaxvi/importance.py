@@ -28,25 +28,20 @@ keeps each draw's own library).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import logsumexp
 
+from jaxvi import posterior
 from jaxvi.dataset import CellData, gather
 from jaxvi.inference import MAX_CHUNKS_PER_CALL, _bucket
 from jaxvi.likelihoods import get_likelihood
 from jaxvi.module import VAE, VAEConfig
+from jaxvi.posterior import _normal_log_density
 
 __all__ = ["get_importance_weights", "importance_log_weights", "normalize_log_weights"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _normal_log_density(x, mean, var):
-    return -0.5 * (jnp.square(x - mean) / var + jnp.log(var) + _LOG_2PI)
-
 
 @functools.lru_cache(maxsize=32)
 def _log_weight_program(config: VAEConfig):
@@ -190,15 +185,10 @@ def normalize_log_weights(log_w: np.ndarray, truncation: bool = False) -> np.nda
             "decoded likelihood overflowed."
         )
     if truncation:
-        tau = _logsumexp(log_w) - np.log(len(log_w))
+        tau = logsumexp(log_w) - np.log(len(log_w))
         log_w = np.maximum(log_w, tau)
-    p = np.exp(log_w - _logsumexp(log_w))
+    p = np.exp(log_w - logsumexp(log_w))
     return p / p.sum()
-
-
-def _logsumexp(a: np.ndarray) -> float:
-    top = np.max(a)
-    return float(top + np.log(np.sum(np.exp(a - top))))
 
 
 def get_importance_weights(
@@ -247,8 +237,6 @@ def get_importance_weights(
     float64 ``(n_draws,)`` weights summing to one, in the order of ``zs`` flattened over its
     leading axes (sample-major for ``(n_samples, cells, n_latent)``).
     """
-    from jaxvi import posterior
-
     if getattr(model, "minified_data_type", None) is not None:
         raise ValueError(
             "Importance weights need the counts of the anchor cells; this model's AnnData is "

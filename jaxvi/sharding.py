@@ -176,37 +176,17 @@ def sharded_cell_data(adata, registry: dict, mesh: Mesh):
     """The registered fields of ``adata`` as a :class:`~jaxvi.dataset.CellData` sharded over
     ``mesh``, each process reading only its own rows (``adata[start:stop]``; for a backed
     AnnData only those rows are read from disk). Counts are stored dense."""
-    import scipy.sparse as sp
-
-    from jaxvi.dataset import CellData
+    from jaxvi.dataset import take_rows
+    from jaxvi.dataset import to_host as host_cell_data
     from jaxvi.registry import registry_arrays
 
     n = adata.n_obs
     start, stop = local_cell_range(n, mesh)
-    rows = adata[start : min(stop, n)]
-    arrays = registry_arrays(rows, registry)
-    x = arrays.pop("X")
-    arrays["x"] = (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float32)
-    for k in ("batch_index", "labels", "cat_covs"):
-        if arrays[k] is not None:
-            arrays[k] = np.asarray(arrays[k], np.int32)
-    for k in ("cont_covs", "size_factor"):
-        if arrays[k] is not None:
-            arrays[k] = np.asarray(arrays[k], np.float32)
-    g = shard_cells(arrays, n, mesh)
-    return CellData(
-        x=g["x"],
-        indptr=None,
-        indices=None,
-        data=None,
-        batch_index=g["batch_index"],
-        labels=g["labels"],
-        cat_covs=g["cat_covs"],
-        cont_covs=g["cont_covs"],
-        size_factor=g["size_factor"],
-        n_genes=int(x.shape[1]),
-        mesh=mesh,
-    )
+    host = host_cell_data(registry_arrays(adata[start : min(stop, n)], registry))
+    if host.x is None:  # CSR: densify the local rows
+        host = take_rows(host, np.arange(host.n_cells))
+    names = ("x", "batch_index", "labels", "cat_covs", "cont_covs", "size_factor")
+    return host.replace(**shard_cells({k: getattr(host, k) for k in names}, n, mesh), mesh=mesh)
 
 
 def to_host(a) -> np.ndarray:

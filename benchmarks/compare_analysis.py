@@ -1,7 +1,7 @@
 """Analysis speed, jaxvi vs scvi-tools holding the same weights: DE and marginal likelihood.
 
 jaxvi is trained on the built-in PBMC data (700 cells x 765 genes, 10 cell types), its weights
-are copied into an ``scvi.model.SCVI`` (``jaxvi.bridge.variables_to_state_dict``), and both
+are copied into an ``scvi.model.SCVI`` (``jaxvi.bridge.load_into_scvi_tools``), and both
 libraries then run, in this one process on the same machine:
 
 * ``differential_expression(groupby="bulk_labels")`` for all 10 cell types one-vs-rest, in
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     import torch
 
     import jaxvi
-    from jaxvi.bridge import variables_to_state_dict
+    from jaxvi.bridge import load_into_scvi_tools
 
     torch.set_num_threads(C.n_cores())
     jaxvi.settings.seed = args.seed
@@ -64,8 +64,7 @@ def main(argv=None) -> dict:
     model_j.train(max_epochs=args.epochs, enable_progress_bar=False)
     scvi.model.SCVI.setup_anndata(adata_t)
     model_t = scvi.model.SCVI(adata_t)
-    state = variables_to_state_dict(model_j.variables, model_j.config)
-    model_t.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    load_into_scvi_tools(model_t, model_j)
     model_t.module.eval()
     model_t.is_trained_ = True
 

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         import scvi
         import torch
 
-        from jaxvi.bridge import variables_to_state_dict
+        from jaxvi.bridge import load_into_scvi_tools
 
         torch.set_num_threads(C.n_cores())
 
@@ -112,8 +112,7 @@ def main(argv=None) -> dict:
                 row["scvi_train_s"] = C.now() - t0
                 row["scvi"] = _scvi_numbers(mt, mt.train_indices, mt.validation_indices)
                 # jaxvi's weights, scvi-tools' sampler and metric code
-                state = variables_to_state_dict(mj.variables, mj.config)
-                mt.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+                load_into_scvi_tools(mt, mj)
                 mt.module.eval()
                 row["same_weights_scvi"] = _scvi_numbers(
                     mt, mj.train_indices, mj.validation_indices

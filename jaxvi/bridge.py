@@ -42,6 +42,7 @@ from jaxvi.module import VAEConfig, init_variables
 __all__ = [
     "config_from_scvi",
     "expected_state_dict_shapes",
+    "load_into_scvi_tools",
     "state_dict_to_variables",
     "variables_to_state_dict",
 ]
@@ -383,3 +384,17 @@ def config_from_scvi(model) -> VAEConfig:
         use_size_factor_key=bool(module.use_size_factor_key),
         use_observed_lib_size=bool(module.use_observed_lib_size),
     )
+
+
+def load_into_scvi_tools(scvi_model, model) -> None:
+    """Copy the weights of the jaxvi ``model`` into ``scvi_model`` in memory.
+
+    ``scvi_model`` is an ``scvi.model.SCVI`` (or its ``VAE`` module) of the same architecture;
+    its module gets :func:`variables_to_state_dict` through ``load_state_dict`` (strict), so
+    both then compute the same numbers. Needs torch.
+    """
+    import torch
+
+    module = getattr(scvi_model, "module", scvi_model)
+    state = variables_to_state_dict(model.variables, model.config)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})

@@ -335,16 +335,15 @@ def test_hub_errors(model, tmp_path):
 def test_same_weights_give_the_same_cv_metrics_within_sampling_noise(model):
     """jaxvi's weights in scvi-tools: its own sampler and PPC agree with jaxvi's."""
     scvi = pytest.importorskip("scvi")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from scvi.criticism import PosteriorPredictiveCheck as RefPPC
 
-    from jaxvi.bridge import variables_to_state_dict
+    from jaxvi.bridge import load_into_scvi_tools
 
     ref_adata = synthetic_iid(seed=0, n_proteins=0, n_regions=0)
     scvi.model.SCVI.setup_anndata(ref_adata)
     ref = scvi.model.SCVI(ref_adata, **EXAMPLE)
-    state = variables_to_state_dict(model.variables, model.config)
-    ref.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    load_into_scvi_tools(ref, model)
     ref.module.eval()
     ref.is_trained_ = True
     theirs = RefPPC(ref_adata, {"model": ref}, n_samples=5)

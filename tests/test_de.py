@@ -2,7 +2,7 @@
 small trained model, and agreement with scvi-tools 1.4.2 on shared weights.
 
 The agreement tests train jaxvi briefly on ``pbmc68k_reduced`` (700 cells, 10 cell types),
-copy the weights into an ``scvi.model.SCVI`` with :func:`jaxvi.bridge.variables_to_state_dict`
+copy the weights into an ``scvi.model.SCVI`` with :func:`jaxvi.bridge.load_into_scvi_tools`
 and run one-vs-rest DE for every cell type in both libraries with the default 5000 samples per
 group. The two only differ by Monte-Carlo noise, so the per-gene Bayes factors and mean LFCs
 must rank the genes alike (Spearman >= 0.95 per cell type); columns, dtypes, index, sorting
@@ -418,8 +418,8 @@ def test_single_group_raises(small):
 def shared():
     """jaxvi trained on pbmc68k_reduced and an scvi-tools SCVI holding the same weights."""
     scvi = pytest.importorskip("scvi")
-    torch = pytest.importorskip("torch")
-    from jaxvi.bridge import variables_to_state_dict
+    pytest.importorskip("torch")
+    from jaxvi.bridge import load_into_scvi_tools
 
     base = jaxvi.datasets.pbmc68k_reduced()
     adata_j, adata_t = base.copy(), base.copy()
@@ -428,8 +428,7 @@ def shared():
     model_j.train(max_epochs=25, enable_progress_bar=False)
     scvi.model.SCVI.setup_anndata(adata_t)
     model_t = scvi.model.SCVI(adata_t)
-    state = variables_to_state_dict(model_j.variables, model_j.config)
-    model_t.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    load_into_scvi_tools(model_t, model_j)
     model_t.module.eval()
     model_t.is_trained_ = True
     return model_j, model_t

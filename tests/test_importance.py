@@ -204,13 +204,12 @@ def test_weights_match_scvi(trained, adata, monkeypatch, truncation):
     the normalised weights agree to 1e-4 relative."""
     scvi = pytest.importorskip("scvi")
     torch = pytest.importorskip("torch")
-    from jaxvi.bridge import variables_to_state_dict
+    from jaxvi.bridge import load_into_scvi_tools
 
     adata_t = adata.copy()
     scvi.model.SCVI.setup_anndata(adata_t, batch_key="batch")
     sm = scvi.model.SCVI(adata_t, n_hidden=16, n_latent=4)
-    state = variables_to_state_dict(trained.variables, trained.config)
-    sm.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    load_into_scvi_tools(sm, trained)
     sm.module.eval()
 
     cells = np.arange(5, 35)

@@ -322,13 +322,12 @@ def parity_models(n_epochs: int = 100) -> dict[str, tuple]:
     Monte-Carlo estimates are only comparable at 0.1 % when q is close to the posterior, so
     the weights come from ``n_epochs`` of jaxvi training of a latent-library model on 1000
     cells (seconds) and are copied into ``scvi.model.SCVI`` with
-    :func:`jaxvi.bridge.variables_to_state_dict`. The same weights without the library prior
+    :func:`jaxvi.bridge.load_into_scvi_tools`. The same weights without the library prior
     make the observed-library pair (the l-encoder exists in both architectures).
     """
     import scvi
-    import torch
 
-    from jaxvi.bridge import variables_to_state_dict
+    from jaxvi.bridge import load_into_scvi_tools
 
     adata = make_adata(PARITY_CELLS, PARITY_GENES, seed=1)
     options = {"n_hidden": 32, "n_latent": 5}
@@ -346,8 +345,7 @@ def parity_models(n_epochs: int = 100) -> dict[str, tuple]:
     jm.train(max_epochs=n_epochs, batch_size=128, enable_progress_bar=False, plan_kwargs=plan)
     pairs["observed"][0].variables = {k: v for k, v in jm.variables.items() if k != "buffers"}
     for jm, sm in pairs.values():
-        state = variables_to_state_dict(jm.variables, jm.config)
-        sm.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        load_into_scvi_tools(sm, jm)
         sm.module.eval()
         sm.is_trained_ = True  # get_latent_library_size refuses untrained models
     return pairs

@@ -7,6 +7,7 @@ jitted program, densifying CSR rows there.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from jax.scipy.special import gammaln
 
 from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import Batch
@@ -29,8 +31,10 @@ class CellData:
     Either ``x`` (dense ``(cells, genes)``) or the CSR triplet ``indptr`` ``(cells + 1,)``,
     ``indices`` and ``data`` ``(nnz,)`` is set. ``max_row_nnz`` bounds the non-zeros of one row.
     ``qz_m``/``qz_v`` ``(cells, n_latent)`` and ``observed_lib_size`` ``(cells,)`` hold the
-    cached posterior of a minified AnnData (None otherwise). ``mesh`` is the
-    ``jax.sharding.Mesh`` the cells are sharded over (:mod:`jaxvi.sharding`), or None.
+    cached posterior of a minified AnnData (None otherwise). ``log_x_factorial`` ``(cells,)``
+    is ``sum over genes of lgamma(x + 1)`` (see :class:`~jaxvi.module.Batch`), or None.
+    ``mesh`` is the ``jax.sharding.Mesh`` the cells are sharded over (:mod:`jaxvi.sharding`),
+    or None.
     """
 
     x: jax.Array | None
@@ -47,6 +51,7 @@ class CellData:
     qz_m: jax.Array | None = None
     qz_v: jax.Array | None = None
     observed_lib_size: jax.Array | None = None
+    log_x_factorial: jax.Array | None = None
     mesh: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
@@ -89,9 +94,11 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         indices = jnp.asarray(csr.indices.astype(np.int32))
         data = jnp.asarray(csr.data.astype(np.float32))
         max_row_nnz = int(np.diff(csr.indptr).max(initial=0))
+        log_x_factorial = _csr_log_factorial(indptr, data, csr.shape[0])
     else:
         host = x.toarray() if sp.issparse(x) else np.asarray(x)
         dense = jnp.asarray(host.astype(np.float32, copy=False))
+        log_x_factorial = _dense_log_factorial(dense)
 
     def opt(a, dtype):
         return None if a is None else jnp.asarray(np.asarray(a, dtype=dtype))
@@ -111,7 +118,19 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         qz_m=opt(arrays.get("qz_m"), np.float32),
         qz_v=opt(arrays.get("qz_v"), np.float32),
         observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
+        log_x_factorial=log_x_factorial,
     )
+
+
+@jax.jit
+def _dense_log_factorial(x: jax.Array) -> jax.Array:
+    return jnp.sum(gammaln(x + 1.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _csr_log_factorial(indptr: jax.Array, data: jax.Array, n_cells: int) -> jax.Array:
+    rows = jnp.searchsorted(indptr, jnp.arange(data.shape[0], dtype=indptr.dtype), side="right")
+    return jax.ops.segment_sum(gammaln(data + 1.0), rows - 1, num_segments=n_cells)
 
 
 def to_host(arrays: dict) -> CellData:
@@ -184,6 +203,7 @@ def take_rows(data: CellData, rows: np.ndarray) -> CellData:
         qz_m=take(data.qz_m),
         qz_v=take(data.qz_v),
         observed_lib_size=take(data.observed_lib_size),
+        log_x_factorial=take(data.log_x_factorial),
     )
 
 
@@ -222,6 +242,7 @@ def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Bat
         qz_m=take(data.qz_m),
         qz_v=take(data.qz_v),
         observed_lib_size=take(data.observed_lib_size),
+        log_x_factorial=take(data.log_x_factorial),
     )
     return constrain_cells(batch, data.mesh)  # split over the devices of a sharded dataset
 

@@ -225,10 +225,7 @@ def zinb_log_prob(
 
 def poisson_log_prob(x: jax.Array, mu: jax.Array) -> jax.Array:
     """Elementwise log Poisson(x | rate ``mu``): ``x log mu - mu - log x!``."""
-    # xlogy's derivative in y is x / y: 0/0 = NaN at x == 0, mu == 0 (a softmax that
-    # underflows). Where x == 0 the term is 0 whatever mu is, so feed it a harmless 1 there;
-    # values are unchanged.
-    return xlogy(x, jnp.where(x == 0, 1.0, mu)) - mu - gammaln(x + 1.0)
+    return _poisson_no_factorial(x, mu) - gammaln(x + 1.0)
 
 
 def normal_log_prob(x: jax.Array, mu: jax.Array, scale: jax.Array) -> jax.Array:
@@ -256,10 +253,20 @@ def zip_log_prob(x: jax.Array, mu: jax.Array, zi_logits: jax.Array) -> jax.Array
     ``log(g + (1 - g) e^-mu) = logaddexp(zi_logits, -mu) - softplus(zi_logits)`` at zero and
     ``log(1 - g) + log Poisson(x | mu)`` elsewhere.
     """
+    return _zip_no_factorial(x, mu, zi_logits) - gammaln(x + 1.0)
+
+
+def _poisson_no_factorial(x, mu):
+    # xlogy's derivative in y is x / y: 0/0 = NaN at x == 0, mu == 0 (a softmax that
+    # underflows). Where x == 0 the term is 0 whatever mu is, so feed it a harmless 1 there;
+    # values are unchanged.
+    return xlogy(x, jnp.where(x == 0, 1.0, mu)) - mu
+
+
+def _zip_no_factorial(x, mu, zi_logits):
     log_keep = -jax.nn.softplus(zi_logits)  # log(1 - gate)
     case_zero = jnp.logaddexp(zi_logits, -mu) + log_keep
-    case_pos = log_keep + poisson_log_prob(x, mu)
-    return jnp.where(x < EPS, case_zero, case_pos)
+    return jnp.where(x < EPS, case_zero, log_keep + _poisson_no_factorial(x, mu))
 
 
 def _gamma_poisson(key, mu, theta):
@@ -334,6 +341,12 @@ class Likelihood:
     to_numpyro
         Optional ``to_numpyro(params) -> numpyro.distributions.Distribution``, the same
         distribution as a numpyro object (see :meth:`numpyro_distribution`).
+    log_prob_no_factorial
+        Optional ``f(x, params) -> (..., genes)`` equal to ``log_prob(x, params) +
+        lgamma(x + 1)``: the log-density without its parameter-free ``-log x!`` term. When
+        given, training adds that term per cell from a sum computed once per dataset
+        (``Batch.log_x_factorial``) instead of evaluating ``lgamma`` at every step; the
+        loss values are the same.
     """
 
     name: str
@@ -345,6 +358,7 @@ class Likelihood:
     uses_zi_logits: bool = False
     zi_logits_shape: str = "cell-gene"
     to_numpyro: Callable[[PxParams], object] | None = None
+    log_prob_no_factorial: Callable[[jax.Array, PxParams], jax.Array] | None = None
 
     def __post_init__(self):
         """Check the declaration, so that a mistake fails here and not inside a traced model."""
@@ -353,8 +367,9 @@ class Likelihood:
         for field in ("log_prob", "sample", "mean", "variance"):
             if not callable(getattr(self, field)):
                 raise TypeError(f"Likelihood {self.name!r}: `{field}` must be callable.")
-        if self.to_numpyro is not None and not callable(self.to_numpyro):
-            raise TypeError(f"Likelihood {self.name!r}: `to_numpyro` must be callable or None.")
+        for field in ("to_numpyro", "log_prob_no_factorial"):
+            if getattr(self, field) is not None and not callable(getattr(self, field)):
+                raise TypeError(f"Likelihood {self.name!r}: `{field}` must be callable or None.")
         if self.zi_logits_shape not in GATE_SHAPES:
             raise ValueError(
                 f"Likelihood {self.name!r}: `zi_logits_shape` must be one of "
@@ -483,6 +498,21 @@ def zero_inflated(
 
             return ZeroInflatedDistribution(base.to_numpyro(p), gate_logits=p.zi_logits)
 
+    log_prob_no_factorial = None
+    if base.log_prob_no_factorial is not None:
+
+        def log_prob_no_factorial(x, p):  # log 0! = 0: the zero case is unchanged
+            lp0 = (
+                base.log_prob(jnp.zeros_like(x), p) if log_prob_zero is None else log_prob_zero(p)
+            )
+            log_keep = -jax.nn.softplus(p.zi_logits)
+            log_gate = -jax.nn.softplus(-p.zi_logits)
+            return jnp.where(
+                x < EPS,
+                jnp.logaddexp(log_gate, log_keep + lp0),
+                log_keep + base.log_prob_no_factorial(x, p),
+            )
+
     return Likelihood(
         name,
         log_prob=log_prob,
@@ -493,6 +523,7 @@ def zero_inflated(
         uses_zi_logits=True,
         zi_logits_shape=gate,
         to_numpyro=to_numpyro,
+        log_prob_no_factorial=log_prob_no_factorial,
     )
 
 
@@ -623,6 +654,7 @@ register_likelihood(
         to_numpyro=lambda p: _numpyro().ZeroInflatedNegativeBinomial2(
             p.mu, p.theta, gate_logits=p.zi_logits
         ),
+        log_prob_no_factorial=lambda x, p: _zinb_unnormalised(x, p.mu, p.theta, p.zi_logits, EPS),
     )
 )
 register_likelihood(
@@ -633,6 +665,7 @@ register_likelihood(
         mean=lambda p: p.mu,
         variance=lambda p: p.mu + jnp.square(p.mu) / p.theta,
         to_numpyro=lambda p: _numpyro().NegativeBinomial2(p.mu, p.theta),
+        log_prob_no_factorial=lambda x, p: _nb_unnormalised(x, p.mu, p.theta, EPS),
     )
 )
 register_likelihood(
@@ -644,6 +677,7 @@ register_likelihood(
         variance=lambda p: p.mu,
         uses_theta=False,
         to_numpyro=lambda p: _numpyro().Poisson(p.mu),
+        log_prob_no_factorial=lambda x, p: _poisson_no_factorial(x, p.mu),
     )
 )
 register_likelihood(
@@ -669,6 +703,7 @@ register_likelihood(
         to_numpyro=lambda p: _numpyro().ZeroInflatedDistribution(
             _numpyro().Poisson(p.mu), gate_logits=p.zi_logits
         ),
+        log_prob_no_factorial=lambda x, p: _zip_no_factorial(x, p.mu, p.zi_logits),
     )
 )
 register_likelihood(
@@ -684,5 +719,6 @@ register_likelihood(
         to_numpyro=lambda p: _numpyro().ZeroInflatedNegativeBinomial2(
             p.mu, p.theta, gate_logits=p.zi_logits
         ),
+        log_prob_no_factorial=lambda x, p: _zinb_unnormalised(x, p.mu, p.theta, p.zi_logits, EPS),
     )
 )

@@ -122,6 +122,10 @@ class Batch(NamedTuple):
         None; when set, :meth:`VAE.inference` skips the encoder.
     observed_lib_size
         Cached total counts ``(cells,)`` of a minified AnnData, or None.
+    log_x_factorial
+        ``sum over genes of lgamma(x + 1)`` per cell, ``(cells,)``, computed once per dataset
+        (:func:`jaxvi.dataset.to_device`), or None. The loss then uses the likelihood's
+        ``log_prob_no_factorial`` and adds this, instead of evaluating ``lgamma`` per step.
     """
 
     x: jax.Array
@@ -134,6 +138,7 @@ class Batch(NamedTuple):
     qz_m: jax.Array | None = None
     qz_v: jax.Array | None = None
     observed_lib_size: jax.Array | None = None
+    log_x_factorial: jax.Array | None = None
 
 
 class InferenceOutputs(NamedTuple):
@@ -504,7 +509,11 @@ def vae_loss(
         variables, rngs=rngs
     )
     kl_z = jnp.sum(normal_kl(inf.qz_m, inf.qz_v, 0.0, 1.0), axis=-1)
-    rec = -jnp.sum(lik.log_prob(batch.x, gen.px_params()), axis=-1)
+    if batch.log_x_factorial is not None and lik.log_prob_no_factorial is not None:
+        log_px = lik.log_prob_no_factorial(batch.x, gen.px_params())
+        rec = batch.log_x_factorial - jnp.sum(log_px, axis=-1)
+    else:
+        rec = -jnp.sum(lik.log_prob(batch.x, gen.px_params()), axis=-1)
     per_cell = rec + kl_weight * kl_z + kl_l
     if batch.mask is None:
         loss = jnp.mean(per_cell)

@@ -379,3 +379,27 @@ def test_readme_example_runs(scratch_registry, tmp_path, monkeypatch):
     assert model.is_trained
     assert np.all(np.isfinite(model.history["elbo_train"].to_numpy()))
     assert (tmp_path / "nb1_model" / "model.json").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if get_likelihood(n).log_prob_no_factorial])
+def test_log_prob_no_factorial_is_log_prob_plus_log_factorial(x64, name):
+    """The training shortcut (log x! summed once per cell) changes no value."""
+    lik = get_likelihood(name)
+    x = jnp.array([0.0, 1.0, 2.0, 7.0, 40.0, 300.0])[:, None] * jnp.ones((1, 3))
+    p = _params(name, jnp.array([0.2, 5.0, 80.0]), 1.7, -0.4, n_cells=6)
+    no_fact = jax.jit(lik.log_prob_no_factorial)(x, p)
+    full = jax.jit(lik.log_prob)(x, p)
+    np.testing.assert_allclose(no_fact - jax.scipy.special.gammaln(x + 1.0), full, rtol=1e-12)
+
+
+def test_zero_inflated_keeps_the_no_factorial_form(x64):
+    made = zero_inflated(get_likelihood("nb"), "made", gate="cell-gene")
+    assert made.log_prob_no_factorial is not None
+    x = jnp.arange(12.0)[:, None] * jnp.ones((1, 3))
+    p = _params("zinb", jnp.array([0.3, 4.0, 30.0]), 2.0, -0.8, n_cells=12)
+    np.testing.assert_allclose(
+        jax.jit(made.log_prob_no_factorial)(x, p) - jax.scipy.special.gammaln(x + 1.0),
+        jax.jit(made.log_prob)(x, p),
+        rtol=1e-12,
+    )
+    assert zero_inflated(get_likelihood("normal"), "g").log_prob_no_factorial is None

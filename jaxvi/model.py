@@ -373,8 +373,6 @@ class SCVI:
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
         if streaming is None:
             streaming = bool(getattr(self.adata, "isbacked", False))
-        if streaming and mesh is not None:
-            raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
         self._mesh = mesh
         freeze = getattr(self, "_query_freeze", None) or {}  # set by load_query_data
         state, _ = init_train_state(self.module, self.variables, plan, freeze.get("update_mask"))
@@ -427,6 +425,7 @@ class SCVI:
                 val_idx,
                 chunk_cells=settings.stream_chunk_cells,
                 max_host_bytes=settings.stream_max_host_bytes,
+                mesh=mesh,
             )
         else:
             data = self._device_data(self.adata, load_sparse_tensor)

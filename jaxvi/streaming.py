@@ -13,6 +13,15 @@ the size of the dataset (``block_cells`` is derived from ``max_host_bytes``).
 Every block has the same shape except the last, so training compiles twice per ``train()``.
 The minibatches differ from in-memory training (cells are mixed within a block, not across
 the whole dataset), as in other chunked loaders (annbatch, scDataset).
+
+On a mesh (``mesh`` set; :mod:`jaxvi.sharding`) each block is placed sharded over the
+``"cells"`` axis, zero-padded to a multiple of the number of devices (the padding rows are
+never sampled), and its minibatches are split over the devices as in the in-memory mesh
+path. The blocks, their order and the minibatches are those of the one-device run with the
+same seed, so the result is the same up to the order of floating-point sums. With several
+processes, each process reads from disk only the rows of each block that its own devices
+hold (:func:`jaxvi.sharding.local_cell_range` of the block), so its host memory is its share
+of two blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import scipy.sparse as sp
 
 from jaxvi.dataset import to_device
 from jaxvi.registry import registry_arrays
+from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
 
 __all__ = ["StreamingData", "read_rows"]
 
@@ -134,6 +144,9 @@ class StreamingData:
     block_cells
         Cells per block (default: the most ``max_host_bytes`` allows, a multiple of
         ``chunk_cells``, at least one chunk).
+    mesh
+        A ``jax.sharding.Mesh`` with a ``"cells"`` axis to shard each block over (None: JAX's
+        default device).
     """
 
     adata: object
@@ -143,6 +156,7 @@ class StreamingData:
     chunk_cells: int = 1024
     max_host_bytes: int = 2**30
     block_cells: int | None = None
+    mesh: object = None
 
     def __post_init__(self):
         self.train_idx = np.sort(np.asarray(self.train_idx, np.int64))
@@ -156,7 +170,6 @@ class StreamingData:
             self.block_cells = n_chunks * self.chunk_cells
         elif self.block_cells % self.chunk_cells:
             raise ValueError("block_cells must be a multiple of chunk_cells.")
-        self.mesh = None
         self._reader = _Reader(self.adata, self.registry)
 
     # ------------------------------------------------------------------ layout
@@ -178,8 +191,31 @@ class StreamingData:
             return sum(s // batch_size for s in sizes)
         return sum(-(-s // batch_size) for s in sizes)
 
-    def _read(self, rows):
+    def local_rows(self, cells: np.ndarray) -> np.ndarray:
+        """The cells of a block this process reads: all of them without a mesh, else those
+        its devices hold (possibly none when the block is shorter than the mesh)."""
+        if self.mesh is None:
+            return cells
+        start, stop = local_cell_range(len(cells), self.mesh)
+        return cells[start : min(stop, len(cells))]
+
+    def _read(self, cells):
+        rows = self.local_rows(cells)
+        if len(rows) == 0:  # this process's devices hold only padding rows of this block
+            return {
+                k: None if v is None else v[:0] for k, v in self._reader.read(cells[:1]).items()
+            }
         return self._reader.read(rows)
+
+    def _place(self, arrays: dict, n_cells: int):
+        if self.mesh is None:
+            return to_device(arrays)
+        return shard_local_rows(arrays, n_cells, self.mesh)
+
+    def _index(self, a: np.ndarray):
+        """Per-block index and KL-weight vectors: replicated over the mesh (each process
+        passes the same values), as they are without one."""
+        return a if self.mesh is None else replicate(a, self.mesh)
 
     def _stream(self, blocks):
         """Yield ``(cells, CellData)`` per block, reading the next block in the background."""
@@ -189,12 +225,14 @@ class StreamingData:
                 arrays = pending.result()
                 if i + 1 < len(blocks):
                     pending = pool.submit(self._read, blocks[i + 1])
-                yield cells, to_device(arrays)
+                data = self._place(arrays, len(cells))
+                del arrays  # the host copy goes before the device trains on the block
+                yield cells, data
 
     # ------------------------------------------------------------------ running
     def run_epoch(self, epoch_fn, state, key, kl_weights: np.ndarray, batch_size: int, drop_last):
         """One epoch over all blocks; returns ``(state, EpochInfo summed over blocks)``."""
-        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        seed = int(to_host(jax.random.randint(key, (), 0, 2**31 - 1)))
         blocks = self._blocks(np.random.default_rng(seed), self.train_idx)
         total = None
         start = 0
@@ -205,15 +243,15 @@ class StreamingData:
                 continue
             kl = np.asarray(kl_weights[start : start + steps], np.float32)
             start += steps
-            local = np.arange(n, dtype=np.int32)
-            state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), kl)
+            local = self._index(np.arange(n, dtype=np.int32))
+            state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), self._index(kl))
             sums = (info.n_obs, info.loss_sum, info.reconstruction_sum, info.kl_local_sum)
             if total is not None:
                 sums = tuple(a + b for a, b in zip(sums, total[:4], strict=True))
             total = info._replace(
                 n_obs=sums[0], loss_sum=sums[1], reconstruction_sum=sums[2], kl_local_sum=sums[3]
             )
-            bad = int(np.asarray(info.bad_step)) if hasattr(info, "bad_step") else -1
+            bad = int(to_host(info.bad_step)) if hasattr(info, "bad_step") else -1
             if bad >= 0:  # stop at the first non-finite step; report it in epoch numbering
                 return state, total._replace(bad_step=start - steps + bad)
         return state, total

@@ -102,6 +102,33 @@ def test_eight_devices_equal_one():
     assert out["grad_vs_first_shard"] > 1e-2
 
 
+def test_streaming_on_eight_devices_equals_one(tmp_path):
+    """Streaming from a backed h5ad over 8 fake CPU devices: blocks of 256 cells (and the
+    ragged 118-cell training block and 70-cell validation block, padded to 120 and 72) are
+    split into 8 equal shards; the same cells are read, never more than one block at a
+    time; parameters and training / validation ELBO equal the one-device streamed run."""
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "stream_mesh_worker.py"), str(tmp_path)],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n_devices"] == 8
+    assert out["same_split"]
+    assert (out["n_train"], out["n_val"]) == (630, 70)
+    assert sorted(out["block_shards"]) == [[9] * 8, [15] * 8, [32] * 8]
+    assert out["max_read_single"] == out["max_read_mesh"] == 256
+    assert out["cells_read_single"] == out["cells_read_mesh"] == 2 * 700
+    assert out["param_moved_single"] > 1e-3
+    assert out["param_rel_diff"] < 1e-5
+    assert out["elbo_train_rel_diff"] < 1e-5
+    assert out["elbo_validation_rel_diff"] < 1e-5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

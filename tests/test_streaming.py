@@ -115,5 +115,3 @@ def test_streaming_needs_a_block(tmp_path):
     SCVI.setup_anndata(backed, batch_key="batch")
     with pytest.raises(ValueError, match="chunk_cells"):
         streaming.StreamingData(backed, reglib_get(backed), np.arange(40), [], chunk_cells=0)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        SCVI(backed).train(max_epochs=1, devices=1)

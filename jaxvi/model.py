@@ -29,7 +29,7 @@ from jaxvi.likelihoods import Likelihood, likelihood_name
 from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
-from jaxvi.streaming import StreamingData
+from jaxvi.streaming import StreamingData, backed_cell_data
 from jaxvi.train import (
     FitProgress,
     NonFiniteError,
@@ -1115,6 +1115,13 @@ class SCVI:
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
+        # A backed AnnData's counts stay on disk: run_chunked reads and moves bounded pieces
+        # (sharded over the mesh, if any).
+        data = None
+        if getattr(adata, "isbacked", False) and adata.uns.get(MINIFY_UNS_KEY) is None:
+            data = backed_cell_data(adata, self.registry_)
+        if data is not None:
+            return adata, indices.astype(np.int64), data.replace(mesh=self._mesh), bs
         if self._mesh is not None:  # sharded over the devices of the mesh
             return adata, indices.astype(np.int64), self._device_data(adata, None), bs
         # Host data: run_chunked moves bounded pieces to the device (any dataset size).

@@ -39,6 +39,7 @@ __all__ = [
     "replicate",
     "resolve_devices",
     "shard_cells",
+    "shard_host_data",
     "shard_local_rows",
     "sharded_cell_data",
     "to_host",
@@ -201,10 +202,17 @@ def shard_local_rows(arrays: dict, n_cells: int, mesh: Mesh):
     -------
     CellData with dense counts of global shape ``(padded_cells(n_cells, mesh), genes)``.
     """
-    from jaxvi.dataset import take_rows
     from jaxvi.dataset import to_host as host_cell_data
 
-    host = host_cell_data(arrays)
+    return shard_host_data(host_cell_data(arrays), n_cells, mesh)
+
+
+def shard_host_data(host, n_cells: int, mesh: Mesh):
+    """:func:`shard_local_rows` for a host :class:`~jaxvi.dataset.CellData` (from
+    :func:`jaxvi.dataset.to_host` or :func:`jaxvi.dataset.take_rows`) of this process's rows;
+    CSR counts are densified."""
+    from jaxvi.dataset import take_rows
+
     if host.x is None:  # CSR: densify the local rows
         host = take_rows(host, np.arange(host.n_cells))
     names = ("x", "batch_index", "labels", "cat_covs", "cont_covs", "size_factor")

@@ -32,13 +32,14 @@ import dataclasses
 import anndata
 import jax
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi.dataset import to_device
+from jaxvi.dataset import CellData, to_device
 from jaxvi.registry import registry_arrays
 from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
 
-__all__ = ["StreamingData", "read_rows"]
+__all__ = ["BackedCounts", "StreamingData", "backed_cell_data", "bounded_runs", "read_rows"]
 
 
 def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> dict:
@@ -55,18 +56,33 @@ def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> d
     return _Reader(adata, registry).read(rows, max_gap)
 
 
+def bounded_runs(rows: np.ndarray) -> list[np.ndarray]:
+    """Split sorted ``rows`` into runs read as one range each, merging the smallest gaps
+    while the rows read in between stay at most ``len(rows)`` in total: a read never
+    touches more than twice the rows asked for."""
+    rows = np.asarray(rows)
+    skipped = np.diff(rows) - 1  # rows read and dropped if neighbours are merged
+    order = np.argsort(skipped, kind="stable")
+    n_merge = int(np.searchsorted(np.cumsum(skipped[order]), len(rows), side="right"))
+    split = np.ones(len(skipped), bool)
+    split[order[:n_merge]] = False
+    return np.split(rows, np.flatnonzero(split) + 1)
+
+
 class _Reader:
     """Reads rows of an AnnData. For a backed h5ad the counts come straight from its HDF5
     arrays (the CSR ``indptr`` is read once, ``O(cells)``) and the covariates from arrays
-    computed once; otherwise through AnnData views."""
+    computed once; otherwise through AnnData views. Genes come out in the registry's order."""
 
     def __init__(self, adata, registry: dict):
         self.adata, self.registry = adata, registry
         self.n_genes = int(adata.n_vars)
-        self.x = self.indptr = self.obs = None
+        self.x = self.indptr = self.obs = self.order = None
         if not getattr(adata, "isbacked", False):
             return
         layer = registry["setup_args"]["layer"]
+        if layer is not None and layer not in adata.layers:
+            return  # the generic path names the missing layer
         node = adata.file["X" if layer is None else f"layers/{layer}"]
         encoding = node.attrs.get("encoding-type", "array")
         if hasattr(node, "shape") and encoding == "array":
@@ -83,7 +99,10 @@ class _Reader:
             var=adata.var,
             layers=None if layer is None else {layer: empty},
         )
-        self.obs = registry_arrays(shell, registry)
+        self.obs = registry_arrays(shell, registry)  # checks the genes, warns on a reorder
+        names = [str(v) for v in adata.var_names]
+        if names != list(registry["var_names"]):
+            self.order = pd.Index(names).get_indexer(registry["var_names"])
 
     def _range(self, lo: int, hi: int) -> np.ndarray | sp.csr_matrix:
         if self.indptr is None:
@@ -93,18 +112,24 @@ class _Reader:
         idx = np.asarray(self.x["indices"][s:e])
         return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
 
-    def read(self, rows: np.ndarray, max_gap: int = 4096) -> dict:
+    def read(self, rows: np.ndarray, max_gap: int | None = 4096) -> dict:
+        """Registered arrays of the sorted ``rows``; rows at most ``max_gap`` apart are read
+        as one range (``None``: :func:`bounded_runs`)."""
         rows = np.asarray(rows)
         if len(rows) == 0:
             raise ValueError("No rows to read.")
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
+        if max_gap is None:
+            runs = bounded_runs(rows)
+        else:
+            runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
         if self.obs is not None:
             xs = []
             for run in runs:
                 lo = int(run[0])
                 x = self._range(lo, int(run[-1]) + 1)
                 x = x[run - lo]
-                xs.append(x.toarray() if sp.issparse(x) else x)
+                x = x.toarray() if sp.issparse(x) else x
+                xs.append(x if self.order is None else x[:, self.order])
             out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
             out["X"] = np.concatenate(xs).astype(np.float32, copy=False)
             return out
@@ -123,6 +148,90 @@ class _Reader:
             k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
             for k in parts[0]
         }
+
+
+class BackedCounts:
+    """The counts of a backed AnnData, read from disk on demand.
+
+    ``counts[rows]`` (``(m,)`` int, any order, repeats allowed) reads only those rows (plus at
+    most as many in the gaps between them, see :func:`bounded_runs`) and returns them dense,
+    float32 ``(m, genes)``. :func:`jaxvi.dataset.take_rows` indexes it like an ndarray, so
+    :func:`jaxvi.inference.run_chunked` moves bounded pieces of a backed AnnData to the device
+    without loading the rest. Passed whole into a jitted function (as a pytree leaf) it reads
+    every row.
+
+    Attributes
+    ----------
+    shape
+        ``(cells, genes)``.
+    rows_read
+        Rows read so far (a diagnostic).
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, reader: _Reader):
+        self.reader = reader
+        self.shape = (int(reader.adata.n_obs), len(reader.registry["var_names"]))
+        self.rows_read = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows).reshape(-1)
+        if len(rows) == 0:
+            return np.zeros((0, self.shape[1]), np.float32)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        if unique[0] < 0 or unique[-1] >= self.shape[0]:
+            raise IndexError(f"Rows out of range for {self.shape[0]} cells.")
+        x = self.reader.read(unique, max_gap=None)["X"]
+        self.rows_read += len(unique)
+        return x[inverse]
+
+    def to_memory(self) -> np.ndarray:
+        """All rows, dense ``(cells, genes)``."""
+        return self[np.arange(self.shape[0])]
+
+
+jax.tree_util.register_pytree_node(
+    BackedCounts, lambda c: ((c.to_memory(),), None), lambda _, leaves: leaves[0]
+)
+
+
+def backed_cell_data(adata, registry: dict) -> CellData | None:
+    """Host :class:`~jaxvi.dataset.CellData` of a backed AnnData whose counts stay on disk.
+
+    The covariates (``O(cells)``) are loaded; the counts are a :class:`BackedCounts`, read
+    in the pieces that :func:`jaxvi.inference.run_chunked` asks for.
+
+    Returns
+    -------
+    CellData, or None when ``adata`` is not backed or its counts are not stored as a dense
+    or CSR HDF5 array (the caller then loads them).
+    """
+    if not getattr(adata, "isbacked", False):
+        return None
+    reader = _Reader(adata, registry)
+    if reader.obs is None:
+        return None
+    obs = reader.obs
+
+    def opt(a, dtype):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    return CellData(
+        x=BackedCounts(reader),
+        indptr=None,
+        indices=None,
+        data=None,
+        batch_index=np.asarray(obs["batch_index"], np.int32),
+        labels=np.asarray(obs["labels"], np.int32),
+        cat_covs=opt(obs["cat_covs"], np.int32),
+        cont_covs=opt(obs["cont_covs"], np.float32),
+        size_factor=opt(obs["size_factor"], np.float32),
+        n_genes=len(registry["var_names"]),
+    )
 
 
 @dataclasses.dataclass

@@ -42,8 +42,7 @@ def main(rank: int, n_proc: int, port: int, out_dir: str, stream: bool = False) 
         data = model._device_data(adata, None)
         rows = sum(int(s.data.shape[0]) for s in data.x.addressable_shards)
     if stream:
-        rows = np.asarray(reads)
-        model.to_device("auto")  # queries in each process on its own device
+        rows = np.asarray(reads)  # training only; queries then read from disk, on the mesh
     latent = model.get_latent_representation()
     np.savez(
         f"{out_dir}/{'stream_' if stream else ''}{tag}.npz",

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 from sharded_worker import make_adata, max_rel
 
-from jaxvi import SCVI, settings, streaming
+from jaxvi import SCVI, inference, settings, streaming
 
 
 def main(out_dir: str) -> None:
@@ -70,6 +70,33 @@ def main(out_dir: str) -> None:
     for key in ("elbo_train", "elbo_validation"):
         a, b = single.history[key].to_numpy(), mesh.history[key].to_numpy()
         out[f"{key}_rel_diff"] = float(np.max(np.abs(a - b) / np.abs(a)))
+    # Queries on the backed AnnData, on the mesh: bounded reads, each call's cells sharded.
+    settings.inference_bytes_per_call = 64 * 30 * 4  # 64 cells a call
+    backed = mesh.adata
+    reads.clear()
+    query_shards = []
+    real_shard = inference.shard_host_data
+
+    def spy_shard(host, n_cells, mesh):
+        data = real_shard(host, n_cells, mesh)
+        query_shards.append(len({s.device for s in data.x.addressable_shards}))
+        return data
+
+    inference.shard_host_data = spy_shard
+    latent_mesh = mesh.get_latent_representation(backed, batch_size=32)
+    out["query_max_read"] = max(reads)
+    out["query_cells_read"] = sum(reads)
+    out["query_shards"] = sorted(set(query_shards))
+    calls = mesh._n_calls
+    elbo_mesh = mesh.get_elbo(backed, batch_size=32)
+    mesh.to_device("auto")
+    latent_one = mesh.get_latent_representation(backed, batch_size=32)
+    mesh._n_calls = calls
+    elbo_one = mesh.get_elbo(backed, batch_size=32)
+    out["query_latent_rel_diff"] = float(
+        np.max(np.abs(latent_mesh - latent_one)) / np.max(np.abs(latent_one))
+    )
+    out["query_elbo_rel_diff"] = abs(elbo_mesh - elbo_one) / abs(elbo_one)
     out["block_shards"] = [list(s) for s in {tuple(s) for s in shards}]
     print(json.dumps(out))
 

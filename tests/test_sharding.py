@@ -106,7 +106,9 @@ def test_streaming_on_eight_devices_equals_one(tmp_path):
     """Streaming from a backed h5ad over 8 fake CPU devices: blocks of 256 cells (and the
     ragged 118-cell training block and 70-cell validation block, padded to 120 and 72) are
     split into 8 equal shards; the same cells are read, never more than one block at a
-    time; parameters and training / validation ELBO equal the one-device streamed run."""
+    time; parameters and training / validation ELBO equal the one-device streamed run.
+    Queries on the backed AnnData then run on the mesh in bounded pieces read from disk, and
+    equal the one-device queries."""
     proc = subprocess.run(
         [sys.executable, str(HERE / "stream_mesh_worker.py"), str(tmp_path)],
         env=_env(8),
@@ -127,6 +129,12 @@ def test_streaming_on_eight_devices_equals_one(tmp_path):
     assert out["param_rel_diff"] < 1e-5
     assert out["elbo_train_rel_diff"] < 1e-5
     assert out["elbo_validation_rel_diff"] < 1e-5
+    # Queries on the backed AnnData with the mesh: 64-cell reads, each sharded over 8 devices.
+    assert out["query_max_read"] <= 64
+    assert out["query_cells_read"] == 701  # and cell 0 again as padding of the last call
+    assert out["query_shards"] == [8]
+    assert out["query_latent_rel_diff"] < 1e-5
+    assert out["query_elbo_rel_diff"] < 1e-5
 
 
 def _free_port() -> int:

@@ -191,3 +191,38 @@ def test_queries_on_a_backed_anndata(tmp_path, monkeypatch, sparse):
     np.testing.assert_allclose(
         latent, model.get_latent_representation(mem, batch_size=32), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_process_holding_only_padding_reads_no_rows(tmp_path, monkeypatch):
+    """On a mesh, a process reads only its share of a block (here the rows [2, 4) of a
+    5-cell block); a process whose devices hold only padding rows gets empty arrays of the
+    right fields and widths, and reads nothing but one row to learn them."""
+    from jaxvi.sharding import data_mesh
+
+    path = tmp_path / "cells.h5ad"
+    write_h5ad(path, n_cells=50)
+    backed = anndata.read_h5ad(path, backed="r")
+    SCVI.setup_anndata(backed, batch_key="batch")
+    data = streaming.StreamingData(
+        backed, reglib_get(backed), np.arange(40), [], chunk_cells=8, mesh=data_mesh()
+    )
+    cells = np.array([3, 7, 8, 20, 31])
+    reads = []
+    real_read = streaming._Reader.read
+
+    def spy(self, rows, max_gap=4096):
+        reads.append(list(rows))
+        return real_read(self, rows, max_gap)
+
+    monkeypatch.setattr(streaming._Reader, "read", spy)
+    monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (2, 4))
+    np.testing.assert_array_equal(data.local_rows(cells), [8, 20])
+    part = data._read(cells)
+    assert part["X"].shape == (2, 30)
+    monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (6, 8))
+    assert len(data.local_rows(cells)) == 0
+    empty = data._read(cells)
+    assert empty["X"].shape == (0, 30)
+    assert empty["batch_index"].shape == (0,)
+    assert set(empty) == set(part)
+    assert reads == [[8, 20], [3]]

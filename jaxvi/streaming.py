@@ -78,8 +78,8 @@ class _Reader:
         self.adata, self.registry = adata, registry
         self.n_genes = int(adata.n_vars)
         self.x = self.indptr = self.obs = self.order = None
-        if not getattr(adata, "isbacked", False):
-            return
+        if not getattr(adata, "isbacked", False) or adata.is_view:
+            return  # a view's rows are not the file's: the generic path indexes through it
         layer = registry["setup_args"]["layer"]
         if layer is not None and layer not in adata.layers:
             return  # the generic path names the missing layer
@@ -207,8 +207,9 @@ def backed_cell_data(adata, registry: dict) -> CellData | None:
 
     Returns
     -------
-    CellData, or None when ``adata`` is not backed or its counts are not stored as a dense
-    or CSR HDF5 array (the caller then loads them).
+    CellData, or None when ``adata`` is not backed, is a view (``backed[idx]``: its rows are
+    not the file's), or its counts are not stored as a dense or CSR HDF5 array (the caller
+    then loads them).
     """
     if not getattr(adata, "isbacked", False):
         return None

@@ -182,6 +182,15 @@ def test_queries_on_a_backed_anndata(tmp_path, monkeypatch, sparse):
         assert max(reads) <= 64, name
     assert sum(reads) == 41  # marginal_ll: the 40 cells asked for, and cell 0 as padding
 
+    # A view of the backed AnnData: its own rows (loaded through the view), not the file's.
+    monkeypatch.setattr(registry, "_get_counts", real_counts)
+    np.testing.assert_allclose(
+        model.get_latent_representation(backed[idx], batch_size=32),
+        model.get_latent_representation(mem, indices=idx, batch_size=32),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
     # Another gene order on disk: read and reordered to the model's genes.
     perm = np.random.default_rng(1).permutation(mem.n_vars)
     mem[:, perm].copy().write_h5ad(tmp_path / "shuffled.h5ad")

@@ -205,6 +205,7 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
                 call_data = shard_host_data(piece, len(rows), data.mesh)
             stats["max_cells_per_call"] = max(stats["max_cells_per_call"], padded.size)
             stats["max_bytes_per_call"] = max(stats["max_bytes_per_call"], piece.x.nbytes)
+            del piece  # the host copy goes before the next call reads its cells
             padded = np.arange(padded.size, dtype=np.int32).reshape(padded.shape)
         call_args = args
         if call > 0 and args and _is_key(args[0]):

@@ -131,7 +131,8 @@ class _Reader:
                 x = x.toarray() if sp.issparse(x) else x
                 xs.append(x if self.order is None else x[:, self.order])
             out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
-            out["X"] = np.concatenate(xs).astype(np.float32, copy=False)
+            x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+            out["X"] = x.astype(np.float32, copy=False)
             return out
         parts = []
         for run in runs:
@@ -187,6 +188,8 @@ class BackedCounts:
             raise IndexError(f"Rows out of range for {self.shape[0]} cells.")
         x = self.reader.read(unique, max_gap=None)["X"]
         self.rows_read += len(unique)
+        if len(unique) == len(rows) and np.array_equal(unique, rows):
+            return x  # sorted and distinct already: no reordering copy
         return x[inverse]
 
     def to_memory(self) -> np.ndarray:

@@ -298,6 +298,7 @@ class SCVI:
             Read the cells from disk in shuffled blocks during training instead of loading
             them all (:mod:`jaxvi.streaming`; host memory bounded by
             ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
+            Combines with ``devices=``: each block is then sharded over the mesh.
         checkpoint_dir, checkpoint_every_n_epochs, checkpoint_keep
             Write a checkpoint (parameters, optimizer and batch-norm state, epoch, history,
             split, settings) to ``checkpoint_dir/epoch_<N>`` every this many epochs, keeping the

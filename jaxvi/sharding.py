@@ -13,8 +13,9 @@ static field), and :func:`jaxvi.dataset.gather` shards every minibatch it builds
 any program that takes the data trains or infers data-parallel without further arguments.
 
 The same code runs over several processes (hosts) after :func:`jaxvi.distributed.initialize`:
-arrays are then assembled from each process's own rows with
-``jax.make_array_from_process_local_data``.
+arrays are then assembled from each process's own rows (:func:`shard_cells`). Streamed blocks
+(:mod:`jaxvi.streaming`) and the pieces of a backed AnnData that queries read
+(:func:`jaxvi.inference.run_chunked`) are placed the same way, one block or piece at a time.
 
 How a minibatch reaches the devices: its cells are gathered from the sharded dataset (each
 device contributes the rows it holds, then an all-reduce of ``batch x genes`` values) and the

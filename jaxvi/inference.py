@@ -16,7 +16,7 @@ import numpy as np
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, gather, is_host, pad_indices, take_rows
 from jaxvi.module import VAE, VAEConfig
-from jaxvi.sharding import to_host
+from jaxvi.sharding import local_cell_range, shard_host_data, to_host
 
 __all__ = [
     "chunks_per_call",
@@ -174,8 +174,10 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
     number of cells. When ``data`` lives on the host (:func:`jaxvi.dataset.to_host`), each
     call moves only its own cells, densified, to the device, and calls are sized so that
     this stays under ``settings.inference_bytes_per_call``: device memory is bounded
-    whatever the size of the dataset. When ``args[0]`` is a PRNG key, each call after the
-    first gets ``fold_in(key, call)``.
+    whatever the size of the dataset. Host data may keep its counts on disk
+    (:func:`jaxvi.streaming.backed_cell_data`): each call then reads only its cells. Host data
+    with a ``mesh`` has each call's cells sharded over it, each process reading its share.
+    When ``args[0]`` is a PRNG key, each call after the first gets ``fold_in(key, call)``.
 
     Outputs of shape ``(n_chunks, *pre, batch, *post)`` become ``(*pre, n_cells, *post)``
     where ``pre`` has ``cell_axis`` dimensions.
@@ -193,10 +195,17 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
         padded[:n] = part
         call_data = data
         if host:
-            piece = take_rows(data, padded.reshape(-1))
+            rows = padded.reshape(-1)
+            if data.mesh is None:
+                piece = take_rows(data, rows)
+                call_data = jax.device_put(piece)
+            else:  # this process's share of the piece, sharded over the mesh
+                start, stop = local_cell_range(len(rows), data.mesh)
+                piece = take_rows(data, rows[start:stop])
+                call_data = shard_host_data(piece, len(rows), data.mesh)
             stats["max_cells_per_call"] = max(stats["max_cells_per_call"], padded.size)
             stats["max_bytes_per_call"] = max(stats["max_bytes_per_call"], piece.x.nbytes)
-            call_data = jax.device_put(piece)
+            del piece  # the host copy goes before the next call reads its cells
             padded = np.arange(padded.size, dtype=np.int32).reshape(padded.shape)
         call_args = args
         if call > 0 and args and _is_key(args[0]):

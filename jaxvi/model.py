@@ -29,7 +29,7 @@ from jaxvi.likelihoods import Likelihood, likelihood_name
 from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
-from jaxvi.streaming import StreamingData
+from jaxvi.streaming import StreamingData, backed_cell_data
 from jaxvi.train import (
     FitProgress,
     NonFiniteError,
@@ -298,6 +298,7 @@ class SCVI:
             Read the cells from disk in shuffled blocks during training instead of loading
             them all (:mod:`jaxvi.streaming`; host memory bounded by
             ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
+            Combines with ``devices=``: each block is then sharded over the mesh.
         checkpoint_dir, checkpoint_every_n_epochs, checkpoint_keep
             Write a checkpoint (parameters, optimizer and batch-norm state, epoch, history,
             split, settings) to ``checkpoint_dir/epoch_<N>`` every this many epochs, keeping the
@@ -373,8 +374,6 @@ class SCVI:
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
         if streaming is None:
             streaming = bool(getattr(self.adata, "isbacked", False))
-        if streaming and mesh is not None:
-            raise ValueError("Streaming from disk and devices= (a mesh) cannot be combined yet.")
         self._mesh = mesh
         freeze = getattr(self, "_query_freeze", None) or {}  # set by load_query_data
         state, _ = init_train_state(self.module, self.variables, plan, freeze.get("update_mask"))
@@ -427,6 +426,7 @@ class SCVI:
                 val_idx,
                 chunk_cells=settings.stream_chunk_cells,
                 max_host_bytes=settings.stream_max_host_bytes,
+                mesh=mesh,
             )
         else:
             data = self._device_data(self.adata, load_sparse_tensor)
@@ -1116,6 +1116,13 @@ class SCVI:
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
+        # A backed AnnData's counts stay on disk: run_chunked reads and moves bounded pieces
+        # (sharded over the mesh, if any).
+        data = None
+        if getattr(adata, "isbacked", False) and adata.uns.get(MINIFY_UNS_KEY) is None:
+            data = backed_cell_data(adata, self.registry_)
+        if data is not None:
+            return adata, indices.astype(np.int64), data.replace(mesh=self._mesh), bs
         if self._mesh is not None:  # sharded over the devices of the mesh
             return adata, indices.astype(np.int64), self._device_data(adata, None), bs
         # Host data: run_chunked moves bounded pieces to the device (any dataset size).

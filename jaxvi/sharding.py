@@ -13,8 +13,9 @@ static field), and :func:`jaxvi.dataset.gather` shards every minibatch it builds
 any program that takes the data trains or infers data-parallel without further arguments.
 
 The same code runs over several processes (hosts) after :func:`jaxvi.distributed.initialize`:
-arrays are then assembled from each process's own rows with
-``jax.make_array_from_process_local_data``.
+arrays are then assembled from each process's own rows (:func:`shard_cells`). Streamed blocks
+(:mod:`jaxvi.streaming`) and the pieces of a backed AnnData that queries read
+(:func:`jaxvi.inference.run_chunked`) are placed the same way, one block or piece at a time.
 
 How a minibatch reaches the devices: its cells are gathered from the sharded dataset (each
 device contributes the rows it holds, then an all-reduce of ``batch x genes`` values) and the
@@ -39,6 +40,8 @@ __all__ = [
     "replicate",
     "resolve_devices",
     "shard_cells",
+    "shard_host_data",
+    "shard_local_rows",
     "sharded_cell_data",
     "to_host",
 ]
@@ -141,12 +144,16 @@ def local_cell_range(n_cells: int, mesh: Mesh) -> tuple[int, int]:
 def shard_cells(arrays: dict, n_cells: int, mesh: Mesh) -> dict:
     """Global arrays from host arrays of this process's rows.
 
+    Each device receives its own slice of the local rows (a view; only the slice that runs
+    past ``n_cells`` is copied to add its zero rows), so no second copy of the local rows is
+    made on the host.
+
     Parameters
     ----------
     arrays
         ``{name: ndarray or None}``; each array holds the rows ``local_cell_range(n_cells,
-        mesh)`` of a ``(cells, ...)`` array (rows past ``n_cells`` zero-padded by the caller or
-        here).
+        mesh)`` of a ``(cells, ...)`` array (rows past ``n_cells`` may be left out: they are
+        zero-padded here).
     n_cells
         Number of real cells of the dataset.
     mesh
@@ -156,7 +163,7 @@ def shard_cells(arrays: dict, n_cells: int, mesh: Mesh) -> dict:
     -------
     dict of ``jax.Array`` of global shape ``(padded_cells, ...)`` sharded over ``"cells"``.
     """
-    start, stop = local_cell_range(n_cells, mesh)
+    start, _ = local_cell_range(n_cells, mesh)
     n_pad = padded_cells(n_cells, mesh)
     sharding = NamedSharding(mesh, PartitionSpec(CELLS))
     out = {}
@@ -165,28 +172,65 @@ def shard_cells(arrays: dict, n_cells: int, mesh: Mesh) -> dict:
             out[name] = None
             continue
         a = np.asarray(a)
-        if a.shape[0] < stop - start:
-            pad = np.zeros((stop - start - a.shape[0], *a.shape[1:]), a.dtype)
-            a = np.concatenate([a, pad])
-        out[name] = _global_array(a, sharding, (n_pad, *a.shape[1:]))
+        shape = (n_pad, *a.shape[1:])
+        pieces = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            lo, hi, _ = index[0].indices(n_pad)
+            piece = a[lo - start : hi - start]
+            if piece.shape[0] < hi - lo:
+                pad = np.zeros((hi - lo - piece.shape[0], *a.shape[1:]), a.dtype)
+                piece = np.concatenate([piece, pad])
+            pieces.append(jax.device_put(piece, device))
+        out[name] = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
     return out
+
+
+def shard_local_rows(arrays: dict, n_cells: int, mesh: Mesh):
+    """A :class:`~jaxvi.dataset.CellData` sharded over ``mesh`` from this process's rows.
+
+    Parameters
+    ----------
+    arrays
+        Registered arrays (:func:`jaxvi.registry.registry_arrays`) of the rows
+        ``local_cell_range(n_cells, mesh)`` clipped to ``n_cells`` (possibly none); ``X``
+        dense or sparse ``(local_rows, genes)``.
+    n_cells
+        Number of real cells of the whole (padded) array.
+    mesh
+        The data mesh.
+
+    Returns
+    -------
+    CellData with dense counts of global shape ``(padded_cells(n_cells, mesh), genes)``.
+    """
+    from jaxvi.dataset import to_host as host_cell_data
+
+    return shard_host_data(host_cell_data(arrays), n_cells, mesh)
+
+
+def shard_host_data(host, n_cells: int, mesh: Mesh):
+    """:func:`shard_local_rows` for a host :class:`~jaxvi.dataset.CellData` (from
+    :func:`jaxvi.dataset.to_host` or :func:`jaxvi.dataset.take_rows`) of this process's rows;
+    CSR counts are densified."""
+    from jaxvi.dataset import take_rows
+
+    if host.x is None:  # CSR: densify the local rows
+        host = take_rows(host, np.arange(host.n_cells))
+    names = ("x", "batch_index", "labels", "cat_covs", "cont_covs", "size_factor")
+    return host.replace(
+        **shard_cells({k: getattr(host, k) for k in names}, n_cells, mesh), mesh=mesh
+    )
 
 
 def sharded_cell_data(adata, registry: dict, mesh: Mesh):
     """The registered fields of ``adata`` as a :class:`~jaxvi.dataset.CellData` sharded over
     ``mesh``, each process reading only its own rows (``adata[start:stop]``; for a backed
     AnnData only those rows are read from disk). Counts are stored dense."""
-    from jaxvi.dataset import take_rows
-    from jaxvi.dataset import to_host as host_cell_data
     from jaxvi.registry import registry_arrays
 
     n = adata.n_obs
     start, stop = local_cell_range(n, mesh)
-    host = host_cell_data(registry_arrays(adata[start : min(stop, n)], registry))
-    if host.x is None:  # CSR: densify the local rows
-        host = take_rows(host, np.arange(host.n_cells))
-    names = ("x", "batch_index", "labels", "cat_covs", "cont_covs", "size_factor")
-    return host.replace(**shard_cells({k: getattr(host, k) for k in names}, n, mesh), mesh=mesh)
+    return shard_local_rows(registry_arrays(adata[start : min(stop, n)], registry), n, mesh)
 
 
 def to_host(a) -> np.ndarray:

@@ -13,6 +13,15 @@ the size of the dataset (``block_cells`` is derived from ``max_host_bytes``).
 Every block has the same shape except the last, so training compiles twice per ``train()``.
 The minibatches differ from in-memory training (cells are mixed within a block, not across
 the whole dataset), as in other chunked loaders (annbatch, scDataset).
+
+On a mesh (``mesh`` set; :mod:`jaxvi.sharding`) each block is placed sharded over the
+``"cells"`` axis, zero-padded to a multiple of the number of devices (the padding rows are
+never sampled), and its minibatches are split over the devices as in the in-memory mesh
+path. The blocks, their order and the minibatches are those of the one-device run with the
+same seed, so the result is the same up to the order of floating-point sums. With several
+processes, each process reads from disk only the rows of each block that its own devices
+hold (:func:`jaxvi.sharding.local_cell_range` of the block), so its host memory is its share
+of two blocks.
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ import dataclasses
 import anndata
 import jax
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi.dataset import to_device
+from jaxvi.dataset import CellData, to_device
 from jaxvi.registry import registry_arrays
+from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
 
-__all__ = ["StreamingData", "read_rows"]
+__all__ = ["BackedCounts", "StreamingData", "backed_cell_data", "bounded_runs", "read_rows"]
 
 
 def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> dict:
@@ -45,18 +56,33 @@ def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> d
     return _Reader(adata, registry).read(rows, max_gap)
 
 
+def bounded_runs(rows: np.ndarray) -> list[np.ndarray]:
+    """Split sorted ``rows`` into runs read as one range each, merging the smallest gaps
+    while the rows read in between stay at most ``len(rows)`` in total: a read never
+    touches more than twice the rows asked for."""
+    rows = np.asarray(rows)
+    skipped = np.diff(rows) - 1  # rows read and dropped if neighbours are merged
+    order = np.argsort(skipped, kind="stable")
+    n_merge = int(np.searchsorted(np.cumsum(skipped[order]), len(rows), side="right"))
+    split = np.ones(len(skipped), bool)
+    split[order[:n_merge]] = False
+    return np.split(rows, np.flatnonzero(split) + 1)
+
+
 class _Reader:
     """Reads rows of an AnnData. For a backed h5ad the counts come straight from its HDF5
     arrays (the CSR ``indptr`` is read once, ``O(cells)``) and the covariates from arrays
-    computed once; otherwise through AnnData views."""
+    computed once; otherwise through AnnData views. Genes come out in the registry's order."""
 
     def __init__(self, adata, registry: dict):
         self.adata, self.registry = adata, registry
         self.n_genes = int(adata.n_vars)
-        self.x = self.indptr = self.obs = None
-        if not getattr(adata, "isbacked", False):
-            return
+        self.x = self.indptr = self.obs = self.order = None
+        if not getattr(adata, "isbacked", False) or adata.is_view:
+            return  # a view's rows are not the file's: the generic path indexes through it
         layer = registry["setup_args"]["layer"]
+        if layer is not None and layer not in adata.layers:
+            return  # the generic path names the missing layer
         node = adata.file["X" if layer is None else f"layers/{layer}"]
         encoding = node.attrs.get("encoding-type", "array")
         if hasattr(node, "shape") and encoding == "array":
@@ -73,7 +99,10 @@ class _Reader:
             var=adata.var,
             layers=None if layer is None else {layer: empty},
         )
-        self.obs = registry_arrays(shell, registry)
+        self.obs = registry_arrays(shell, registry)  # checks the genes, warns on a reorder
+        names = [str(v) for v in adata.var_names]
+        if names != list(registry["var_names"]):
+            self.order = pd.Index(names).get_indexer(registry["var_names"])
 
     def _range(self, lo: int, hi: int) -> np.ndarray | sp.csr_matrix:
         if self.indptr is None:
@@ -83,20 +112,27 @@ class _Reader:
         idx = np.asarray(self.x["indices"][s:e])
         return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
 
-    def read(self, rows: np.ndarray, max_gap: int = 4096) -> dict:
+    def read(self, rows: np.ndarray, max_gap: int | None = 4096) -> dict:
+        """Registered arrays of the sorted ``rows``; rows at most ``max_gap`` apart are read
+        as one range (``None``: :func:`bounded_runs`)."""
         rows = np.asarray(rows)
         if len(rows) == 0:
             raise ValueError("No rows to read.")
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
+        if max_gap is None:
+            runs = bounded_runs(rows)
+        else:
+            runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
         if self.obs is not None:
             xs = []
             for run in runs:
                 lo = int(run[0])
                 x = self._range(lo, int(run[-1]) + 1)
                 x = x[run - lo]
-                xs.append(x.toarray() if sp.issparse(x) else x)
+                x = x.toarray() if sp.issparse(x) else x
+                xs.append(x if self.order is None else x[:, self.order])
             out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
-            out["X"] = np.concatenate(xs).astype(np.float32, copy=False)
+            x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+            out["X"] = x.astype(np.float32, copy=False)
             return out
         parts = []
         for run in runs:
@@ -113,6 +149,93 @@ class _Reader:
             k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts])
             for k in parts[0]
         }
+
+
+class BackedCounts:
+    """The counts of a backed AnnData, read from disk on demand.
+
+    ``counts[rows]`` (``(m,)`` int, any order, repeats allowed) reads only those rows (plus at
+    most as many in the gaps between them, see :func:`bounded_runs`) and returns them dense,
+    float32 ``(m, genes)``. :func:`jaxvi.dataset.take_rows` indexes it like an ndarray, so
+    :func:`jaxvi.inference.run_chunked` moves bounded pieces of a backed AnnData to the device
+    without loading the rest. Passed whole into a jitted function (as a pytree leaf) it reads
+    every row.
+
+    Attributes
+    ----------
+    shape
+        ``(cells, genes)``.
+    rows_read
+        Rows read so far (a diagnostic).
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, reader: _Reader):
+        self.reader = reader
+        self.shape = (int(reader.adata.n_obs), len(reader.registry["var_names"]))
+        self.rows_read = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows).reshape(-1)
+        if len(rows) == 0:
+            return np.zeros((0, self.shape[1]), np.float32)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        if unique[0] < 0 or unique[-1] >= self.shape[0]:
+            raise IndexError(f"Rows out of range for {self.shape[0]} cells.")
+        x = self.reader.read(unique, max_gap=None)["X"]
+        self.rows_read += len(unique)
+        if len(unique) == len(rows) and np.array_equal(unique, rows):
+            return x  # sorted and distinct already: no reordering copy
+        return x[inverse]
+
+    def to_memory(self) -> np.ndarray:
+        """All rows, dense ``(cells, genes)``."""
+        return self[np.arange(self.shape[0])]
+
+
+jax.tree_util.register_pytree_node(
+    BackedCounts, lambda c: ((c.to_memory(),), None), lambda _, leaves: leaves[0]
+)
+
+
+def backed_cell_data(adata, registry: dict) -> CellData | None:
+    """Host :class:`~jaxvi.dataset.CellData` of a backed AnnData whose counts stay on disk.
+
+    The covariates (``O(cells)``) are loaded; the counts are a :class:`BackedCounts`, read
+    in the pieces that :func:`jaxvi.inference.run_chunked` asks for.
+
+    Returns
+    -------
+    CellData, or None when ``adata`` is not backed, is a view (``backed[idx]``: its rows are
+    not the file's), or its counts are not stored as a dense or CSR HDF5 array (the caller
+    then loads them).
+    """
+    if not getattr(adata, "isbacked", False):
+        return None
+    reader = _Reader(adata, registry)
+    if reader.obs is None:
+        return None
+    obs = reader.obs
+
+    def opt(a, dtype):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    return CellData(
+        x=BackedCounts(reader),
+        indptr=None,
+        indices=None,
+        data=None,
+        batch_index=np.asarray(obs["batch_index"], np.int32),
+        labels=np.asarray(obs["labels"], np.int32),
+        cat_covs=opt(obs["cat_covs"], np.int32),
+        cont_covs=opt(obs["cont_covs"], np.float32),
+        size_factor=opt(obs["size_factor"], np.float32),
+        n_genes=len(registry["var_names"]),
+    )
 
 
 @dataclasses.dataclass
@@ -134,6 +257,9 @@ class StreamingData:
     block_cells
         Cells per block (default: the most ``max_host_bytes`` allows, a multiple of
         ``chunk_cells``, at least one chunk).
+    mesh
+        A ``jax.sharding.Mesh`` with a ``"cells"`` axis to shard each block over (None: JAX's
+        default device).
     """
 
     adata: object
@@ -143,6 +269,7 @@ class StreamingData:
     chunk_cells: int = 1024
     max_host_bytes: int = 2**30
     block_cells: int | None = None
+    mesh: object = None
 
     def __post_init__(self):
         self.train_idx = np.sort(np.asarray(self.train_idx, np.int64))
@@ -156,7 +283,6 @@ class StreamingData:
             self.block_cells = n_chunks * self.chunk_cells
         elif self.block_cells % self.chunk_cells:
             raise ValueError("block_cells must be a multiple of chunk_cells.")
-        self.mesh = None
         self._reader = _Reader(self.adata, self.registry)
 
     # ------------------------------------------------------------------ layout
@@ -178,8 +304,31 @@ class StreamingData:
             return sum(s // batch_size for s in sizes)
         return sum(-(-s // batch_size) for s in sizes)
 
-    def _read(self, rows):
+    def local_rows(self, cells: np.ndarray) -> np.ndarray:
+        """The cells of a block this process reads: all of them without a mesh, else those
+        its devices hold (possibly none when the block is shorter than the mesh)."""
+        if self.mesh is None:
+            return cells
+        start, stop = local_cell_range(len(cells), self.mesh)
+        return cells[start : min(stop, len(cells))]
+
+    def _read(self, cells):
+        rows = self.local_rows(cells)
+        if len(rows) == 0:  # this process's devices hold only padding rows of this block
+            return {
+                k: None if v is None else v[:0] for k, v in self._reader.read(cells[:1]).items()
+            }
         return self._reader.read(rows)
+
+    def _place(self, arrays: dict, n_cells: int):
+        if self.mesh is None:
+            return to_device(arrays)
+        return shard_local_rows(arrays, n_cells, self.mesh)
+
+    def _index(self, a: np.ndarray):
+        """Per-block index and KL-weight vectors: replicated over the mesh (each process
+        passes the same values), as they are without one."""
+        return a if self.mesh is None else replicate(a, self.mesh)
 
     def _stream(self, blocks):
         """Yield ``(cells, CellData)`` per block, reading the next block in the background."""
@@ -189,12 +338,14 @@ class StreamingData:
                 arrays = pending.result()
                 if i + 1 < len(blocks):
                     pending = pool.submit(self._read, blocks[i + 1])
-                yield cells, to_device(arrays)
+                data = self._place(arrays, len(cells))
+                del arrays  # the host copy goes before the device trains on the block
+                yield cells, data
 
     # ------------------------------------------------------------------ running
     def run_epoch(self, epoch_fn, state, key, kl_weights: np.ndarray, batch_size: int, drop_last):
         """One epoch over all blocks; returns ``(state, EpochInfo summed over blocks)``."""
-        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        seed = int(to_host(jax.random.randint(key, (), 0, 2**31 - 1)))
         blocks = self._blocks(np.random.default_rng(seed), self.train_idx)
         total = None
         start = 0
@@ -205,15 +356,15 @@ class StreamingData:
                 continue
             kl = np.asarray(kl_weights[start : start + steps], np.float32)
             start += steps
-            local = np.arange(n, dtype=np.int32)
-            state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), kl)
+            local = self._index(np.arange(n, dtype=np.int32))
+            state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), self._index(kl))
             sums = (info.n_obs, info.loss_sum, info.reconstruction_sum, info.kl_local_sum)
             if total is not None:
                 sums = tuple(a + b for a, b in zip(sums, total[:4], strict=True))
             total = info._replace(
                 n_obs=sums[0], loss_sum=sums[1], reconstruction_sum=sums[2], kl_local_sum=sums[3]
             )
-            bad = int(np.asarray(info.bad_step)) if hasattr(info, "bad_step") else -1
+            bad = int(to_host(info.bad_step)) if hasattr(info, "bad_step") else -1
             if bad >= 0:  # stop at the first non-finite step; report it in epoch numbering
                 return state, total._replace(bad_step=start - steps + bad)
         return state, total

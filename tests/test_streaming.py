@@ -115,5 +115,123 @@ def test_streaming_needs_a_block(tmp_path):
     SCVI.setup_anndata(backed, batch_key="batch")
     with pytest.raises(ValueError, match="chunk_cells"):
         streaming.StreamingData(backed, reglib_get(backed), np.arange(40), [], chunk_cells=0)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        SCVI(backed).train(max_epochs=1, devices=1)
+
+
+def test_bounded_runs():
+    """Runs cover the rows in order, and the rows read in between total at most the rows
+    asked for; adjacent rows always share a run."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 50, 400):
+        rows = np.sort(rng.choice(5000, n, replace=False))
+        runs = streaming.bounded_runs(rows)
+        np.testing.assert_array_equal(np.concatenate(runs), rows)
+        spans = sum(int(r[-1] - r[0] + 1) for r in runs)
+        assert spans <= 2 * n
+    runs = streaming.bounded_runs(np.array([3, 4, 5, 6, 1000, 1001]))
+    assert [list(r) for r in runs] == [[3, 4, 5, 6], [1000, 1001]]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_queries_on_a_backed_anndata(tmp_path, monkeypatch, sparse):
+    """Queries on a backed h5ad never load its count matrix: each device call reads only
+    its own cells from disk (at most 64 under the setting), and the results equal those on
+    the same cells in memory (same keys), genes in another order included."""
+    from jaxvi import registry
+
+    path = tmp_path / "cells.h5ad"
+    mem = write_h5ad(path, n_cells=300, sparse=sparse)
+    SCVI.setup_anndata(mem, batch_key="batch")
+    model = SCVI(mem, n_hidden=16, n_latent=3)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    backed = anndata.read_h5ad(path, backed="r")
+    monkeypatch.setattr(settings, "inference_bytes_per_call", 64 * 30 * 4)  # 64 cells a call
+    real_counts = registry._get_counts
+
+    def no_full_read(adata, layer):
+        assert not adata.isbacked, "all counts of the backed AnnData were loaded"
+        return real_counts(adata, layer)
+
+    monkeypatch.setattr(registry, "_get_counts", no_full_read)
+    reads = []
+    real_read = streaming._Reader.read
+
+    def spy(self, rows, max_gap=4096):
+        reads.append(len(rows))
+        return real_read(self, rows, max_gap)
+
+    monkeypatch.setattr(streaming._Reader, "read", spy)
+    idx = np.arange(1, 300, 3)
+    queries = {
+        "latent": lambda a: model.get_latent_representation(a, indices=idx, batch_size=32),
+        "expression": lambda a: model.get_normalized_expression(
+            a, indices=idx, batch_size=32, transform_batch="b", return_numpy=True
+        ),
+        "elbo": lambda a: model.get_elbo(a, batch_size=32),
+        "marginal_ll": lambda a: model.get_marginal_ll(
+            a, indices=idx[:40], n_mc_samples=8, batch_size=32
+        ),
+    }
+    for name, query in queries.items():
+        reads.clear()
+        calls = model._n_calls
+        on_disk = query(backed)
+        model._n_calls = calls  # the same keys for the in-memory run
+        in_memory = query(mem)
+        np.testing.assert_allclose(on_disk, in_memory, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert reads, name
+        assert max(reads) <= 64, name
+    assert sum(reads) == 41  # marginal_ll: the 40 cells asked for, and cell 0 as padding
+
+    # A view of the backed AnnData: its own rows (loaded through the view), not the file's.
+    monkeypatch.setattr(registry, "_get_counts", real_counts)
+    np.testing.assert_allclose(
+        model.get_latent_representation(backed[idx], batch_size=32),
+        model.get_latent_representation(mem, indices=idx, batch_size=32),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+    # Another gene order on disk: read and reordered to the model's genes.
+    perm = np.random.default_rng(1).permutation(mem.n_vars)
+    mem[:, perm].copy().write_h5ad(tmp_path / "shuffled.h5ad")
+    shuffled = anndata.read_h5ad(tmp_path / "shuffled.h5ad", backed="r")
+    with pytest.warns(UserWarning, match="another order"):
+        latent = model.get_latent_representation(shuffled, batch_size=32)
+    np.testing.assert_allclose(
+        latent, model.get_latent_representation(mem, batch_size=32), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_a_process_holding_only_padding_reads_no_rows(tmp_path, monkeypatch):
+    """On a mesh, a process reads only its share of a block (here the rows [2, 4) of a
+    5-cell block); a process whose devices hold only padding rows gets empty arrays of the
+    right fields and widths, and reads nothing but one row to learn them."""
+    from jaxvi.sharding import data_mesh
+
+    path = tmp_path / "cells.h5ad"
+    write_h5ad(path, n_cells=50)
+    backed = anndata.read_h5ad(path, backed="r")
+    SCVI.setup_anndata(backed, batch_key="batch")
+    data = streaming.StreamingData(
+        backed, reglib_get(backed), np.arange(40), [], chunk_cells=8, mesh=data_mesh()
+    )
+    cells = np.array([3, 7, 8, 20, 31])
+    reads = []
+    real_read = streaming._Reader.read
+
+    def spy(self, rows, max_gap=4096):
+        reads.append(list(rows))
+        return real_read(self, rows, max_gap)
+
+    monkeypatch.setattr(streaming._Reader, "read", spy)
+    monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (2, 4))
+    np.testing.assert_array_equal(data.local_rows(cells), [8, 20])
+    part = data._read(cells)
+    assert part["X"].shape == (2, 30)
+    monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (6, 8))
+    assert len(data.local_rows(cells)) == 0
+    empty = data._read(cells)
+    assert empty["X"].shape == (0, 30)
+    assert empty["batch_index"].shape == (0,)
+    assert set(empty) == set(part)
+    assert reads == [[8, 20], [3]]

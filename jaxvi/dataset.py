@@ -21,7 +21,16 @@ from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import Batch
 from jaxvi.sharding import constrain_cells
 
-__all__ = ["CellData", "gather", "is_host", "pad_indices", "take_rows", "to_device", "to_host"]
+__all__ = [
+    "CellData",
+    "gather",
+    "is_host",
+    "pad_indices",
+    "take_rows",
+    "to_device",
+    "to_host",
+    "with_log_factorial",
+]
 
 
 @flax.struct.dataclass
@@ -120,6 +129,15 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
         log_x_factorial=log_x_factorial,
     )
+
+
+def with_log_factorial(data: CellData) -> CellData:
+    """``data`` with ``log_x_factorial`` (``(cells,)``, sum over genes of ``lgamma(x + 1)``)
+    computed on the device from its counts (dense or CSR; sharded counts give a sharded
+    result)."""
+    if data.x is not None:
+        return data.replace(log_x_factorial=_dense_log_factorial(data.x))
+    return data.replace(log_x_factorial=_csr_log_factorial(data.indptr, data.data, data.n_cells))
 
 
 @jax.jit

@@ -225,12 +225,15 @@ def shard_host_data(host, n_cells: int, mesh: Mesh):
 def sharded_cell_data(adata, registry: dict, mesh: Mesh):
     """The registered fields of ``adata`` as a :class:`~jaxvi.dataset.CellData` sharded over
     ``mesh``, each process reading only its own rows (``adata[start:stop]``; for a backed
-    AnnData only those rows are read from disk). Counts are stored dense."""
+    AnnData only those rows are read from disk). Counts are stored dense, with the per-cell
+    ``log_x_factorial`` the training loss uses."""
+    from jaxvi.dataset import with_log_factorial
     from jaxvi.registry import registry_arrays
 
     n = adata.n_obs
     start, stop = local_cell_range(n, mesh)
-    return shard_local_rows(registry_arrays(adata[start : min(stop, n)], registry), n, mesh)
+    local = registry_arrays(adata[start : min(stop, n)], registry)
+    return with_log_factorial(shard_local_rows(local, n, mesh))
 
 
 def to_host(a) -> np.ndarray:

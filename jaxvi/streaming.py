@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi.dataset import CellData, to_device
+from jaxvi.dataset import CellData, to_device, with_log_factorial
 from jaxvi.registry import registry_arrays
 from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
 
@@ -323,7 +323,7 @@ class StreamingData:
     def _place(self, arrays: dict, n_cells: int):
         if self.mesh is None:
             return to_device(arrays)
-        return shard_local_rows(arrays, n_cells, self.mesh)
+        return with_log_factorial(shard_local_rows(arrays, n_cells, self.mesh))
 
     def _index(self, a: np.ndarray):
         """Per-block index and KL-weight vectors: replicated over the mesh (each process

@@ -123,16 +123,20 @@ class _Reader:
         else:
             runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
         if self.obs is not None:
-            xs = []
+            x = np.zeros((len(rows), self.n_genes), np.float32)  # filled run by run, no concat
+            pos = 0
             for run in runs:
-                lo = int(run[0])
-                x = self._range(lo, int(run[-1]) + 1)
-                x = x[run - lo]
-                x = x.toarray() if sp.issparse(x) else x
-                xs.append(x if self.order is None else x[:, self.order])
+                lo, hi = int(run[0]), int(run[-1]) + 1
+                part = self._range(lo, hi)
+                if hi - lo != len(run):  # rows dropped inside the range
+                    part = part[run - lo]
+                if sp.issparse(part):
+                    part.toarray(out=x[pos : pos + len(run)])
+                else:
+                    x[pos : pos + len(run)] = part
+                pos += len(run)
             out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
-            x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-            out["X"] = x.astype(np.float32, copy=False)
+            out["X"] = x if self.order is None else x[:, self.order]
             return out
         parts = []
         for run in runs:

@@ -318,31 +318,51 @@ def count_pieces(
         ``(m,)`` the cells of the rows, or ``(k,)`` the cell of each entry.
     """
     src = _counts_source(adata, layer)
-    yield from _pieces(src, _piece_elements() if max_elements is None else int(max_elements))
+    for piece in _pieces(src, _piece_elements() if max_elements is None else int(max_elements)):
+        yield piece.values, piece.rows()
 
 
-def _pieces(src: _CountsSource, budget: int):
+class _Piece(NamedTuple):
+    """Stored values of some cells: rows ``lo:hi`` of a dense matrix (``values`` 2-D); the
+    entries of rows ``lo:hi`` of a CSR matrix, ``offsets`` ``(hi - lo + 1,)`` into
+    ``values``; or entries of a CSC matrix, ``cells`` their rows."""
+
+    values: np.ndarray
+    lo: int = 0
+    hi: int = 0
+    offsets: np.ndarray | None = None
+    cells: np.ndarray | None = None
+
+    def rows(self) -> np.ndarray:
+        """The cell of each row (dense) or of each entry (sparse)."""
+        if self.cells is not None:
+            return self.cells
+        if self.offsets is None:
+            return np.arange(self.lo, self.hi)
+        return np.repeat(np.arange(self.lo, self.hi), np.diff(self.offsets))
+
+
+def _pieces(src: _CountsSource, budget: int) -> Iterator[_Piece]:
     n_cells, n_genes = src.shape
     if src.layout == "dense":
         step = max(1, budget // max(n_genes, 1))
         for lo in range(0, n_cells, step):
             hi = min(n_cells, lo + step)
-            yield np.asarray(src.x[lo:hi]), np.arange(lo, hi)
+            yield _Piece(np.asarray(src.x[lo:hi]), lo, hi)
         return
     if src.layout == "csc":  # the row of each entry is its index
         nnz = int(src.indptr[-1])
         for s in range(0, nnz, budget):
             e = min(nnz, s + budget)
-            yield np.asarray(src.data[s:e]), np.asarray(src.indices[s:e], np.int64)
+            yield _Piece(np.asarray(src.data[s:e]), cells=np.asarray(src.indices[s:e], np.int64))
         return
-    indptr = np.asarray(src.indptr[...], np.int64)
+    indptr = np.asarray(src.indptr[...], np.int64)  # O(cells)
     lo = 0
     while lo < n_cells:
         hi = int(np.searchsorted(indptr, indptr[lo] + budget, side="right")) - 1
         hi = min(n_cells, max(lo + 1, min(hi, lo + budget)))
         s, e = int(indptr[lo]), int(indptr[hi])
-        rows = np.repeat(np.arange(lo, hi), np.diff(indptr[lo : hi + 1]))
-        yield np.asarray(src.data[s:e]), rows
+        yield _Piece(np.asarray(src.data[s:e]), lo, hi, offsets=indptr[lo : hi + 1] - s)
         lo = hi
 
 
@@ -361,12 +381,18 @@ def cell_totals(adata, layer: str | None = None) -> np.ndarray:
     float64 ``(cells,)``.
     """
     totals = np.zeros(int(adata.n_obs), np.float64)
-    for values, rows in count_pieces(adata, layer):
-        values = values.astype(np.float32, copy=False)
+    for piece in _pieces(_counts_source(adata, layer), _piece_elements()):
+        values = piece.values.astype(np.float32, copy=False)
         if values.ndim == 2:
-            totals[rows] += values.sum(axis=1, dtype=np.float64)
-        else:
-            totals += np.bincount(rows, weights=values, minlength=len(totals))
+            totals[piece.lo : piece.hi] = values.sum(axis=1, dtype=np.float64)
+        elif piece.offsets is None:
+            totals += np.bincount(piece.cells, weights=values, minlength=len(totals))
+        else:  # CSR: a sum per non-empty row, over its run of entries
+            starts = piece.offsets[:-1]
+            full = np.flatnonzero(np.diff(piece.offsets) > 0)
+            if len(full):
+                sums = np.add.reduceat(values, starts[full], dtype=np.float64)
+                totals[piece.lo + full] = sums
     return totals
 
 
@@ -392,7 +418,8 @@ def _check_counts(source: _CountsSource, layer) -> None:
         raise ValueError(f"{where} must be numeric, got dtype {source.dtype}.")
     floating = np.issubdtype(source.dtype, np.floating)
     nonfinite = negative = nonint = False
-    for values, _ in _pieces(source, _piece_elements()):
+    for piece in _pieces(source, _piece_elements()):
+        values = piece.values
         if floating and not np.all(np.isfinite(values)):
             nonfinite = True
             break

@@ -154,25 +154,27 @@ def test_bad_counts_found_in_any_piece(tmp_path, monkeypatch, reads, problem):
     assert max(n for _, n in reads) <= 3 * N_GENES
 
 
-def test_count_pieces_cover_every_value():
-    """count_pieces yields each stored value once, with its cell, whatever the bound: the
-    totals equal the row sums for CSR (rows with more values than the bound included), CSC
-    and dense."""
+def test_count_pieces_cover_every_value(monkeypatch):
+    """count_pieces yields each stored value once, with its cell, and cell_totals gives the
+    row sums, whatever the bound (CSR rows with more values than the bound and empty cells,
+    last one included; CSC; dense)."""
     mem = make_adata(n_cells=50)
     dense = mem.X.toarray()
-    dense[7] = 0.0  # an empty cell
+    dense[[7, 8, 49]] = 0.0  # empty cells
+    dense[3, 1] = 0.25  # summed as float32
     for layout in (sp.csr_matrix, sp.csc_matrix, np.asarray):
         a = anndata.AnnData(layout(dense))
         for bound in (1, 5, 10_000):
+            monkeypatch.setattr(settings, "stream_max_host_bytes", bound * 32)
             total = np.zeros(a.n_obs)
-            for values, rows in registry.count_pieces(a, max_elements=bound):
+            for values, rows in registry.count_pieces(a):
                 assert values.size <= max(bound, N_GENES)
                 if values.ndim == 2:
                     total[rows] += values.sum(1)
                 else:
                     np.add.at(total, rows, values)
             np.testing.assert_array_equal(total, dense.sum(1))
-        np.testing.assert_array_equal(registry.cell_totals(a), dense.sum(1))
+            np.testing.assert_array_equal(registry.cell_totals(a), dense.sum(1))
 
 
 @pytest.fixture(scope="module")

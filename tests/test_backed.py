@@ -112,11 +112,13 @@ def test_setup_and_library_prior_read_bounded_pieces(tmp_path, monkeypatch, read
     # the prior is that of the cells' totals, per batch
     log_lib = np.log(np.asarray(mem.X.sum(1)).ravel())
     codes = mem.obs["_scvi_batch"].to_numpy()
-    np.testing.assert_allclose(
-        np.asarray(on_disk.variables["buffers"]["library_log_means"])[0],
-        [log_lib[codes == b].mean() for b in range(3)],
-        rtol=1e-5,
-    )
+    for name, stat in (("library_log_means", np.mean), ("library_log_vars", np.var)):
+        np.testing.assert_allclose(
+            np.asarray(on_disk.variables["buffers"][name])[0],
+            [stat(log_lib[codes == b]) for b in range(3)],
+            rtol=1e-5,
+            err_msg=name,
+        )
 
 
 @pytest.mark.parametrize("problem", ["nan", "negative", "non-integer", "negative+nan"])

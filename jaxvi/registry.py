@@ -28,6 +28,7 @@ from jaxvi._settings import settings
 __all__ = [
     "UNS_KEY",
     "cell_totals",
+    "column_sums",
     "count_pieces",
     "get_registry",
     "registry_arrays",
@@ -325,13 +326,15 @@ def count_pieces(
 class _Piece(NamedTuple):
     """Stored values of some cells: rows ``lo:hi`` of a dense matrix (``values`` 2-D); the
     entries of rows ``lo:hi`` of a CSR matrix, ``offsets`` ``(hi - lo + 1,)`` into
-    ``values``; or entries of a CSC matrix, ``cells`` their rows."""
+    ``values``; or entries of a CSC matrix, ``cells`` their rows. ``start`` is the position
+    of the first sparse entry in the stored arrays."""
 
     values: np.ndarray
     lo: int = 0
     hi: int = 0
     offsets: np.ndarray | None = None
     cells: np.ndarray | None = None
+    start: int = 0
 
     def rows(self) -> np.ndarray:
         """The cell of each row (dense) or of each entry (sparse)."""
@@ -354,7 +357,8 @@ def _pieces(src: _CountsSource, budget: int) -> Iterator[_Piece]:
         nnz = int(src.indptr[-1])
         for s in range(0, nnz, budget):
             e = min(nnz, s + budget)
-            yield _Piece(np.asarray(src.data[s:e]), cells=np.asarray(src.indices[s:e], np.int64))
+            cells = np.asarray(src.indices[s:e], np.int64)
+            yield _Piece(np.asarray(src.data[s:e]), cells=cells, start=s)
         return
     indptr = np.asarray(src.indptr[...], np.int64)  # O(cells)
     lo = 0
@@ -362,7 +366,7 @@ def _pieces(src: _CountsSource, budget: int) -> Iterator[_Piece]:
         hi = int(np.searchsorted(indptr, indptr[lo] + budget, side="right")) - 1
         hi = min(n_cells, max(lo + 1, min(hi, lo + budget)))
         s, e = int(indptr[lo]), int(indptr[hi])
-        yield _Piece(np.asarray(src.data[s:e]), lo, hi, offsets=indptr[lo : hi + 1] - s)
+        yield _Piece(np.asarray(src.data[s:e]), lo, hi, offsets=indptr[lo : hi + 1] - s, start=s)
         lo = hi
 
 
@@ -394,6 +398,51 @@ def cell_totals(adata, layer: str | None = None) -> np.ndarray:
                 sums = np.add.reduceat(values, starts[full], dtype=np.float64)
                 totals[piece.lo + full] = sums
     return totals
+
+
+def column_sums(adata, layer: str | None, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sums over cells of the counts and of their non-zero indicator, in one pass
+    over bounded pieces (:func:`count_pieces`; a backed AnnData is not loaded).
+
+    Parameters
+    ----------
+    adata
+        An AnnData, in memory or backed.
+    layer
+        Layer with the counts (None: ``X``).
+    weights
+        ``(k, cells)`` float weights, finite.
+
+    Returns
+    -------
+    ``(sums, nonzero)``, each float64 ``(k, genes)`` in ``adata``'s gene order:
+    ``sums[j, g] = sum_c weights[j, c] * x[c, g]`` and ``nonzero[j, g] = sum_c weights[j, c]
+    * (x[c, g] != 0)``.
+    """
+    src = _counts_source(adata, layer)
+    weights = np.asarray(weights, np.float64)
+    n_genes = src.shape[1]
+    sums = np.zeros((len(weights), n_genes))
+    nonzero = np.zeros((len(weights), n_genes))
+    indptr = None if src.layout != "csc" else np.asarray(src.indptr[...], np.int64)
+    for piece in _pieces(src, _piece_elements()):
+        values = piece.values.astype(np.float64)
+        if values.ndim == 2:
+            w = weights[:, piece.lo : piece.hi]
+            sums += w @ values
+            nonzero += w @ (values != 0)
+            continue
+        positions = slice(piece.start, piece.start + len(values))
+        if indptr is None:  # CSR: the stored column indices
+            genes = np.asarray(src.indices[positions], np.int64)
+        else:  # CSC: the column of each entry from the column pointers
+            genes = np.searchsorted(indptr, np.arange(piece.start, positions.stop), "right") - 1
+        rows = piece.rows()
+        for j, w in enumerate(weights):
+            wr = w[rows]
+            sums[j] += np.bincount(genes, weights=wr * values, minlength=n_genes)
+            nonzero[j] += np.bincount(genes, weights=wr * (values != 0), minlength=n_genes)
+    return sums, nonzero
 
 
 def _warn_small_categories(codes: np.ndarray, name: str) -> None:

@@ -157,9 +157,9 @@ def test_bad_counts_found_in_any_piece(tmp_path, monkeypatch, reads, problem):
 
 
 def test_count_pieces_cover_every_value(monkeypatch):
-    """count_pieces yields each stored value once, with its cell, and cell_totals gives the
-    row sums, whatever the bound (CSR rows with more values than the bound and empty cells,
-    last one included; CSC; dense)."""
+    """count_pieces yields each stored value once, with its cell; cell_totals gives the row
+    sums and column_sums the weighted column sums, whatever the bound (CSR rows with more
+    values than the bound and empty cells, last one included; CSC; dense)."""
     mem = make_adata(n_cells=50)
     dense = mem.X.toarray()
     dense[[7, 8, 49]] = 0.0  # empty cells
@@ -177,6 +177,10 @@ def test_count_pieces_cover_every_value(monkeypatch):
                     np.add.at(total, rows, values)
             np.testing.assert_array_equal(total, dense.sum(1))
             np.testing.assert_array_equal(registry.cell_totals(a), dense.sum(1))
+            w = np.random.default_rng(bound).uniform(size=(3, a.n_obs))
+            sums, nonzero = registry.column_sums(a, None, w)
+            np.testing.assert_allclose(sums, w @ dense, rtol=1e-12)
+            np.testing.assert_allclose(nonzero, w @ (dense != 0), rtol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +198,14 @@ def trained():
 
 
 def test_importance_weights_on_backed_data(tmp_path, monkeypatch, trained, reads):
-    """Importance weights and importance-resampled expression on a backed h5ad read only the
+    """Importance weights, importance-resampled expression and differential expression with
+    importance weights on a backed h5ad read only the
     cells they need (the anchors, plus the draws' own cells for expression), never more than
     the bound per device call (anchors in groups of 16 here), and equal the in-memory results
     (same keys); anchors in three groups give the weights of one group."""
     mem = trained.adata
     disk = backed(mem, tmp_path / "cells.h5ad")
+    monkeypatch.setattr(settings, "stream_max_host_bytes", 40 * 32)  # DE's passes: 40 values
     rows_read = []
     real_read = streaming._Reader.read
 
@@ -274,6 +280,33 @@ def test_importance_weights_on_backed_data(tmp_path, monkeypatch, trained, reads
     expr_disk = expression(disk)
     assert set(np.concatenate(rows_read)) <= set(few) | {0}
     np.testing.assert_allclose(expr_disk, expression(mem), rtol=1e-5, atol=1e-7)
+
+    # differential expression with importance weights (anchors from each group); its raw
+    # count statistics come from bounded passes over the file
+    def de(adata):
+        trained._n_calls = calls
+        return trained.differential_expression(
+            adata,
+            groupby="batch",
+            group1="a",
+            weights="importance",
+            n_samples_overall=40,
+            mode="change",
+            batch_size=16,
+            silent=True,
+            importance_weighting_kwargs={
+                "n_mc_samples": 6,
+                "n_mc_samples_per_pass": 3,
+                "max_cells": 8,
+            },
+        )
+
+    de_disk, de_mem = de(disk), de(mem)
+    numeric = de_disk.select_dtypes("number").columns
+    assert {"raw_mean1", "non_zeros_proportion2", "raw_normalized_mean1"} <= set(numeric)
+    np.testing.assert_allclose(
+        de_disk[numeric].to_numpy(), de_mem.loc[de_disk.index, numeric].to_numpy(), rtol=1e-5
+    )
     assert {name for name, _ in reads} <= COUNT_ARRAYS
     # a read covers at most twice the rows asked for (streaming.bounded_runs)
     assert max(n for _, n in reads) <= 2 * 32 * N_GENES

@@ -13,9 +13,14 @@ and measures in this process:
 The dense counts of the full store would take ``cells * genes * 4`` bytes (16 GB by default);
 the host memory used by streaming is bounded by ``jaxvi.settings.stream_max_host_bytes``.
 
+With ``--setup-only`` it measures instead the peak RSS and time of ``setup_anndata`` and of
+``SCVI(adata)`` with the observed and with a latent library size (whose prior is a pass over
+the counts) on the backed store, and saves them as ``stream_setup_*.json``.
+
 Usage::
 
     python benchmarks/stream_loader.py [--cells 2000000] [--genes 2000] [--path /tmp/x.h5ad]
+    python benchmarks/stream_loader.py --setup-only
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--setup-only", action="store_true", help="peak RSS of setup and SCVI()")
+    p.add_argument("--tag", default=None, help="suffix of the --setup-only result file")
     args = p.parse_args(argv)
 
     import anndata
@@ -94,6 +101,8 @@ def main(argv=None) -> dict:
     adata = anndata.read_h5ad(args.path, backed="r")
     if (adata.n_obs, adata.n_vars) != (args.cells, args.genes):
         raise SystemExit(f"{args.path} holds {adata.shape}; remove it or pass its shape.")
+    if args.setup_only:
+        return setup_only(args, adata, store)
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
     registry = get_registry(adata)
     rss0 = C.current_rss_mb()
@@ -182,6 +191,40 @@ def main(argv=None) -> dict:
         f"{training['cells_per_s_one_epoch']:.0f} | {training['peak_rss_mb']:.0f} | "
         f"{dense_gb:.1f} |"
     )
+    print("saved", out)
+    return payload
+
+
+def setup_only(args, adata, store: dict) -> dict:
+    """Peak RSS (MiB, of the process so far) and seconds after each setup step."""
+    import jaxvi
+
+    steps = {"read_h5ad": {"peak_rss_mb": C.peak_rss_mb()}}
+    for name, step in (
+        ("setup_anndata", lambda: jaxvi.SCVI.setup_anndata(adata, batch_key="batch")),
+        ("SCVI()", lambda: jaxvi.SCVI(adata)),
+        (
+            "SCVI(use_observed_lib_size=False)",
+            lambda: jaxvi.SCVI(adata, use_observed_lib_size=False),
+        ),
+    ):
+        t0 = C.now()
+        step()
+        steps[name] = {"seconds": C.now() - t0, "peak_rss_mb": C.peak_rss_mb()}
+        print(name, steps[name], flush=True)
+    payload = {
+        "benchmark": "stream_setup",
+        "started_utc": C.utc_timestamp(),
+        "machine": C.machine_info(),
+        "versions": C.versions(),
+        "git": C.git_info(),
+        "jaxvi_module": jaxvi.__file__,
+        "settings": {**vars(args), "path": str(args.path)},
+        "store": {**store, "cells": args.cells, "genes": args.genes},
+        "stream_max_host_bytes": jaxvi.settings.stream_max_host_bytes,
+        "steps": steps,
+    }
+    out = C.write_json(C.result_path("stream_setup", args.tag), payload)
     print("saved", out)
     return payload
 

@@ -23,12 +23,16 @@ class Settings:
         Consecutive training cells per disk read when training streams from a backed AnnData
         (:mod:`jaxvi.streaming`; 1024).
     stream_max_host_bytes
-        Host memory for the blocks in flight when streaming (1 GiB).
+        Host memory for the blocks in flight when streaming (1 GiB). The passes over the
+        counts at setup (checks, and the library prior of ``use_observed_lib_size=False``)
+        read pieces of at most ``stream_max_host_bytes / 32`` stored values.
     inference_bytes_per_call
         Most bytes of (dense float32) counts a prediction method moves to the device in one
         call (256 MiB). Prediction methods keep the data on the host and send it in pieces
         of at most this size (at least one minibatch), so any number of cells goes through
-        with bounded device memory.
+        with bounded device memory. For a backed AnnData each piece is read from disk when
+        its call needs it, so this also bounds what a query reads into host memory at once
+        (importance weights move their anchors' counts in groups of at most this size).
     """
 
     seed: int = 0

@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from jaxvi import registry as reglib
 from jaxvi._settings import settings
 
 __all__ = [
@@ -432,7 +433,9 @@ def differential_expression(
 
     comparisons = _comparisons(adata, groupby, group1, group2, idx1, idx2)
     rng = np.random.default_rng(settings.seed)
-    counts = _registered_counts(adata, model.registry_["setup_args"]["layer"])
+    layer = model.registry_["setup_args"]["layer"]
+    # A backed AnnData's counts stay on disk: its statistics come from bounded passes.
+    counts = None if getattr(adata, "isbacked", False) else _registered_counts(adata, layer)
     if batch_correction:
         all_batches = list(model.registry_["batch_categories"])
         batches1 = all_batches if batchid1 is None else list(batchid1)
@@ -460,6 +463,10 @@ def differential_expression(
     for label1, label2, mask1, mask2 in tqdm(comparisons, desc="DE...", disable=silent):
         cells1, s1, b1 = sample(mask1, batches1)
         cells2, s2, b2 = sample(mask2, batches2)
+        on_disk = None
+        if counts is None and (all_stats or (mode == "change" and opts["pseudocounts"] is None)):
+            scaling = _cached_scaling(adata, None, layer) if all_stats else None
+            on_disk = _counts_statistics(adata, layer, mask1, mask2, cells1, cells2, scaling)
         pair1, pair2 = _pair_samples(
             s1, b1, s2, b2, batch_correction, opts["use_permutation"], opts["m_permutation"], rng
         )
@@ -470,12 +477,13 @@ def differential_expression(
             pseudocounts = opts["pseudocounts"]
             if pseudocounts is None:
                 thr = opts["threshold_counts"]
+                if counts is None:
+                    mean1, mean2 = on_disk["cells_mean1"], on_disk["cells_mean2"]
+                else:
+                    mean1 = np.asarray(counts[cells1].mean(axis=0)).ravel()
+                    mean2 = np.asarray(counts[cells2].mean(axis=0)).ravel()
                 pseudocounts = estimate_pseudocounts_offset(
-                    pair1,
-                    pair2,
-                    np.asarray(counts[cells1].mean(axis=0)).ravel() < thr,
-                    np.asarray(counts[cells2].mean(axis=0)).ravel() < thr,
-                    quantile=0.9,
+                    pair1, pair2, mean1 < thr, mean2 < thr, quantile=0.9
                 )
             stats = change_test(
                 pair1,
@@ -498,7 +506,9 @@ def differential_expression(
                 "delta": stats.pop("delta"),
                 **stats,
             }
-        if all_stats:
+        if all_stats and counts is None:
+            info.update({k: v for k, v in on_disk.items() if not k.startswith("cells_")})
+        elif all_stats:
             info.update(
                 raw_counts_properties(counts, mask1, mask2, _cached_scaling(adata, counts))
             )
@@ -588,12 +598,51 @@ def _registered_counts(adata, layer):
     return x
 
 
-def _cached_scaling(adata, counts) -> np.ndarray:
+def _cached_scaling(adata, counts, layer=None) -> np.ndarray:
+    """``library_scaling`` of ``counts`` (None: of ``adata``'s counts, read in bounded
+    pieces), cached in ``adata.obs``."""
     if RAW_NORM_KEY in adata.obs:
         return adata.obs[RAW_NORM_KEY].to_numpy()
-    scaling = library_scaling(counts)
+    if counts is None:
+        with np.errstate(divide="ignore"):
+            scaling = 1e4 / reglib.cell_totals(adata, layer)
+    else:
+        scaling = library_scaling(counts)
     adata.obs[RAW_NORM_KEY] = scaling
     return scaling
+
+
+def _counts_statistics(adata, layer, mask1, mask2, cells1, cells2, scaling) -> dict:
+    """What DE needs from the counts of a backed AnnData, in one bounded pass
+    (:func:`jaxvi.registry.column_sums`): :func:`raw_counts_properties` of ``mask1`` /
+    ``mask2`` (when ``scaling`` is given) and the mean counts ``cells_mean1/2`` of the
+    sampled cells ``cells1`` / ``cells2``, each ``(genes,)``."""
+    n = int(adata.n_obs)
+
+    def weight(sel) -> np.ndarray:
+        w = np.zeros(n)
+        w[sel] = 1.0
+        return w
+
+    w = [weight(mask1), weight(mask2), weight(cells1), weight(cells2)]
+    if scaling is not None:
+        # empty cells (scaling inf) hold no counts: they add nothing, as for sparse counts
+        finite = np.where(np.isfinite(scaling), scaling, 0.0)
+        w += [w[0] * finite, w[1] * finite]
+    sums, nonzero = reglib.column_sums(adata, layer, np.stack(w))
+    size = np.array([max(a.sum(), 1.0) for a in w[:4]] * 2)[: len(w), None]  # cells per row
+    means = sums / size
+    out = {"cells_mean1": means[2], "cells_mean2": means[3]}
+    if scaling is not None:
+        out.update(
+            raw_mean1=means[0],
+            raw_mean2=means[1],
+            non_zeros_proportion1=nonzero[0] / size[0],
+            non_zeros_proportion2=nonzero[1] / size[1],
+            raw_normalized_mean1=means[4],
+            raw_normalized_mean2=means[5],
+        )
+    return out
 
 
 def _filter_outliers(model, adata, cells: np.ndarray, seed: int) -> np.ndarray:

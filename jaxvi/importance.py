@@ -14,9 +14,14 @@ log-likelihood (:func:`jaxvi.posterior.get_marginal_ll`). Weights are normalised
 one. With ``truncation``, log weights below their log-mean are raised to it (scvi-tools 1.4.2
 applies this floor, although the truncated importance sampling it cites caps weights instead).
 
-The decoded parameters are recomputed from ``z_m`` inside one compiled program rather than
+The decoded parameters are recomputed from ``z_m`` inside a compiled program rather than
 stored, and the ``M x A x genes`` likelihood terms are never held at once: a ``lax.scan`` over
-chunks of draws maps over the anchors.
+chunks of draws maps over the anchors. Only the cells needed are read and moved to the device,
+in bounded pieces, as for any query (:func:`jaxvi.inference.run_chunked`): q(z | x_a) of the
+anchors is computed first, then the anchors' counts go to the device in groups of at most
+``settings.inference_bytes_per_call`` bytes (the sum over anchors is accumulated group by
+group), and the draws need only their cells' covariates. A backed AnnData therefore has only
+its anchor rows read from disk.
 
 Where jaxvi differs from scvi-tools 1.4.2: for ``latent_distribution="ln"`` the densities p(z)
 and q(z | x) are evaluated at the Gaussian draw before its softmax (scvi-tools evaluates them
@@ -35,38 +40,47 @@ import numpy as np
 from scipy.special import logsumexp
 
 from jaxvi import posterior
-from jaxvi.dataset import CellData, gather
-from jaxvi.inference import MAX_CHUNKS_PER_CALL, _bucket
+from jaxvi._settings import settings
+from jaxvi.dataset import CellData, gather, is_host, take_rows
+from jaxvi.inference import MAX_CHUNKS_PER_CALL, _bucket, latent_program, run_chunked
 from jaxvi.likelihoods import get_likelihood
-from jaxvi.module import VAE, VAEConfig
+from jaxvi.module import VAE, Batch, VAEConfig
 from jaxvi.posterior import _normal_log_density
+from jaxvi.sharding import to_host
 
-__all__ = ["get_importance_weights", "importance_log_weights", "normalize_log_weights"]
+__all__ = [
+    "anchors_per_group",
+    "get_importance_weights",
+    "importance_log_weights",
+    "normalize_log_weights",
+]
+
+
+COVARIATES = ("batch_index", "labels", "cat_covs", "cont_covs", "size_factor")
+
 
 @functools.lru_cache(maxsize=32)
 def _log_weight_program(config: VAEConfig):
-    """``run(variables, data, rows, u, code, anchors, anchor_mask, anchor_log_px)``.
+    """``run(variables, covs, u, code, qz_m, qz_v, qz_real, x_g, log_px_g, real_g)``.
 
-    ``rows`` ``(n_chunks, batch)`` int cells the draws belong to, ``u`` ``(n_chunks, batch,
-    n_latent)`` the draws (pre-softmax), ``anchors`` ``(A,)`` anchor cells with ``anchor_mask``
-    ``(A,)`` (1 for real anchors) and ``anchor_log_px`` ``(A,)``. Returns unnormalised log
-    weights ``(n_chunks, batch)``.
+    ``covs`` holds the covariates (:data:`COVARIATES`) of the cells the draws belong to and
+    ``u`` ``(n_chunks, batch, n_latent)`` the draws (pre-softmax), each ``(n_chunks, batch,
+    ...)``; ``qz_m``, ``qz_v`` ``(A, n_latent)`` are q(z | x_a) of all anchors with
+    ``qz_real`` ``(A,)`` (1 for real anchors); ``x_g`` ``(A_g, genes)`` are the counts of
+    one group of anchors with ``log_px_g`` ``(A_g,)`` and ``real_g`` ``(A_g,)``. Returns
+    ``(log p(z) - logsumexp_a log q(z | x_a), logsumexp_{a in group} [log p(x_a | z, l_a)
+    - log p(x_a)])``, each ``(n_chunks, batch)``.
     """
     module = VAE(config)
     lik = get_likelihood(config.gene_likelihood)
     ln = config.latent_distribution == "ln"
 
-    def run(variables, data: CellData, rows, u, code, anchors, anchor_mask, anchor_log_px):
-        anchor_batch = gather(data, anchors)
-        inf = module.apply(variables, anchor_batch, key=None, method=VAE.inference)
-        qz_m, qz_v = inf.qz_m, inf.qz_v  # (A, L)
-        x_a = anchor_batch.x  # (A, G)
-        lib_a = jnp.sum(x_a, axis=-1)  # (A,)
-        real = anchor_mask > 0
+    def run(variables, covs, u, code, qz_m, qz_v, qz_real, x_g, log_px_g, real_g):
+        lib_g = jnp.sum(x_g, axis=-1)  # (A_g,)
 
         def body(_, xs):
-            rows_i, u_i = xs
-            batch = gather(data, rows_i)
+            cov_i, u_i = xs
+            batch = Batch(x=None, **cov_i)
             tb = jnp.where(code >= 0, code, batch.batch_index)
             z = jax.nn.softmax(u_i, axis=-1) if ln else u_i
             library = jnp.zeros((z.shape[0], 1), z.dtype)
@@ -76,27 +90,44 @@ def _log_weight_program(config: VAEConfig):
             params = gen.px_params()
             log_pz = jnp.sum(_normal_log_density(u_i, 0.0, 1.0), -1)  # (B,)
             log_qz = jnp.sum(_normal_log_density(u_i[:, None, :], qz_m, qz_v), -1)  # (B, A)
-            log_qz = jnp.where(real, log_qz, -jnp.inf)
+            log_qz = jnp.where(qz_real > 0, log_qz, -jnp.inf)
 
             def per_anchor(xl):
                 x, lib = xl
                 p = params._replace(mu=gen.px_scale * lib)
                 return jnp.sum(lik.log_prob(x[None, :], p), -1)  # (B,)
 
-            log_px_z = jax.lax.map(per_anchor, (x_a, lib_a), batch_size=8).T  # (B, A)
-            terms = (
-                log_pz[:, None]
-                + log_px_z
-                - anchor_log_px[None, :]
-                - jax.nn.logsumexp(log_qz, axis=1, keepdims=True)
-            )
-            terms = jnp.where(real, terms, -jnp.inf)
-            return None, jax.nn.logsumexp(terms, axis=1)
+            log_px_z = jax.lax.map(per_anchor, (x_g, lib_g), batch_size=8).T  # (B, A_g)
+            terms = jnp.where(real_g > 0, log_px_z - log_px_g[None, :], -jnp.inf)
+            prior = log_pz - jax.nn.logsumexp(log_qz, axis=1)
+            return None, (prior, jax.nn.logsumexp(terms, axis=1))
 
-        _, out = jax.lax.scan(body, None, (rows, u))
+        _, out = jax.lax.scan(body, None, (covs, u))
         return out
 
     return jax.jit(run)
+
+
+@jax.jit
+def _gather_counts(data: CellData, idx: jax.Array) -> jax.Array:
+    return gather(data, idx).x
+
+
+def _anchor_counts(data: CellData, rows: np.ndarray) -> jax.Array:
+    """Dense counts ``(len(rows), genes)`` of ``rows`` on the device: host data (a backed
+    AnnData included) reads and moves only these rows."""
+    if is_host(data):
+        return jnp.asarray(take_rows(data, rows).x)
+    return _gather_counts(data, jnp.asarray(rows, jnp.int32))
+
+
+def anchors_per_group(n_genes: int, n_anchors: int) -> int:
+    """Anchors whose dense counts go to the device together: a power of two, at most
+    ``settings.inference_bytes_per_call`` bytes of float32 counts (at least one anchor), and
+    no more than ``n_anchors`` rounded up to a power of two."""
+    cells = max(1, int(settings.inference_bytes_per_call) // max(4 * int(n_genes), 1))
+    per = 1 << (cells.bit_length() - 1)
+    return min(per, 1 << max(int(n_anchors) - 1, 0).bit_length())
 
 
 def importance_log_weights(
@@ -116,9 +147,10 @@ def importance_log_weights(
     model
         A jaxvi ``SCVI`` (its config and variables are used).
     data
-        Device data holding every cell of ``rows`` and ``anchors``.
+        The cells (from ``model._query_inputs``): host data, whose counts may stay on disk
+        (only the anchors' rows are read, in groups of bounded size), or device data.
     rows
-        ``(M,)`` int: the cell each draw was made for.
+        ``(M,)`` int: the cell each draw was made for (only its covariates are used).
     u
         ``(M, n_latent)`` float: latent draws before any ``"ln"`` softmax.
     code
@@ -134,43 +166,78 @@ def importance_log_weights(
     -------
     float64 ``(M,)`` log weights (see the module docstring).
     """
-    rows = np.asarray(rows, np.int32)
+    rows = np.asarray(rows, np.int64)
     u = np.asarray(u, np.float32)
+    anchors = np.asarray(anchors, np.int64)
     m = len(rows)
     n_anchor = len(anchors)
+    # q(z | x_a) of the anchors, their counts read in bounded pieces like any query
+    qz_m, qz_v = run_chunked(
+        latent_program(model.config, "dist"),
+        model.variables,
+        data,
+        anchors,
+        batch_size,
+        jax.random.key(0),
+    )
     # Anchors are padded to a power of two so that groups of similar size share a program.
     a_pad = 1 << max(n_anchor - 1, 0).bit_length()
-    anchor_idx = np.zeros(a_pad, np.int32)
+    per_group = anchors_per_group(data.n_genes, n_anchor)
+    a_pad = max(a_pad, per_group)
+    anchor_idx = np.full(a_pad, anchors[0], np.int64)
     anchor_idx[:n_anchor] = anchors
-    anchor_mask = np.zeros(a_pad, np.float32)
-    anchor_mask[:n_anchor] = 1.0
+    real = np.zeros(a_pad, np.float32)
+    real[:n_anchor] = 1.0
     log_px = np.zeros(a_pad, np.float32)
     log_px[:n_anchor] = anchor_log_px
+    qz_m_p = np.zeros((a_pad, qz_m.shape[-1]), np.float32)
+    qz_v_p = np.ones((a_pad, qz_v.shape[-1]), np.float32)
+    qz_m_p[:n_anchor] = qz_m
+    qz_v_p[:n_anchor] = qz_v
+
+    # the draws: covariates of their cells (no counts), in chunks of batch_size
     n_chunks = max(1, -(-m // batch_size))
-    rows_p = np.zeros(n_chunks * batch_size, np.int32)
-    rows_p[:m] = rows
+    take = np.zeros(n_chunks * batch_size, np.int64)
+    take[:m] = rows
+
+    def chunked(a):
+        return a.reshape(n_chunks, batch_size, *a.shape[1:])
+
+    covs = {
+        k: None if getattr(data, k) is None else chunked(to_host(getattr(data, k))[take])
+        for k in COVARIATES
+    }
     u_p = np.zeros((n_chunks * batch_size, u.shape[-1]), np.float32)
     u_p[:m] = u
-    rows_p = rows_p.reshape(n_chunks, batch_size)
-    u_p = u_p.reshape(n_chunks, batch_size, -1)
+    u_p = chunked(u_p)
+
     program = _log_weight_program(model.config)
-    args = (
-        jnp.int32(code),
-        jnp.asarray(anchor_idx),
-        jnp.asarray(anchor_mask),
-        jnp.asarray(log_px),
-    )
-    parts = []
-    for start in range(0, n_chunks, MAX_CHUNKS_PER_CALL):
-        r = rows_p[start : start + MAX_CHUNKS_PER_CALL]
-        z = u_p[start : start + MAX_CHUNKS_PER_CALL]
-        n = len(r)
-        size = _bucket(n)
-        r = np.concatenate([r, np.zeros((size - n, batch_size), np.int32)])
-        z = np.concatenate([z, np.zeros((size - n, *z.shape[1:]), np.float32)])
-        out = program(model.variables, data, jnp.asarray(r), jnp.asarray(z), *args)
-        parts.append(np.asarray(out, np.float64)[:n].reshape(-1))
-    return np.concatenate(parts)[:m]
+    fixed = (jnp.int32(code), jnp.asarray(qz_m_p), jnp.asarray(qz_v_p), jnp.asarray(real))
+    prior = None
+    groups = []
+    for g in range(0, n_anchor, per_group):
+        sl = slice(g, g + per_group)
+        x_g = _anchor_counts(data, anchor_idx[sl])
+        group_args = (x_g, jnp.asarray(log_px[sl]), jnp.asarray(real[sl]))
+        priors, sums = [], []
+        for start in range(0, n_chunks, MAX_CHUNKS_PER_CALL):
+            stop = min(n_chunks, start + MAX_CHUNKS_PER_CALL)
+            n = stop - start
+            size = _bucket(n)
+
+            def piece(a, start=start, stop=stop, n=n, size=size):
+                pad = np.zeros((size - n, *a.shape[1:]), a.dtype)
+                return jnp.asarray(np.concatenate([a[start:stop], pad]))
+
+            cov_call = {k: None if v is None else piece(v) for k, v in covs.items()}
+            p, lse = program(model.variables, cov_call, piece(u_p), *fixed, *group_args)
+            priors.append(np.asarray(p, np.float64)[:n].reshape(-1))
+            sums.append(np.asarray(lse, np.float64)[:n].reshape(-1))
+        del x_g
+        if prior is None:
+            prior = np.concatenate(priors)[:m]
+        groups.append(np.concatenate(sums)[:m])
+    return prior + np.logaddexp.reduce(np.stack(groups), axis=0)
 
 
 def normalize_log_weights(log_w: np.ndarray, truncation: bool = False) -> np.ndarray:

@@ -140,9 +140,11 @@ class SCVI:
         if not self.config.use_observed_lib_size:
             if adata is None:
                 raise ValueError("use_observed_lib_size=False needs `adata` for the prior.")
-            arrays = reglib.registry_arrays(adata, self.registry_)
+            # the counts are read in bounded pieces (a backed AnnData is not loaded)
+            arrays = reglib.registry_arrays(adata, self.registry_, counts=False)
+            totals = reglib.cell_totals(adata, self.registry_["setup_args"]["layer"])
             means, variances = library_size_prior(
-                arrays["X"], arrays["batch_index"], self.config.n_batch
+                totals, arrays["batch_index"], self.config.n_batch
             )
         self.variables = init_variables(
             self.config, jax.random.key(settings.seed), means, variances
@@ -979,7 +981,7 @@ class SCVI:
 
                 adata = anndata.read_h5ad(path)
         if adata is not None:
-            reglib.registry_arrays(adata, reg)  # validates genes and categories
+            reglib.registry_arrays(adata, reg, counts=False)  # genes and categories
             adata.uns[reglib.UNS_KEY] = reg
         model = cls.__new__(cls)
         model.registry_ = reg
@@ -1182,13 +1184,14 @@ def config_from_registry(reg: dict, init_params: dict) -> VAEConfig:
     )
 
 
-def library_size_prior(x, batch_index: np.ndarray, n_batch: int):
+def library_size_prior(totals, batch_index: np.ndarray, n_batch: int):
     """Per-batch mean and population variance of the log library, each ``(1, n_batch)``.
 
-    Empty cells count as log-library 0; batches without cells get mean 0 and variance 1
-    (scvi-tools' ``_init_library_size``).
+    ``totals`` ``(cells,)`` are the cells' total counts (:func:`jaxvi.registry.cell_totals`),
+    ``batch_index`` ``(cells,)`` their batch codes. Empty cells count as log-library 0;
+    batches without cells get mean 0 and variance 1 (scvi-tools' ``_init_library_size``).
     """
-    totals = np.asarray(x.sum(axis=1), np.float64).ravel()
+    totals = np.asarray(totals, np.float64).ravel()
     if np.any(totals == 0):
         warnings.warn(
             "This dataset has some empty cells, this might fail inference. Data should be "

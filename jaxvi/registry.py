@@ -4,17 +4,36 @@ The registry is a plain, JSON-serialisable dict stored in ``adata.uns["_jaxvi"]`
 the setup arguments, gene names, category mappings (pandas categorical order, as
 scvi-tools) and summary statistics. :func:`registry_arrays` turns any AnnData with the same
 genes into host arrays using a registry's mappings, so a trained model can read new data.
+
+The passes over the counts that setup needs (the checks of :func:`setup_anndata`, the totals
+of :func:`cell_totals`) go through the matrix in pieces of at most
+``settings.stream_max_host_bytes / 32`` stored values (:func:`count_pieces`): for an AnnData
+opened with ``backed="r"`` only those pieces are read from disk, so registering it takes host
+memory bounded by the setting (plus ``O(cells)`` for the CSR row pointers), not by the
+dataset.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["UNS_KEY", "get_registry", "registry_arrays", "setup_anndata"]
+from jaxvi._settings import settings
+
+__all__ = [
+    "UNS_KEY",
+    "cell_totals",
+    "column_sums",
+    "count_pieces",
+    "get_registry",
+    "registry_arrays",
+    "setup_anndata",
+]
 
 UNS_KEY = "_jaxvi"
 
@@ -58,15 +77,15 @@ def setup_anndata(
         "categorical_covariate_keys": list(categorical_covariate_keys or []) or None,
         "continuous_covariate_keys": list(continuous_covariate_keys or []) or None,
     }
-    x = _get_counts(adata, layer)
-    if sp.issparse(x) and x.format == "csc":
+    source = _counts_source(adata, layer)
+    if source.layout == "csc":
         warnings.warn(
             "Training will be faster when sparse matrix is formatted as CSR. It is safe to "
             "cast before model initialization.",
             UserWarning,
             stacklevel=3,
         )
-    _check_counts(x, layer)
+    _check_counts(source, layer)
     batch_cats = _categories(adata, batch_key, "batch_key")
     label_cats = _categories(adata, labels_key, "labels_key")
     cat_keys = list(categorical_covariate_keys or [])
@@ -91,7 +110,7 @@ def setup_anndata(
         },
     }
     adata.uns[UNS_KEY] = registry
-    arrays = registry_arrays(adata, registry)
+    arrays = registry_arrays(adata, registry, counts=False)
     adata.obs["_scvi_batch"] = arrays["batch_index"]
     adata.obs["_scvi_labels"] = arrays["labels"]
     _warn_small_categories(arrays["batch_index"], "_scvi_batch")
@@ -109,8 +128,12 @@ def get_registry(adata) -> dict:
     return reg
 
 
-def registry_arrays(adata, registry: dict) -> dict:
+def registry_arrays(adata, registry: dict, counts: bool = True) -> dict:
     """Host arrays of the registered fields of ``adata`` under ``registry``'s mappings.
+
+    Checks that ``adata`` has the registry's genes (warning when they are in another order)
+    and categories. With ``counts=False`` the count matrix is not read (``X`` is None; the
+    layer must still exist).
 
     Returns
     -------
@@ -139,13 +162,17 @@ def registry_arrays(adata, registry: dict) -> dict:
             stacklevel=3,
         )
         order = pd.Index(var_names).get_indexer(ref)
-    x = _get_counts(adata, args["layer"])
-    if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float32)
+    x = None
+    if not counts:
+        _counts_source(adata, args["layer"])  # a missing layer is still an error; nothing read
     else:
-        x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-    if order is not None:
-        x = x[:, order]
+        x = _get_counts(adata, args["layer"])
+        if sp.issparse(x):
+            x = sp.csr_matrix(x, dtype=np.float32)
+        else:
+            x = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+        if order is not None:
+            x = x[:, order]
     out = {
         "X": x,
         "batch_index": _codes(adata, args["batch_key"], registry["batch_categories"]),
@@ -170,6 +197,46 @@ def registry_arrays(adata, registry: dict) -> dict:
 
 
 def _get_counts(adata, layer):
+    """The registered counts, loaded whole (dense ndarray, CSR or CSC)."""
+    src = _counts_source(adata, layer)
+    if src.layout == "dense":
+        x = src.x
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x[...] if _is_on_disk(x) else x)  # backed dense: read it all
+        return x
+    if src.matrix is not None:
+        return src.matrix
+    arrays = (np.asarray(src.data[...]), np.asarray(src.indices[...]), np.asarray(src.indptr[...]))
+    cls = sp.csr_matrix if src.layout == "csr" else sp.csc_matrix
+    return cls(arrays, shape=src.shape)
+
+
+class _CountsSource(NamedTuple):
+    """Where the registered counts are, without reading them.
+
+    ``layout`` is ``"dense"`` (``x``: an ndarray or an on-disk array sliced by rows, e.g. an
+    h5py dataset) or ``"csr"`` / ``"csc"`` (``data``, ``indices``, ``indptr``: ndarrays, or
+    HDF5 datasets of a backed AnnData; ``matrix``: the scipy matrix when in memory).
+    """
+
+    layout: str
+    shape: tuple
+    dtype: np.dtype
+    x: object = None
+    data: object = None
+    indices: object = None
+    indptr: object = None
+    matrix: object = None
+
+
+def _is_on_disk(x) -> bool:
+    return not isinstance(x, np.ndarray) and not sp.issparse(x) and hasattr(x, "shape")
+
+
+def _counts_source(adata, layer) -> _CountsSource:
+    """The registered counts of ``adata`` as a :class:`_CountsSource` (nothing is read from
+    disk). Raises ``ValueError`` for a missing layer, ``X`` None or a sparse format other
+    than CSR / CSC."""
     if layer is None:
         x = adata.X
     else:
@@ -180,17 +247,202 @@ def _get_counts(adata, layer):
         x = adata.layers[layer]
     if x is None:
         raise ValueError("adata.X is None; pass `layer=` naming the layer with counts.")
-    if hasattr(x, "to_memory"):  # backed sparse datasets
-        x = x.to_memory()
-    elif not sp.issparse(x) and not isinstance(x, np.ndarray) and hasattr(x, "shape"):
-        x = np.asarray(x)  # backed dense (h5py / zarr) datasets
-    if sp.issparse(x) and x.format not in ("csr", "csc"):
-        where = f"adata.layers['{layer}']" if layer else "adata.X"
-        raise ValueError(
-            f"{where} is a sparse {x.format.upper()} matrix. Only CSR and CSC matrices are "
-            "supported; convert it, e.g. `adata.X = adata.X.tocsr()`."
+    where = f"adata.layers['{layer}']" if layer else "adata.X"
+    group = getattr(x, "group", None)
+    if hasattr(x, "to_memory") and group is not None and hasattr(x, "format"):
+        # a backed sparse dataset: its HDF5 arrays, read in pieces
+        fmt = str(x.format)
+        if fmt not in ("csr", "csc"):
+            raise ValueError(f"{where} is a sparse {fmt.upper()} matrix; only CSR and CSC.")
+        return _CountsSource(
+            fmt,
+            tuple(x.shape),
+            np.dtype(group["data"].dtype),
+            data=group["data"],
+            indices=group["indices"],
+            indptr=group["indptr"],
         )
-    return x
+    if hasattr(x, "to_memory"):  # another on-disk sparse type: load it
+        x = x.to_memory()
+    if sp.issparse(x):
+        if x.format not in ("csr", "csc"):
+            raise ValueError(
+                f"{where} is a sparse {x.format.upper()} matrix. Only CSR and CSC matrices "
+                "are supported; convert it, e.g. `adata.X = adata.X.tocsr()`."
+            )
+        return _CountsSource(
+            x.format,
+            tuple(x.shape),
+            np.dtype(x.dtype),
+            data=x.data,
+            indices=x.indices,
+            indptr=x.indptr,
+            matrix=x,
+        )
+    if _is_on_disk(x) and hasattr(x, "dtype") and len(x.shape) == 2:
+        return _CountsSource("dense", tuple(x.shape), np.dtype(x.dtype), x=x)  # h5py / zarr
+    x = np.asarray(x)
+    return _CountsSource("dense", tuple(x.shape), x.dtype, x=x)
+
+
+def _piece_elements() -> int:
+    """Stored values per piece: ``stream_max_host_bytes / 32`` (a piece and the temporaries
+    made from it, up to ~32 bytes per value, stay within the setting)."""
+    return max(1, int(settings.stream_max_host_bytes) // 32)
+
+
+def count_pieces(
+    adata, layer: str | None = None, max_elements: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The registered counts of ``adata`` in pieces of at most ``max_elements`` stored values.
+
+    For a backed AnnData each piece is read from disk when it is yielded (a CSR matrix also
+    reads its row pointers, ``O(cells)``); nothing else of the matrix is read. Each stored
+    value is yielded exactly once (a piece holds at least one row of a dense matrix or of a
+    CSR matrix, whatever ``max_elements``).
+
+    Parameters
+    ----------
+    adata
+        An AnnData, in memory or backed.
+    layer
+        Layer with the counts (None: ``X``).
+    max_elements
+        Bound on the stored values per piece (default ``settings.stream_max_host_bytes / 32``).
+
+    Yields
+    ------
+    values
+        Stored values in their stored dtype: ``(m, genes)`` rows of a dense matrix or
+        ``(k,)`` non-zero entries of a sparse one.
+    rows
+        ``(m,)`` the cells of the rows, or ``(k,)`` the cell of each entry.
+    """
+    src = _counts_source(adata, layer)
+    for piece in _pieces(src, _piece_elements() if max_elements is None else int(max_elements)):
+        yield piece.values, piece.rows()
+
+
+class _Piece(NamedTuple):
+    """Stored values of some cells: rows ``lo:hi`` of a dense matrix (``values`` 2-D); the
+    entries of rows ``lo:hi`` of a CSR matrix, ``offsets`` ``(hi - lo + 1,)`` into
+    ``values``; or entries of a CSC matrix, ``cells`` their rows. ``start`` is the position
+    of the first sparse entry in the stored arrays."""
+
+    values: np.ndarray
+    lo: int = 0
+    hi: int = 0
+    offsets: np.ndarray | None = None
+    cells: np.ndarray | None = None
+    start: int = 0
+
+    def rows(self) -> np.ndarray:
+        """The cell of each row (dense) or of each entry (sparse)."""
+        if self.cells is not None:
+            return self.cells
+        if self.offsets is None:
+            return np.arange(self.lo, self.hi)
+        return np.repeat(np.arange(self.lo, self.hi), np.diff(self.offsets))
+
+
+def _pieces(src: _CountsSource, budget: int) -> Iterator[_Piece]:
+    n_cells, n_genes = src.shape
+    if src.layout == "dense":
+        step = max(1, budget // max(n_genes, 1))
+        for lo in range(0, n_cells, step):
+            hi = min(n_cells, lo + step)
+            yield _Piece(np.asarray(src.x[lo:hi]), lo, hi)
+        return
+    if src.layout == "csc":  # the row of each entry is its index
+        nnz = int(src.indptr[-1])
+        for s in range(0, nnz, budget):
+            e = min(nnz, s + budget)
+            cells = np.asarray(src.indices[s:e], np.int64)
+            yield _Piece(np.asarray(src.data[s:e]), cells=cells, start=s)
+        return
+    indptr = np.asarray(src.indptr[...], np.int64)  # O(cells)
+    lo = 0
+    while lo < n_cells:
+        hi = int(np.searchsorted(indptr, indptr[lo] + budget, side="right")) - 1
+        hi = min(n_cells, max(lo + 1, min(hi, lo + budget)))
+        s, e = int(indptr[lo]), int(indptr[hi])
+        yield _Piece(np.asarray(src.data[s:e]), lo, hi, offsets=indptr[lo : hi + 1] - s, start=s)
+        lo = hi
+
+
+def cell_totals(adata, layer: str | None = None) -> np.ndarray:
+    """Total count of every cell (the sum of its row as float32 values), read in pieces.
+
+    Parameters
+    ----------
+    adata
+        An AnnData, in memory or backed (read in bounded pieces, :func:`count_pieces`).
+    layer
+        Layer with the counts (None: ``X``).
+
+    Returns
+    -------
+    float64 ``(cells,)``.
+    """
+    totals = np.zeros(int(adata.n_obs), np.float64)
+    for piece in _pieces(_counts_source(adata, layer), _piece_elements()):
+        values = piece.values.astype(np.float32, copy=False)
+        if values.ndim == 2:
+            totals[piece.lo : piece.hi] = values.sum(axis=1, dtype=np.float64)
+        elif piece.offsets is None:
+            totals += np.bincount(piece.cells, weights=values, minlength=len(totals))
+        else:  # CSR: a sum per non-empty row, over its run of entries
+            starts = piece.offsets[:-1]
+            full = np.flatnonzero(np.diff(piece.offsets) > 0)
+            if len(full):
+                sums = np.add.reduceat(values, starts[full], dtype=np.float64)
+                totals[piece.lo + full] = sums
+    return totals
+
+
+def column_sums(adata, layer: str | None, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sums over cells of the counts and of their non-zero indicator, in one pass
+    over bounded pieces (:func:`count_pieces`; a backed AnnData is not loaded).
+
+    Parameters
+    ----------
+    adata
+        An AnnData, in memory or backed.
+    layer
+        Layer with the counts (None: ``X``).
+    weights
+        ``(k, cells)`` float weights, finite.
+
+    Returns
+    -------
+    ``(sums, nonzero)``, each float64 ``(k, genes)`` in ``adata``'s gene order:
+    ``sums[j, g] = sum_c weights[j, c] * x[c, g]`` and ``nonzero[j, g] = sum_c weights[j, c]
+    * (x[c, g] != 0)``.
+    """
+    src = _counts_source(adata, layer)
+    weights = np.asarray(weights, np.float64)
+    n_genes = src.shape[1]
+    sums = np.zeros((len(weights), n_genes))
+    nonzero = np.zeros((len(weights), n_genes))
+    indptr = None if src.layout != "csc" else np.asarray(src.indptr[...], np.int64)
+    for piece in _pieces(src, _piece_elements()):
+        values = piece.values.astype(np.float64)
+        if values.ndim == 2:
+            w = weights[:, piece.lo : piece.hi]
+            sums += w @ values
+            nonzero += w @ (values != 0)
+            continue
+        positions = slice(piece.start, piece.start + len(values))
+        if indptr is None:  # CSR: the stored column indices
+            genes = np.asarray(src.indices[positions], np.int64)
+        else:  # CSC: the column of each entry from the column pointers
+            genes = np.searchsorted(indptr, np.arange(piece.start, positions.stop), "right") - 1
+        rows = piece.rows()
+        for j, w in enumerate(weights):
+            wr = w[rows]
+            sums[j] += np.bincount(genes, weights=wr * values, minlength=n_genes)
+            nonzero[j] += np.bincount(genes, weights=wr * (values != 0), minlength=n_genes)
+    return sums, nonzero
 
 
 def _warn_small_categories(codes: np.ndarray, name: str) -> None:
@@ -206,16 +458,28 @@ def _warn_small_categories(codes: np.ndarray, name: str) -> None:
             )
 
 
-def _check_counts(x, layer) -> None:
+def _check_counts(source: _CountsSource, layer) -> None:
+    """Refuse non-numeric, NaN, infinite or negative counts; warn on non-integers. One pass
+    in bounded pieces; the problems are reported in that order whatever piece they are in."""
     where = f"adata.layers['{layer}']" if layer else "adata.X"
-    vals = x.data if sp.issparse(x) else np.asarray(x)
-    if vals.size and not np.issubdtype(vals.dtype, np.number):
-        raise ValueError(f"{where} must be numeric, got dtype {vals.dtype}.")
-    if not np.all(np.isfinite(vals)):
+    size = int(source.indptr[-1]) if source.layout != "dense" else int(np.prod(source.shape))
+    if size and not np.issubdtype(source.dtype, np.number):
+        raise ValueError(f"{where} must be numeric, got dtype {source.dtype}.")
+    floating = np.issubdtype(source.dtype, np.floating)
+    nonfinite = negative = nonint = False
+    for piece in _pieces(source, _piece_elements()):
+        values = piece.values
+        if floating and not np.all(np.isfinite(values)):
+            nonfinite = True
+            break
+        negative = negative or bool(np.any(values < 0))
+        if floating and not nonint:
+            nonint = bool(np.any(values != np.round(values)))
+    if nonfinite:
         raise ValueError(f"{where} contains NaN or infinite values; scVI needs raw counts.")
-    if np.any(vals < 0):
+    if negative:
         raise ValueError(f"{where} contains negative values; scVI needs raw counts.")
-    if np.issubdtype(vals.dtype, np.floating) and np.any(vals != np.round(vals)):
+    if nonint:
         warnings.warn(
             f"{where} contains non-integer values. Make sure the registered X field in "
             "anndata contains unnormalized count data.",

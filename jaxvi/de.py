@@ -619,9 +619,13 @@ def _counts_statistics(adata, layer, mask1, mask2, cells1, cells2, scaling) -> d
     sampled cells ``cells1`` / ``cells2``, each ``(genes,)``."""
     n = int(adata.n_obs)
 
-    def weight(sel) -> np.ndarray:
+    def weight(sel) -> np.ndarray:  # a mask, or cell indices counted with repeats
         w = np.zeros(n)
-        w[sel] = 1.0
+        sel = np.asarray(sel)
+        if sel.dtype == bool:
+            w[sel] = 1.0
+        else:
+            np.add.at(w, sel, 1.0)
         return w
 
     w = [weight(mask1), weight(mask2), weight(cells1), weight(cells2)]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 from jax.scipy.special import gammaln
+from scipy.special import gammaln as scipy_gammaln
 
 from jaxvi.memory import is_out_of_memory, out_of_memory_error
 from jaxvi.module import Batch
@@ -24,6 +25,7 @@ from jaxvi.sharding import constrain_cells
 __all__ = [
     "CellData",
     "gather",
+    "host_log_factorial",
     "is_host",
     "pad_indices",
     "take_rows",
@@ -103,11 +105,18 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         indices = jnp.asarray(csr.indices.astype(np.int32))
         data = jnp.asarray(csr.data.astype(np.float32))
         max_row_nnz = int(np.diff(csr.indptr).max(initial=0))
-        log_x_factorial = _csr_log_factorial(indptr, data, csr.shape[0])
     else:
         host = x.toarray() if sp.issparse(x) else np.asarray(x)
         dense = jnp.asarray(host.astype(np.float32, copy=False))
+    log_x_factorial = arrays.get("log_x_factorial")
+    if log_x_factorial is None and sp.issparse(x):  # from the non-zeros only, on the host
+        log_x_factorial = host_log_factorial(x)
+    if log_x_factorial is not None:
+        log_x_factorial = jnp.asarray(np.asarray(log_x_factorial, np.float32))
+    elif dense is not None:
         log_x_factorial = _dense_log_factorial(dense)
+    else:
+        log_x_factorial = _csr_log_factorial(indptr, data, int(x.shape[0]))
 
     def opt(a, dtype):
         return None if a is None else jnp.asarray(np.asarray(a, dtype=dtype))
@@ -129,6 +138,20 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
         log_x_factorial=log_x_factorial,
     )
+
+
+def host_log_factorial(x: sp.spmatrix | sp.sparray) -> np.ndarray:
+    """Per-row ``sum of lgamma(x + 1)`` of sparse counts, from the stored values only.
+
+    Returns
+    -------
+    float32 ``(rows,)``.
+    """
+    csr = sp.csr_matrix(x)
+    csr.sum_duplicates()
+    terms = scipy_gammaln(np.asarray(csr.data, np.float64) + 1.0)
+    cum = np.concatenate([[0.0], np.cumsum(terms)])
+    return (cum[csr.indptr[1:]] - cum[csr.indptr[:-1]]).astype(np.float32)
 
 
 def with_log_factorial(data: CellData) -> CellData:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi.dataset import CellData, to_device, with_log_factorial
+from jaxvi.dataset import CellData, host_log_factorial, to_device, with_log_factorial
 from jaxvi.registry import registry_arrays
 from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
 
@@ -124,6 +124,7 @@ class _Reader:
             runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
         if self.obs is not None:
             x = np.zeros((len(rows), self.n_genes), np.float32)  # filled run by run, no concat
+            log_fact = np.zeros(len(rows), np.float32) if self.indptr is not None else None
             pos = 0
             for run in runs:
                 lo, hi = int(run[0]), int(run[-1]) + 1
@@ -132,11 +133,15 @@ class _Reader:
                     part = part[run - lo]
                 if sp.issparse(part):
                     part.toarray(out=x[pos : pos + len(run)])
+                    # the training loss's per-cell log x!, from the non-zeros (in this thread)
+                    log_fact[pos : pos + len(run)] = host_log_factorial(part)
                 else:
                     x[pos : pos + len(run)] = part
                 pos += len(run)
             out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
             out["X"] = x if self.order is None else x[:, self.order]
+            if log_fact is not None:
+                out["log_x_factorial"] = log_fact
             return out
         parts = []
         for run in runs:

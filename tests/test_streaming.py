@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from scipy import special
 
 from jaxvi import SCVI, settings, streaming
 from jaxvi.registry import get_registry as reglib_get
@@ -105,6 +106,10 @@ def test_read_rows(tmp_path, sparse):
                 np.testing.assert_array_equal(
                     out["batch_index"], local.obs["_scvi_batch"].to_numpy()[rows]
                 )
+                if "log_x_factorial" in out:  # CSR fast path: log x! from the non-zeros
+                    ref = special.gammaln(np.asarray(dense, np.float64) + 1).sum(1)
+                    np.testing.assert_allclose(out["log_x_factorial"], ref, rtol=1e-6)
+            assert ("log_x_factorial" in reader.read(rows, 0)) == sparse
         backed.file.close()
 
 

@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import anndata
+    import jax
     import numpy as np
 
     import jaxvi
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
     t0 = C.now()
     n_read = 0
     for cells, block in data._stream(blocks):
-        block.x.block_until_ready()
+        jax.block_until_ready(block)
         n_read += len(cells)
     loader_s = C.now() - t0
     loader = {

@@ -71,11 +71,11 @@ class CellData:
         return int(self.batch_index.shape[0])
 
 
-def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
+def to_device(arrays: dict, *, sparse: bool = False, max_row_nnz: int | None = None) -> CellData:
     """Move host arrays to the device; see :func:`_to_device`. A device out-of-memory error
     becomes a ``MemoryError`` that names the size of the counts and the alternatives."""
     try:
-        return _to_device(arrays, sparse=sparse)
+        return _to_device(arrays, sparse=sparse, max_row_nnz=max_row_nnz)
     except jax.errors.JaxRuntimeError as e:
         if not is_out_of_memory(e):
             raise
@@ -84,27 +84,40 @@ def to_device(arrays: dict, *, sparse: bool = False) -> CellData:
         raise out_of_memory_error("The count matrix", n_bytes, e) from None
 
 
-def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
+def _to_device(arrays: dict, *, sparse: bool = False, max_row_nnz: int | None = None) -> CellData:
     """Move host arrays from :func:`jaxvi.registry.registry_arrays` to the device.
 
     Parameters
     ----------
     arrays
         Output of ``registry_arrays``; ``X`` is ``(cells, genes)``, dense or scipy sparse.
+        An optional ``log_x_factorial`` ``(cells,)`` is used as given.
     sparse
         Keep counts as CSR on the device and densify each minibatch in the step.
+    max_row_nnz
+        With ``sparse``: a fixed bound on the non-zeros of a row (at least the real one), and
+        the stored values padded to a power of two, so that blocks of the same dataset share
+        one compiled program (:mod:`jaxvi.streaming`).
     """
     x = arrays["X"]
     n_genes = x.shape[1]
     dense = indptr = indices = data = None
-    max_row_nnz = 0
+    max_row_nnz = max_row_nnz if sparse else 0
     if sparse:
         csr = sp.csr_matrix(x, dtype=np.float32)
         csr.sort_indices()
+        row_nnz = int(np.diff(csr.indptr).max(initial=0))
+        cols, vals = csr.indices.astype(np.int32), csr.data.astype(np.float32, copy=False)
+        if max_row_nnz is None:
+            max_row_nnz = row_nnz
+        else:
+            if max_row_nnz < row_nnz:
+                raise ValueError(f"max_row_nnz={max_row_nnz} < {row_nnz}, a row's non-zeros.")
+            cap = 1 << max(csr.nnz - 1, 1).bit_length()  # never read past indptr[-1]
+            cols = np.concatenate([cols, np.zeros(cap - csr.nnz, np.int32)])
+            vals = np.concatenate([vals, np.zeros(cap - csr.nnz, np.float32)])
         indptr = jnp.asarray(csr.indptr.astype(np.int64 if csr.nnz >= 2**31 else np.int32))
-        indices = jnp.asarray(csr.indices.astype(np.int32))
-        data = jnp.asarray(csr.data.astype(np.float32))
-        max_row_nnz = int(np.diff(csr.indptr).max(initial=0))
+        indices, data = jnp.asarray(cols), jnp.asarray(vals)
     else:
         host = x.toarray() if sp.issparse(x) else np.asarray(x)
         dense = jnp.asarray(host.astype(np.float32, copy=False))
@@ -116,7 +129,7 @@ def _to_device(arrays: dict, *, sparse: bool = False) -> CellData:
     elif dense is not None:
         log_x_factorial = _dense_log_factorial(dense)
     else:
-        log_x_factorial = _csr_log_factorial(indptr, data, int(x.shape[0]))
+        log_x_factorial = _csr_log_factorial(indptr, data[: csr.nnz], int(x.shape[0]))
 
     def opt(a, dtype):
         return None if a is None else jnp.asarray(np.asarray(a, dtype=dtype))

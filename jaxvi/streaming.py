@@ -112,9 +112,10 @@ class _Reader:
         idx = np.asarray(self.x["indices"][s:e])
         return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
 
-    def read(self, rows: np.ndarray, max_gap: int | None = 4096) -> dict:
+    def read(self, rows: np.ndarray, max_gap: int | None = 4096, dense: bool = True) -> dict:
         """Registered arrays of the sorted ``rows``; rows at most ``max_gap`` apart are read
-        as one range (``None``: :func:`bounded_runs`)."""
+        as one range (``None``: :func:`bounded_runs`). With ``dense=False`` a CSR file's
+        counts come back as a CSR matrix (with ``log_x_factorial``)."""
         rows = np.asarray(rows)
         if len(rows) == 0:
             raise ValueError("No rows to read.")
@@ -122,6 +123,19 @@ class _Reader:
             runs = bounded_runs(rows)
         else:
             runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
+        if self.obs is not None and self.indptr is not None and not dense:
+            parts = []
+            for run in runs:
+                lo, hi = int(run[0]), int(run[-1]) + 1
+                part = self._range(lo, hi)
+                parts.append(part if hi - lo == len(run) else part[run - lo])
+            x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+            if self.order is not None:
+                x = x[:, self.order]
+            out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
+            out["X"] = x
+            out["log_x_factorial"] = host_log_factorial(x)
+            return out
         if self.obs is not None:
             x = np.zeros((len(rows), self.n_genes), np.float32)  # filled run by run, no concat
             log_fact = np.zeros(len(rows), np.float32) if self.indptr is not None else None
@@ -293,6 +307,11 @@ class StreamingData:
         elif self.block_cells % self.chunk_cells:
             raise ValueError("block_cells must be a multiple of chunk_cells.")
         self._reader = _Reader(self.adata, self.registry)
+        # A CSR file streams as CSR blocks, densified per minibatch on the device (no dense
+        # block is built on the host or copied to the device); one row bound for all blocks.
+        indptr = self._reader.indptr
+        self._csr = self.mesh is None and indptr is not None and self._reader.obs is not None
+        self._max_row_nnz = int(np.diff(indptr).max(initial=1)) if self._csr else None
 
     # ------------------------------------------------------------------ layout
     def _blocks(self, rng: np.random.Generator | None, cells: np.ndarray) -> list[np.ndarray]:
@@ -327,9 +346,11 @@ class StreamingData:
             return {
                 k: None if v is None else v[:0] for k, v in self._reader.read(cells[:1]).items()
             }
-        return self._reader.read(rows)
+        return self._reader.read(rows, dense=not self._csr)
 
     def _place(self, arrays: dict, n_cells: int):
+        if self._csr:
+            return to_device(arrays, sparse=True, max_row_nnz=self._max_row_nnz)
         if self.mesh is None:
             return to_device(arrays)
         return with_log_factorial(shard_local_rows(arrays, n_cells, self.mesh))

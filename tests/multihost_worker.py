@@ -68,9 +68,9 @@ def backed_copy(adata, path: str, reads: list):
     settings.stream_max_host_bytes = 2 * 256 * adata.n_vars * 4
     real_read = streaming._Reader.read
 
-    def spy(self, rows, max_gap=4096):
+    def spy(self, rows, max_gap=4096, **kwargs):
         reads.append(len(rows))
-        return real_read(self, rows, max_gap)
+        return real_read(self, rows, max_gap, **kwargs)
 
     streaming._Reader.read = spy
     return anndata.read_h5ad(path, backed="r")

@@ -28,9 +28,9 @@ def main(out_dir: str) -> None:
     reads, shards = [], []
     real_read, real_place = streaming._Reader.read, streaming.StreamingData._place
 
-    def spy_read(self, rows, max_gap=4096):
+    def spy_read(self, rows, max_gap=4096, **kwargs):
         reads.append(len(rows))
-        return real_read(self, rows, max_gap)
+        return real_read(self, rows, max_gap, **kwargs)
 
     def spy_place(self, arrays, n_cells):
         data = real_place(self, arrays, n_cells)

@@ -209,9 +209,9 @@ def test_importance_weights_on_backed_data(tmp_path, monkeypatch, trained, reads
     rows_read = []
     real_read = streaming._Reader.read
 
-    def spy(self, rows, max_gap=4096):
+    def spy(self, rows, max_gap=4096, **kwargs):
         rows_read.append(np.asarray(rows))
-        return real_read(self, rows, max_gap)
+        return real_read(self, rows, max_gap, **kwargs)
 
     monkeypatch.setattr(streaming._Reader, "read", spy)
     groups = []

@@ -48,9 +48,9 @@ def test_streamed_training(tmp_path, monkeypatch, small_stream, sparse):
     reads = []
     real_read = streaming._Reader.read
 
-    def spy(self, rows, max_gap=4096):
+    def spy(self, rows, max_gap=4096, **kwargs):
         reads.append(np.asarray(rows))
-        return real_read(self, rows, max_gap)
+        return real_read(self, rows, max_gap, **kwargs)
 
     monkeypatch.setattr(streaming._Reader, "read", spy)
     model = SCVI(backed, n_hidden=32, n_latent=4)
@@ -160,9 +160,9 @@ def test_queries_on_a_backed_anndata(tmp_path, monkeypatch, sparse):
     reads = []
     real_read = streaming._Reader.read
 
-    def spy(self, rows, max_gap=4096):
+    def spy(self, rows, max_gap=4096, **kwargs):
         reads.append(len(rows))
-        return real_read(self, rows, max_gap)
+        return real_read(self, rows, max_gap, **kwargs)
 
     monkeypatch.setattr(streaming._Reader, "read", spy)
     idx = np.arange(1, 300, 3)
@@ -224,9 +224,9 @@ def test_a_process_holding_only_padding_reads_no_rows(tmp_path, monkeypatch):
     reads = []
     real_read = streaming._Reader.read
 
-    def spy(self, rows, max_gap=4096):
+    def spy(self, rows, max_gap=4096, **kwargs):
         reads.append(list(rows))
-        return real_read(self, rows, max_gap)
+        return real_read(self, rows, max_gap, **kwargs)
 
     monkeypatch.setattr(streaming._Reader, "read", spy)
     monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (2, 4))

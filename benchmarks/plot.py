@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,8 +27,14 @@ NAMES = {"jaxvi": "jaxvi", "scvi": "scvi-tools"}
 
 
 def newest(kind: str) -> Path | None:
-    """The newest ``results/<kind>_*.json`` (by name: names end with a timestamp)."""
-    files = sorted(C.RESULTS_DIR.glob(f"{kind}_*.json"), key=lambda p: p.stat().st_mtime)
+    """The newest ``results/<kind>_*.json``, by the ``YYYYMMDD-HHMM`` stamp in its name
+    (file times are those of the checkout, not of the run)."""
+
+    def stamp(p: Path) -> str:
+        m = re.search(r"_(\d{8}-\d{4})", p.name)
+        return m.group(1) if m else ""
+
+    files = sorted(C.RESULTS_DIR.glob(f"{kind}_*.json"), key=lambda p: (stamp(p), p.name))
     return files[-1] if files else None
 
 

@@ -130,6 +130,12 @@ def main(argv=None) -> dict:
         default=[],
         help="override an axis' values, e.g. --values batch_size=128,512 (repeatable)",
     )
+    p.add_argument(
+        "--extend",
+        default=None,
+        help="a previous throughput JSON: its rows (marked with their file and commit) and the "
+        "new points go into one result, the table ordered by axis and value",
+    )
     args = p.parse_args(argv)
     # what compare_scvi's worker expects
     args.seed, args.data_seed, args.train_size, args.elbo_reps = 0, 0, 0.9, 1
@@ -148,6 +154,14 @@ def main(argv=None) -> dict:
                       for v in vals.split(",")]  # fmt: skip
     out_path = C.result_path("throughput", args.tag)
     rows, done = [], {}
+    earlier = []
+    if args.extend:
+        import json
+
+        prev = json.loads(Path(args.extend).read_text())
+        for r in prev["rows"]:
+            r.setdefault("source", {"file": Path(args.extend).name, "commit": prev["git"]})
+            earlier.append(r)
     for axis in [a for a in args.axes.split(",") if a]:
         for value in grid[axis]:
             point = {**base, axis: value}
@@ -161,10 +175,24 @@ def main(argv=None) -> dict:
                 done[key] = row
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
-            C.write_json(out_path, _payload(args, base, grid, rows))  # after every point
+            C.write_json(out_path, _payload(args, base, grid, _merged(earlier, rows)))
+    rows = _merged(earlier, rows)
     print(markdown(rows))
     print("saved", out_path)
     return _payload(args, base, grid, rows)
+
+
+def _merged(earlier: list, rows: list) -> list:
+    """Earlier rows then new ones, grouped by axis (first-seen order) and sorted by value."""
+    if not earlier:
+        return rows
+    order = list(dict.fromkeys(r["axis"] for r in earlier + rows))
+
+    def key(r):
+        v = r["point"][r["axis"]]
+        return (order.index(r["axis"]), v is not None, v if isinstance(v, int) else str(v))
+
+    return sorted(earlier + rows, key=key)
 
 
 def _payload(args, base, grid, rows) -> dict:

@@ -466,15 +466,21 @@ def zero_inflated(
     if base.uses_zi_logits:
         raise ValueError(f"{base.name!r} already reads zi_logits; it cannot get a second gate.")
 
-    def log_prob(x, p):
-        lp0 = (
-            base.log_prob(jnp.zeros_like(x), p) if log_prob_zero is None else log_prob_zero(p)
-        )
-        log_keep = -jax.nn.softplus(p.zi_logits)
-        log_gate = -jax.nn.softplus(-p.zi_logits)
-        return jnp.where(
-            x < EPS, jnp.logaddexp(log_gate, log_keep + lp0), log_keep + base.log_prob(x, p)
-        )
+    def gated(base_log_prob):
+        """The mixture over ``base_log_prob`` at x > 0; log p_base(0) has no log 0! term, so
+        the zero case is the same whether ``base_log_prob`` includes -log x! or not."""
+
+        def log_prob(x, p):
+            lp0 = (
+                base.log_prob(jnp.zeros_like(x), p) if log_prob_zero is None else log_prob_zero(p)
+            )
+            log_keep = -jax.nn.softplus(p.zi_logits)
+            log_gate = -jax.nn.softplus(-p.zi_logits)
+            return jnp.where(
+                x < EPS, jnp.logaddexp(log_gate, log_keep + lp0), log_keep + base_log_prob(x, p)
+            )
+
+        return log_prob
 
     def sample(key, p):
         k_base, k_zi = jax.random.split(key)
@@ -498,24 +504,10 @@ def zero_inflated(
 
             return ZeroInflatedDistribution(base.to_numpyro(p), gate_logits=p.zi_logits)
 
-    log_prob_no_factorial = None
-    if base.log_prob_no_factorial is not None:
-
-        def log_prob_no_factorial(x, p):  # log 0! = 0: the zero case is unchanged
-            lp0 = (
-                base.log_prob(jnp.zeros_like(x), p) if log_prob_zero is None else log_prob_zero(p)
-            )
-            log_keep = -jax.nn.softplus(p.zi_logits)
-            log_gate = -jax.nn.softplus(-p.zi_logits)
-            return jnp.where(
-                x < EPS,
-                jnp.logaddexp(log_gate, log_keep + lp0),
-                log_keep + base.log_prob_no_factorial(x, p),
-            )
-
+    no_factorial = base.log_prob_no_factorial
     return Likelihood(
         name,
-        log_prob=log_prob,
+        log_prob=gated(base.log_prob),
         sample=sample,
         mean=mean,
         variance=variance,
@@ -523,7 +515,7 @@ def zero_inflated(
         uses_zi_logits=True,
         zi_logits_shape=gate,
         to_numpyro=to_numpyro,
-        log_prob_no_factorial=log_prob_no_factorial,
+        log_prob_no_factorial=None if no_factorial is None else gated(no_factorial),
     )
 
 
@@ -706,19 +698,8 @@ register_likelihood(
         log_prob_no_factorial=lambda x, p: _zip_no_factorial(x, p.mu, p.zi_logits),
     )
 )
+# zinb with one gate logit per gene: the same functions (zinb_log_prob broadcasts the (genes,)
+# gate logits against (cells, genes)), another gate shape.
 register_likelihood(
-    Likelihood(
-        "zinb-gene",
-        # zinb_log_prob broadcasts the (genes,) gate logits against (cells, genes).
-        log_prob=lambda x, p: zinb_log_prob(x, p.mu, p.theta, p.zi_logits),
-        sample=_zinb_sample,
-        mean=_zinb_mean,
-        variance=_zinb_variance,
-        uses_zi_logits=True,
-        zi_logits_shape="gene",
-        to_numpyro=lambda p: _numpyro().ZeroInflatedNegativeBinomial2(
-            p.mu, p.theta, gate_logits=p.zi_logits
-        ),
-        log_prob_no_factorial=lambda x, p: _zinb_unnormalised(x, p.mu, p.theta, p.zi_logits, EPS),
-    )
+    dataclasses.replace(get_likelihood("zinb"), name="zinb-gene", zi_logits_shape="gene")
 )

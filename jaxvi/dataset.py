@@ -25,6 +25,7 @@ from jaxvi.sharding import constrain_cells
 __all__ = [
     "CellData",
     "gather",
+    "host_covariates",
     "host_log_factorial",
     "is_host",
     "pad_indices",
@@ -203,25 +204,34 @@ def to_host(arrays: dict) -> CellData:
     else:
         dense = np.asarray(x, np.float32)
 
-    def opt(a, dtype):
-        return None if a is None else np.asarray(a, dtype=dtype)
-
     return CellData(
         x=dense,
         indptr=indptr,
         indices=indices,
         data=data,
-        batch_index=np.asarray(arrays["batch_index"], np.int32),
-        labels=np.asarray(arrays["labels"], np.int32),
-        cat_covs=opt(arrays["cat_covs"], np.int32),
-        cont_covs=opt(arrays["cont_covs"], np.float32),
-        size_factor=opt(arrays["size_factor"], np.float32),
         n_genes=int(x.shape[1]),
         max_row_nnz=max_row_nnz,
-        qz_m=opt(arrays.get("qz_m"), np.float32),
-        qz_v=opt(arrays.get("qz_v"), np.float32),
-        observed_lib_size=opt(arrays.get("observed_lib_size"), np.float32),
+        **host_covariates(arrays),
     )
+
+
+def host_covariates(arrays: dict) -> dict:
+    """The per-cell fields of :class:`CellData` other than the counts, as numpy arrays (int32
+    codes, float32 values; optional ones None), from :func:`jaxvi.registry.registry_arrays`."""
+
+    def opt(a, dtype):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    return {
+        "batch_index": np.asarray(arrays["batch_index"], np.int32),
+        "labels": np.asarray(arrays["labels"], np.int32),
+        "cat_covs": opt(arrays["cat_covs"], np.int32),
+        "cont_covs": opt(arrays["cont_covs"], np.float32),
+        "size_factor": opt(arrays["size_factor"], np.float32),
+        "qz_m": opt(arrays.get("qz_m"), np.float32),
+        "qz_v": opt(arrays.get("qz_v"), np.float32),
+        "observed_lib_size": opt(arrays.get("observed_lib_size"), np.float32),
+    }
 
 
 def is_host(data: CellData) -> bool:

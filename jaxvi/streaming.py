@@ -35,7 +35,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi.dataset import CellData, host_log_factorial, to_device, with_log_factorial
+from jaxvi.dataset import (
+    CellData,
+    host_covariates,
+    host_log_factorial,
+    to_device,
+    with_log_factorial,
+)
 from jaxvi.registry import registry_arrays
 from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
 
@@ -112,6 +118,11 @@ class _Reader:
         idx = np.asarray(self.x["indices"][s:e])
         return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
 
+    def _run_rows(self, run: np.ndarray) -> np.ndarray | sp.csr_matrix:
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        part = self._range(lo, hi)
+        return part if hi - lo == len(run) else part[run - lo]
+
     def read(self, rows: np.ndarray, max_gap: int | None = 4096, dense: bool = True) -> dict:
         """Registered arrays of the sorted ``rows``; rows at most ``max_gap`` apart are read
         as one range (``None``: :func:`bounded_runs`). With ``dense=False`` a CSR file's
@@ -123,39 +134,25 @@ class _Reader:
             runs = bounded_runs(rows)
         else:
             runs = np.split(rows, np.flatnonzero(np.diff(rows) > max_gap) + 1)
-        if self.obs is not None and self.indptr is not None and not dense:
-            parts = []
-            for run in runs:
-                lo, hi = int(run[0]), int(run[-1]) + 1
-                part = self._range(lo, hi)
-                parts.append(part if hi - lo == len(run) else part[run - lo])
-            x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
-            if self.order is not None:
-                x = x[:, self.order]
-            out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
-            out["X"] = x
-            out["log_x_factorial"] = host_log_factorial(x)
-            return out
         if self.obs is not None:
-            x = np.zeros((len(rows), self.n_genes), np.float32)  # filled run by run, no concat
-            log_fact = np.zeros(len(rows), np.float32) if self.indptr is not None else None
-            pos = 0
-            for run in runs:
-                lo, hi = int(run[0]), int(run[-1]) + 1
-                part = self._range(lo, hi)
-                if hi - lo != len(run):  # rows dropped inside the range
-                    part = part[run - lo]
-                if sp.issparse(part):
-                    part.toarray(out=x[pos : pos + len(run)])
-                    # the training loss's per-cell log x!, from the non-zeros (in this thread)
-                    log_fact[pos : pos + len(run)] = host_log_factorial(part)
-                else:
-                    x[pos : pos + len(run)] = part
-                pos += len(run)
+            # each run's rows, one at a time: one range read, the rows in its gaps dropped
+            parts = (self._run_rows(run) for run in runs)
             out = {k: None if v is None else v[rows] for k, v in self.obs.items() if k != "X"}
+            if self.indptr is not None and not dense:
+                parts = list(parts)
+                x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+                out["X"] = x if self.order is None else x[:, self.order]
+                out["log_x_factorial"] = host_log_factorial(x)
+                return out
+            x = np.zeros((len(rows), self.n_genes), np.float32)  # filled part by part
+            pos = 0
+            for part in parts:
+                if sp.issparse(part):
+                    part.toarray(out=x[pos : pos + part.shape[0]])
+                else:
+                    x[pos : pos + part.shape[0]] = part
+                pos += part.shape[0]
             out["X"] = x if self.order is None else x[:, self.order]
-            if log_fact is not None:
-                out["log_x_factorial"] = log_fact
             return out
         parts = []
         for run in runs:
@@ -242,22 +239,13 @@ def backed_cell_data(adata, registry: dict) -> CellData | None:
     reader = _Reader(adata, registry)
     if reader.obs is None:
         return None
-    obs = reader.obs
-
-    def opt(a, dtype):
-        return None if a is None else np.asarray(a, dtype=dtype)
-
     return CellData(
         x=BackedCounts(reader),
         indptr=None,
         indices=None,
         data=None,
-        batch_index=np.asarray(obs["batch_index"], np.int32),
-        labels=np.asarray(obs["labels"], np.int32),
-        cat_covs=opt(obs["cat_covs"], np.int32),
-        cont_covs=opt(obs["cont_covs"], np.float32),
-        size_factor=opt(obs["size_factor"], np.float32),
         n_genes=len(registry["var_names"]),
+        **host_covariates(reader.obs),
     )
 
 

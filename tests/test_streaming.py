@@ -106,10 +106,14 @@ def test_read_rows(tmp_path, sparse):
                 np.testing.assert_array_equal(
                     out["batch_index"], local.obs["_scvi_batch"].to_numpy()[rows]
                 )
-                if "log_x_factorial" in out:  # CSR fast path: log x! from the non-zeros
-                    ref = special.gammaln(np.asarray(dense, np.float64) + 1).sum(1)
-                    np.testing.assert_allclose(out["log_x_factorial"], ref, rtol=1e-6)
-            assert ("log_x_factorial" in reader.read(rows, 0)) == sparse
+            # what training streams: a CSR file's rows stay CSR, with log x! from the non-zeros
+            out = reader.read(rows, max_gap, dense=False)
+            assert sp.issparse(out["X"]) == sparse
+            np.testing.assert_array_equal(out["X"].toarray() if sparse else out["X"], dense)
+            assert ("log_x_factorial" in out) == sparse
+            if sparse:
+                ref = special.gammaln(np.asarray(dense, np.float64) + 1).sum(1)
+                np.testing.assert_allclose(out["log_x_factorial"], ref, rtol=1e-6)
         backed.file.close()
 
 

@@ -277,6 +277,18 @@ def _json_default(obj):
     return str(obj)
 
 
+def run_header(benchmark: str) -> dict:
+    """The fields every result JSON starts with: the benchmark's name, when it started, the
+    machine, package versions and git state."""
+    return {
+        "benchmark": benchmark,
+        "started_utc": utc_timestamp(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_info(),
+    }
+
+
 def utc_timestamp() -> str:
     """Current UTC time, ISO 8601."""
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

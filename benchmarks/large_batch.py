@@ -72,11 +72,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     payload = {
-        "benchmark": "large_batch",
-        "started_utc": C.utc_timestamp(),
-        "machine": C.machine_info(),
-        "versions": C.versions(),
-        "git": C.git_info(),
+        **C.run_header("large_batch"),
         "settings": vars(args),
         "runs": [],
     }

@@ -142,11 +142,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     payload = {
-        "benchmark": "roofline",
-        "started_utc": C.utc_timestamp(),
-        "machine": C.machine_info(),
-        "versions": C.versions(),
-        "git": C.git_info(),
+        **C.run_header("roofline"),
         "settings": vars(args),
     }
     with C.LoadProbe() as probe:

@@ -173,11 +173,7 @@ def main(argv=None) -> dict:
     print("training", training, flush=True)
     dense_gb = args.cells * args.genes * 4 / 2**30
     payload = {
-        "benchmark": "stream_loader",
-        "started_utc": C.utc_timestamp(),
-        "machine": C.machine_info(),
-        "versions": C.versions(),
-        "git": C.git_info(),
+        **C.run_header("stream_loader"),
         "settings": {**vars(args), "path": str(args.path)},
         "store": {**store, "cells": args.cells, "genes": args.genes, "dense_gb": dense_gb},
         "rss_after_open_mb": rss0,
@@ -214,11 +210,7 @@ def setup_only(args, adata, store: dict) -> dict:
         steps[name] = {"seconds": C.now() - t0, "peak_rss_mb": C.peak_rss_mb()}
         print(name, steps[name], flush=True)
     payload = {
-        "benchmark": "stream_setup",
-        "started_utc": C.utc_timestamp(),
-        "machine": C.machine_info(),
-        "versions": C.versions(),
-        "git": C.git_info(),
+        **C.run_header("stream_setup"),
         "jaxvi_module": jaxvi.__file__,
         "settings": {**vars(args), "path": str(args.path)},
         "store": {**store, "cells": args.cells, "genes": args.genes},

@@ -198,11 +198,7 @@ def _merged(earlier: list, rows: list) -> list:
 def _payload(args, base, grid, rows) -> dict:
     table = markdown(rows)
     return {
-        "benchmark": "throughput",
-        "started_utc": C.utc_timestamp(),
-        "machine": C.machine_info(),
-        "versions": C.versions(),
-        "git": C.git_info(),
+        **C.run_header("throughput"),
         "settings": {**vars(args), "base": base, "grid": grid},
         "rows": rows,
         "markdown": table,

@@ -72,11 +72,7 @@ def main(argv=None) -> dict:
     for k, v in summary.items():
         print(f"{k:32s} {v}")
     payload = {
-        "benchmark": "time_to_quality",
-        "started_utc": C.utc_timestamp(),
-        "machine": C.machine_info(),
-        "versions": C.versions(),
-        "git": C.git_info(),
+        **C.run_header("time_to_quality"),
         "settings": vars(args),
         "summary": summary,
         "runs": results,

@@ -1,7 +1,7 @@
 """Analysis speed, jaxvi vs scvi-tools holding the same weights: DE and marginal likelihood.
 
 jaxvi is trained on the built-in PBMC data (700 cells x 765 genes, 10 cell types), its weights
-are copied into an ``scvi.model.SCVI`` (``jaxvi.bridge.load_into_scvi_tools``), and both
+are copied into an ``scvi.model.SCVI`` (``jaxvi.io.bridge.load_into_scvi_tools``), and both
 libraries then run, in this one process on the same machine:
 
 * ``differential_expression(groupby="bulk_labels")`` for all 10 cell types one-vs-rest, in
@@ -52,12 +52,12 @@ def main(argv=None) -> dict:
     import torch
 
     import jaxvi
-    from jaxvi.bridge import load_into_scvi_tools
+    from jaxvi.io.bridge import load_into_scvi_tools
 
     torch.set_num_threads(C.n_cores())
     jaxvi.settings.seed = args.seed
     scvi.settings.seed = args.seed
-    base = jaxvi.datasets.pbmc68k_reduced()
+    base = jaxvi.data.pbmc68k_reduced()
     adata_j, adata_t = base.copy(), base.copy()
     jaxvi.SCVI.setup_anndata(adata_j)
     model_j = jaxvi.SCVI(adata_j)
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
         "versions": C.versions(),
         "git": C.git_info(),
         "settings": {
-            "data": "jaxvi.datasets.pbmc68k_reduced() (700 x 765)",
+            "data": "jaxvi.data.pbmc68k_reduced() (700 x 765)",
             "jaxvi_train_epochs": args.epochs,
             "de_samples_per_group": n_de,
             "marginal_ll": {"n_mc_samples": args.n_mc, "n_mc_samples_per_pass": args.per_pass},

@@ -108,9 +108,9 @@ def pbmc_adata(tool: str):
     """jaxvi's bundled PBMC counts (700 x 765). The scvi-tools worker reads the same file
     without importing jaxvi (its import would load jaxvi's modules into that process)."""
     if tool == "jaxvi":
-        import jaxvi.datasets
+        import jaxvi.data
 
-        return jaxvi.datasets.pbmc68k_reduced()
+        return jaxvi.data.pbmc68k_reduced()
     import importlib.util
 
     import anndata
@@ -629,7 +629,7 @@ def parent(args) -> dict:
                 "n_batches": 2,
                 "storage": "float32 CSR",
             },
-            "pbmc": {"source": "jaxvi.datasets.pbmc68k_reduced()", "epochs": args.pbmc_epochs},
+            "pbmc": {"source": "jaxvi.data.pbmc68k_reduced()", "epochs": args.pbmc_epochs},
             "elbo_reps": args.elbo_reps,
             "jax_cache_dir": args.jax_cache_dir,
             "single_epoch_runs": not args.no_single_epoch,

@@ -7,7 +7,7 @@ For each seed and epoch count, jaxvi and scvi-tools 1.4.2 are each trained on th
 and the card's CV numbers are computed as ``create_criticism_report`` does (5 posterior
 predictive samples of all cells; cell-wise on the train / validation split, gene-wise on
 all cells). Additionally, the jaxvi weights are copied into the scvi-tools model
-(``jaxvi.bridge``) and scvi-tools' own sampler is run on them: the same weights must give
+(``jaxvi.io.bridge``) and scvi-tools' own sampler is run on them: the same weights must give
 the same metrics up to sampling noise (``same_weights`` rows).
 
 Usage::
@@ -37,7 +37,7 @@ SETTINGS = dict(
 
 
 def _card_numbers(cv_cell, cv_gene, train, val) -> dict:
-    from jaxvi.card import cv_scores
+    from jaxvi.hub.card import cv_scores
 
     m, o = cv_cell["model"].to_numpy(), cv_cell["Raw"].to_numpy()
     return {
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         import scvi
         import torch
 
-        from jaxvi.bridge import load_into_scvi_tools
+        from jaxvi.io.bridge import load_into_scvi_tools
 
         torch.set_num_threads(C.n_cores())
 

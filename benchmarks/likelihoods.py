@@ -2,13 +2,14 @@
 
 For every likelihood (default: poisson, nb, zinb, zip, zinb-gene) one ``SCVI`` is trained on the
 same cells with the same seed, and scored on the same held-out cells
-(:func:`jaxvi.likelihood_comparison.compare_likelihoods`): importance-sampled marginal
+(:func:`jaxvi.analysis.likelihood_comparison.compare_likelihoods`): importance-sampled marginal
 log-likelihood, ELBO, posterior predictive CV agreement, per-gene zero-fraction calibration,
 training speed.
 
 * ``pbmc``: the 700 x 765 PBMC counts shipped with jaxvi;
 * ``synthetic``: for each likelihood, counts drawn from it with known parameters
-  (:func:`jaxvi.likelihood_comparison.synthetic_counts`), and every likelihood fitted to them;
+  (:func:`jaxvi.analysis.likelihood_comparison.synthetic_counts`), and every likelihood fitted
+  to them;
   the true one should have (close to) the best held-out marginal log-likelihood. Nested models
   (nb inside zinb, zinb-gene inside zinb) can tie with it.
 
@@ -45,9 +46,9 @@ SCALARS = (
 
 def run_pbmc(args) -> dict:
     import jaxvi
-    from jaxvi.likelihood_comparison import compare_likelihoods
+    from jaxvi.analysis.likelihood_comparison import compare_likelihoods
 
-    adata = jaxvi.datasets.pbmc68k_reduced()
+    adata = jaxvi.data.pbmc68k_reduced()
     jaxvi.SCVI.setup_anndata(adata)
     table, extra = compare_likelihoods(
         adata,
@@ -69,7 +70,7 @@ def run_pbmc(args) -> dict:
 
 def run_synthetic(args) -> dict:
     import jaxvi
-    from jaxvi.likelihood_comparison import compare_likelihoods, synthetic_counts
+    from jaxvi.analysis.likelihood_comparison import compare_likelihoods, synthetic_counts
 
     out = {}
     for true in args.likelihoods:

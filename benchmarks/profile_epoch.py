@@ -187,7 +187,7 @@ def section_epoch(env, args) -> dict:
 
 
 def section_parts(env, args) -> dict:
-    from jaxvi.dataset import gather
+    from jaxvi.data import gather
     from jaxvi.likelihoods import zinb_log_prob
     from jaxvi.module import vae_loss
     from jaxvi.train import _variables
@@ -354,7 +354,7 @@ def section_likelihood(env, args) -> dict:
     forward+backward: jaxvi's, without ``lgamma(x + 1)``, and with a fused ``custom_vjp``."""
     import numpy as np
 
-    from jaxvi.dataset import gather
+    from jaxvi.data import gather
     from jaxvi.likelihoods import zinb_log_prob
 
     jax, jnp = env["jax"], env["jnp"]

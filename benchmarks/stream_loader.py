@@ -4,7 +4,7 @@ Builds (once) a synthetic on-disk store of ``--cells`` cells x ``--genes`` genes
 h5ad file written chunk by chunk (default 2M x 2k, ~5% non-zero, ~1.6 GB), opens it backed,
 and measures in this process:
 
-* **loader**: :func:`jaxvi.streaming.read_rows` over shuffled blocks (contiguous chunks of
+* **loader**: :func:`jaxvi.data.read_rows` over shuffled blocks (contiguous chunks of
   ``stream_chunk_cells`` cells, densified), cells/s, with the peak RSS of the process;
 * **training**: ``SCVI.train`` streaming over the first ``--train-cells`` cells of the store
   (a backed view would read everything; instead the split's ``external_indexing`` restricts
@@ -91,8 +91,8 @@ def main(argv=None) -> dict:
     import numpy as np
 
     import jaxvi
-    from jaxvi import streaming
-    from jaxvi.registry import get_registry
+    from jaxvi import data as streaming
+    from jaxvi.data.registry import get_registry
 
     store = {}
     if not args.path.exists():

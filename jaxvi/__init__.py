@@ -1,6 +1,6 @@
 """jaxvi: scVI, the single-cell variational autoencoder of scvi-tools, in JAX/Flax."""
 
-from jaxvi import data, datasets, likelihoods
+from jaxvi import data, likelihoods
 from jaxvi._settings import settings
 from jaxvi.likelihoods import Likelihood, register_likelihood
 from jaxvi.model import SCVI
@@ -9,7 +9,6 @@ __all__ = [
     "SCVI",
     "Likelihood",
     "data",
-    "datasets",
     "likelihoods",
     "register_likelihood",
     "settings",

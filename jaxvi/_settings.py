@@ -21,7 +21,7 @@ class Settings:
         Minibatch size of the inference methods when ``batch_size=None`` (128, as scvi-tools).
     stream_chunk_cells
         Consecutive training cells per disk read when training streams from a backed AnnData
-        (:mod:`jaxvi.streaming`; 1024).
+        (:mod:`jaxvi.data`; 1024).
     stream_max_host_bytes
         Host memory for the blocks in flight when streaming (1 GiB). The passes over the
         counts at setup (checks, and the library prior of ``use_observed_lib_size=False``)

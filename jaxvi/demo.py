@@ -1,7 +1,7 @@
 """The main job: train scVI on the built-in PBMC counts and report what it learned.
 
 ``python -m jaxvi.demo [--out DIR] [--max-epochs N]`` trains ``SCVI`` with scvi-tools'
-defaults on :func:`jaxvi.datasets.pbmc68k_reduced` (700 cells x 765 genes, 10 cell types),
+defaults on :func:`jaxvi.data.pbmc68k_reduced` (700 cells x 765 genes, 10 cell types),
 prints the held-out ELBO and how well the latent space separates the known cell types
 (adjusted Rand index of a k-means clustering, silhouette width), and writes the model, the
 latent coordinates and a 2-D picture of the latent space coloured by cell type.
@@ -34,7 +34,7 @@ def run(out: str = "results/pbmc_demo", max_epochs: int | None = None, seed: int
     from jaxvi import SCVI
 
     os.makedirs(out, exist_ok=True)
-    adata = jaxvi.datasets.pbmc68k_reduced()
+    adata = jaxvi.data.pbmc68k_reduced()
     SCVI.setup_anndata(adata, labels_key="bulk_labels")
     model = SCVI(adata)
     print(model)

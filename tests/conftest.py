@@ -15,3 +15,18 @@ def x64():
     """Enable float64 for the duration of one test only, then restore the previous setting."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def scratch_registry():
+    """Likelihoods registered (or replaced) during one test are undone afterwards."""
+    from jaxvi import likelihoods
+
+    names = likelihoods.available_likelihoods()
+    before = {name: likelihoods.get_likelihood(name) for name in names}
+    yield
+    for name in likelihoods.available_likelihoods():
+        if name not in before:
+            likelihoods.unregister_likelihood(name)
+    for lik in before.values():
+        likelihoods.register_likelihood(lik, overwrite=True)

@@ -15,7 +15,8 @@ from sharded_worker import make_adata
 
 
 def main(rank: int, n_proc: int, port: int, out_dir: str, stream: bool = False) -> None:
-    from jaxvi import SCVI, distributed
+    from jaxvi import SCVI
+    from jaxvi.parallel import distributed as distributed
 
     if n_proc:
         distributed.initialize(f"127.0.0.1:{port}", num_processes=n_proc, process_id=rank)
@@ -60,7 +61,8 @@ def backed_copy(adata, path: str, reads: list):
     import anndata
     import scipy.sparse as sp
 
-    from jaxvi import settings, streaming
+    from jaxvi import data as streaming
+    from jaxvi import settings
 
     adata.X = sp.csr_matrix(adata.X)
     adata.write_h5ad(path)

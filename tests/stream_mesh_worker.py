@@ -13,7 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 from sharded_worker import make_adata, max_rel
 
-from jaxvi import SCVI, inference, settings, streaming
+from jaxvi import SCVI, settings
+from jaxvi import data as streaming
+from jaxvi import posterior as inference
 
 
 def main(out_dir: str) -> None:

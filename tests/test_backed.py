@@ -18,7 +18,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from jaxvi import SCVI, importance, registry, settings, streaming
+from jaxvi import SCVI, settings
+from jaxvi import data as streaming
+from jaxvi import posterior as importance
+from jaxvi.data import registry as registry
 
 N_GENES = 12
 COUNT_ARRAYS = {"/X", "/X/data", "/X/indices"}

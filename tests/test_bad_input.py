@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxvi import SCVI
-from jaxvi.dataset import to_device
+from jaxvi.data import to_device
+from jaxvi.data.registry import registry_arrays
 from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss
-from jaxvi.registry import registry_arrays
 
 TRAIN = {"batch_size": 16, "enable_progress_bar": False}
 
@@ -53,7 +53,7 @@ def _loss_and_grads(variables, data):
 
 
 def data_gather(data):
-    from jaxvi.dataset import gather
+    from jaxvi.data import gather
 
     return gather(data, jnp.arange(SHAPE[0]), jnp.ones(SHAPE[0]))
 
@@ -115,7 +115,7 @@ def test_coo_is_refused_with_the_fix():
     containers that do hold one."""
     from types import SimpleNamespace
 
-    from jaxvi.registry import _get_counts
+    from jaxvi.data.registry import _get_counts
 
     coo = sp.coo_matrix(_adata().X)
     with pytest.raises(ValueError, match="Only CSR and CSC"):

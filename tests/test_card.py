@@ -17,7 +17,9 @@ import pytest
 
 import jaxvi
 from jaxvi import hub
-from jaxvi.card import (
+from jaxvi.criticism import PosteriorPredictiveCheck
+from jaxvi.data import synthetic_iid
+from jaxvi.hub.card import (
     NA_FIELD,
     card_info_from_model,
     create_criticism_report,
@@ -27,8 +29,6 @@ from jaxvi.card import (
     metrics_report,
     model_card,
 )
-from jaxvi.criticism import PosteriorPredictiveCheck
-from jaxvi.data import synthetic_iid
 
 pytest.importorskip("scanpy")
 pytest.importorskip("sklearn")
@@ -338,7 +338,7 @@ def test_same_weights_give_the_same_cv_metrics_within_sampling_noise(model):
     pytest.importorskip("torch")
     from scvi.criticism import PosteriorPredictiveCheck as RefPPC
 
-    from jaxvi.bridge import load_into_scvi_tools
+    from jaxvi.io.bridge import load_into_scvi_tools
 
     ref_adata = synthetic_iid(seed=0, n_proteins=0, n_regions=0)
     scvi.model.SCVI.setup_anndata(ref_adata)

@@ -17,8 +17,7 @@ import pandas as pd
 import pytest
 
 from jaxvi import SCVI
-from jaxvi import checkpoint as ckpt
-from jaxvi.dataset import to_device
+from jaxvi.data import to_device
 from jaxvi.module import VAE, VAEConfig, init_variables
 from jaxvi.train import (
     NonFiniteError,
@@ -27,6 +26,7 @@ from jaxvi.train import (
     fit,
     init_train_state,
 )
+from jaxvi.train import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -110,5 +110,5 @@ def test_bad_arguments(kwargs, match):
 def test_bundled_files_and_datasets_still_load():
     files = {p.name for p in (resources.files("jaxvi") / "data").iterdir()}
     assert {"pbmc68k_reduced_counts.h5ad", "pbmc_small.h5ad", "README.md"} <= files
-    assert jaxvi.datasets.pbmc_small().shape == (80, 230)
+    assert jaxvi.data.pbmc_small().shape == (80, 230)
     assert jaxvi.data.synthetic_iid is synthetic_iid

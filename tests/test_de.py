@@ -1,8 +1,8 @@
-"""Differential expression (:mod:`jaxvi.de`): the statistics on hand-made samples, the API on a
-small trained model, and agreement with scvi-tools 1.4.2 on shared weights.
+"""Differential expression (:mod:`jaxvi.analysis.de`): the statistics on hand-made samples, the
+API on a small trained model, and agreement with scvi-tools 1.4.2 on shared weights.
 
 The agreement tests train jaxvi briefly on ``pbmc68k_reduced`` (700 cells, 10 cell types),
-copy the weights into an ``scvi.model.SCVI`` with :func:`jaxvi.bridge.load_into_scvi_tools`
+copy the weights into an ``scvi.model.SCVI`` with :func:`jaxvi.io.bridge.load_into_scvi_tools`
 and run one-vs-rest DE for every cell type in both libraries with the default 5000 samples per
 group. The two only differ by Monte-Carlo noise, so the per-gene Bayes factors and mean LFCs
 must rank the genes alike (Spearman >= 0.95 per cell type); columns, dtypes, index, sorting
@@ -17,8 +17,8 @@ import pytest
 import scipy.sparse as sp
 
 import jaxvi
-from jaxvi import de
-from jaxvi.de import (
+from jaxvi.analysis import de as de
+from jaxvi.analysis.de import (
     change_test,
     credible_intervals,
     differential_expression,
@@ -202,7 +202,7 @@ N_SMALL = 1000  # samples per group on pbmc_small
 
 @pytest.fixture(scope="module")
 def small():
-    adata = jaxvi.datasets.pbmc_small()
+    adata = jaxvi.data.pbmc_small()
     adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 2 == 0, "a", "b")
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
     model = jaxvi.SCVI(adata, n_hidden=32, n_latent=5)
@@ -419,9 +419,9 @@ def shared():
     """jaxvi trained on pbmc68k_reduced and an scvi-tools SCVI holding the same weights."""
     scvi = pytest.importorskip("scvi")
     pytest.importorskip("torch")
-    from jaxvi.bridge import load_into_scvi_tools
+    from jaxvi.io.bridge import load_into_scvi_tools
 
-    base = jaxvi.datasets.pbmc68k_reduced()
+    base = jaxvi.data.pbmc68k_reduced()
     adata_j, adata_t = base.copy(), base.copy()
     jaxvi.SCVI.setup_anndata(adata_j)
     model_j = jaxvi.SCVI(adata_j)

@@ -1,4 +1,4 @@
-"""Several processes (:mod:`jaxvi.distributed`): ``multihost_worker.py`` as two processes
+"""Several processes (:mod:`jaxvi.parallel.distributed`): ``multihost_worker.py`` as two processes
 joined on loopback, plus a one-device reference run (split from ``test_sharding.py`` so that
 the two files run on different pytest-xdist workers)."""
 
@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
 def test_two_processes_train_one_model(tmp_path, stream):
-    """Two CPU processes joined with ``jaxvi.distributed.initialize`` on loopback: each loads
+    """Two CPU processes joined with ``jaxvi.parallel.initialize`` on loopback: each loads
     only its half of the cells, both end with identical parameters and latents, and those
     match a single-process run. Streamed from a backed h5ad, each process reads from disk
     only its half of every block (128 of 256 cells, 7 of the ragged 14, 15 of the 30

@@ -1,4 +1,4 @@
-"""Importance weights (:mod:`jaxvi.importance`) and their use by ``get_normalized_expression``
+"""Importance weights (:mod:`jaxvi.posterior`) and their use by ``get_normalized_expression``
 and ``differential_expression``.
 
 Without scvi-tools: an exactly solvable case (weights uniform), alignment of the returned draws
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from test_posterior import jaxvi_model, make_adata, set_params
 
-from jaxvi import importance, posterior
 from jaxvi import model as model_module
-from jaxvi.dataset import gather
-from jaxvi.inference import expression_and_latent_program, run_chunked
+from jaxvi import posterior
+from jaxvi import posterior as importance
+from jaxvi.data import gather
 from jaxvi.module import VAE
+from jaxvi.posterior import expression_and_latent_program, run_chunked
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_weights_match_scvi(trained, adata, monkeypatch, truncation):
     the normalised weights agree to 1e-4 relative."""
     scvi = pytest.importorskip("scvi")
     torch = pytest.importorskip("torch")
-    from jaxvi.bridge import load_into_scvi_tools
+    from jaxvi.io.bridge import load_into_scvi_tools
 
     adata_t = adata.copy()
     scvi.model.SCVI.setup_anndata(adata_t, batch_key="batch")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jaxvi import SCVI, inference
+from jaxvi import SCVI
+from jaxvi import posterior as inference
 from jaxvi._settings import settings
 
 N, G, BS = 600, 50, 32

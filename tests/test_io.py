@@ -176,7 +176,7 @@ def test_files_needing_code_execution_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match="'params.pkl' that is not an array"):
         SCVI.load(other, adata=adata)
     # A model.pt that is a bare pickle (not torch's zip format) is refused unread; real
-    # scvi-tools files go through jaxvi.torchfile's allow-list (tests/test_scvi_io.py).
+    # scvi-tools files go through jaxvi.io.torchfile's allow-list (tests/test_scvi_io.py).
     pt = tmp_path / "pt"
     pt.mkdir()
     (pt / "model.pt").write_bytes(pickle.dumps(_Boom()))

@@ -15,7 +15,6 @@ import pytest
 from jax.test_util import check_grads
 from scipy import special, stats
 
-from jaxvi import likelihoods
 from jaxvi.likelihoods import (
     EPS,
     Likelihood,
@@ -449,12 +448,6 @@ def test_unknown_likelihood_raises(bad):
         get_likelihood(bad)
     for name in LIKELIHOODS:
         assert repr(name) in str(err.value)
-
-
-@pytest.fixture
-def scratch_registry(monkeypatch):
-    """A copy of the registry for one test; the module's own is put back afterwards."""
-    monkeypatch.setattr(likelihoods, "_REGISTRY", dict(likelihoods._REGISTRY))
 
 
 def _geometric(name="geometric"):

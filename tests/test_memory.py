@@ -1,4 +1,4 @@
-"""Device memory policy (:mod:`jaxvi.memory`)."""
+"""Device memory policy (:mod:`jaxvi.parallel.memory`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ import sys
 import jax
 import pytest
 
-from jaxvi import SCVI, datasets, memory
-from jaxvi import dataset as dataset_module
+from jaxvi import SCVI
+from jaxvi import data as dataset_module
+from jaxvi import data as datasets
 from jaxvi import model as model_module
+from jaxvi.parallel import memory as memory
 
 OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."
 
 
 def test_configure_before_jax_starts():
     code = (
-        "import os, jaxvi.memory as m\n"
+        "import os, jaxvi.parallel.memory as m\n"
         "env = m.configure(preallocate=False, fraction=0.4, allocator='platform')\n"
         "import jax.numpy as jnp; jnp.ones(3).block_until_ready()\n"
         "print(env == {k: os.environ[k] for k in env}, sorted(env))\n"

@@ -3,7 +3,7 @@
 Each case builds a small AnnData, an ``scvi.model.SCVI`` on it and the matching jaxvi
 :class:`~jaxvi.module.VAEConfig`; randomises the torch module's batch-norm statistics and
 affine parameters (so that eval-mode batch norm is not the identity); copies the weights with
-:func:`jaxvi.bridge.state_dict_to_variables`; and compares, on one minibatch of all cells:
+:func:`jaxvi.io.bridge.state_dict_to_variables`; and compares, on one minibatch of all cells:
 
 * the encoder: ``q(z | x)`` mean and variance (and ``q(l | x)`` for a latent library);
 * the decoder, fed the *same* ``z`` (torch's posterior mean) and library: ``px_scale``,
@@ -22,13 +22,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxvi.bridge import (
+from jaxvi.data import Minibatch
+from jaxvi.io.bridge import (
     config_from_scvi,
     expected_state_dict_shapes,
     state_dict_to_variables,
     variables_to_state_dict,
 )
-from jaxvi.module import VAE, Batch, VAEConfig, init_variables, vae_loss
+from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss
 
 scvi = pytest.importorskip("scvi")
 torch = pytest.importorskip("torch")
@@ -190,7 +191,7 @@ def perturb(module, seed: int) -> None:
             module.px_r.copy_(0.8 * torch.randn(module.px_r.shape, generator=gen))
 
 
-def jax_batch(tensors) -> Batch:
+def jax_batch(tensors) -> Minibatch:
     """jaxvi's minibatch from scvi-tools' tensors dict."""
     keys = scvi.REGISTRY_KEYS
 
@@ -201,7 +202,7 @@ def jax_batch(tensors) -> Batch:
     batch_index = column(keys.BATCH_KEY, np.int32)[:, 0]
     labels = column(keys.LABELS_KEY, np.int32)[:, 0]
     size_factor = column(keys.SIZE_FACTOR_KEY, np.float32)
-    return Batch(
+    return Minibatch(
         x=column(keys.X_KEY, np.float32),
         batch_index=batch_index,
         labels=labels,
@@ -357,7 +358,7 @@ def test_masked_padding_matches_real_cells():
     n_pad = 7
     rng = np.random.default_rng(0)
     pad_x = rng.poisson(30.0, size=(n_pad, N_GENES)).astype(np.float32) + 1.0
-    padded = Batch(
+    padded = Minibatch(
         x=jnp.concatenate([batch.x, jnp.asarray(pad_x)]),
         batch_index=jnp.concatenate([batch.batch_index, jnp.ones(n_pad, jnp.int32)]),
         labels=jnp.concatenate([batch.labels, jnp.zeros(n_pad, jnp.int32)]),

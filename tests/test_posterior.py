@@ -18,10 +18,10 @@ import pytest
 
 from jaxvi import SCVI
 from jaxvi import posterior as post
-from jaxvi.dataset import gather
-from jaxvi.inference import run_chunked
+from jaxvi.data import gather
 from jaxvi.likelihoods import get_likelihood
 from jaxvi.module import VAE, vae_loss
+from jaxvi.posterior import run_chunked
 
 N_GENES = 24
 
@@ -322,12 +322,12 @@ def parity_models(n_epochs: int = 100) -> dict[str, tuple]:
     Monte-Carlo estimates are only comparable at 0.1 % when q is close to the posterior, so
     the weights come from ``n_epochs`` of jaxvi training of a latent-library model on 1000
     cells (seconds) and are copied into ``scvi.model.SCVI`` with
-    :func:`jaxvi.bridge.load_into_scvi_tools`. The same weights without the library prior
+    :func:`jaxvi.io.bridge.load_into_scvi_tools`. The same weights without the library prior
     make the observed-library pair (the l-encoder exists in both architectures).
     """
     import scvi
 
-    from jaxvi.bridge import load_into_scvi_tools
+    from jaxvi.io.bridge import load_into_scvi_tools
 
     adata = make_adata(PARITY_CELLS, PARITY_GENES, seed=1)
     options = {"n_hidden": 32, "n_latent": 5}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import pytest
 
-from jaxvi import SCVI, datasets
+from jaxvi import SCVI
+from jaxvi import data as datasets
 from jaxvi import model as model_module
 
 

@@ -1,4 +1,4 @@
-"""scArches query mapping (:mod:`jaxvi.scarches`).
+"""scArches query mapping (:mod:`jaxvi.model.scarches`).
 
 Without scvi-tools: gene padding / reordering, category extension, the weight surgery's
 layout, the freeze masks, and a jaxvi reference mapped and trained: every frozen entry stays
@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 
 from jaxvi import SCVI
-from jaxvi.bridge import _leaf_paths, variables_to_state_dict
+from jaxvi.io.bridge import leaf_paths, variables_to_state_dict
+from jaxvi.model.scarches import extend_variables, freeze_masks, query_registry
 from jaxvi.module import VAEConfig, init_variables
-from jaxvi.scarches import extend_variables, freeze_masks, query_registry
 
 N_GENES = 20
 
@@ -157,14 +157,14 @@ def test_extend_variables_inserts_each_block_after_its_reference_categories():
     px_r = np.asarray(out["params"]["px_r"])
     np.testing.assert_array_equal(px_r[:, :2], np.asarray(ref["params"]["px_r"]))
     np.testing.assert_array_equal(px_r[:, 2:], np.asarray(fresh["params"]["px_r"])[:, 2:])
-    for path, leaf in _leaf_paths(out):  # every other leaf is the reference's
+    for path, leaf in leaf_paths(out):  # every other leaf is the reference's
         if "layer0_dense" in path or "layer1_dense" in path or path[-1] == "px_r":
             continue
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(dict(_leaf_paths(ref))[path]))
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(dict(leaf_paths(ref))[path]))
 
 
 def _trainable(mask) -> set[str]:
-    return {"/".join(p) for p, m in _leaf_paths(mask) if np.any(m)}
+    return {"/".join(p) for p, m in leaf_paths(mask) if np.any(m)}
 
 
 def test_freeze_masks_follow_scvi_tools_rules():
@@ -179,7 +179,7 @@ def test_freeze_masks_follow_scvi_tools_rules():
         f"{dec}/layer0_bn/bias",
         f"{dec}/layer1_bn/scale",
         f"{dec}/layer1_bn/bias",
-    } | {"/".join(p) for p, _ in _leaf_paths(mask) if p[0] == "l_encoder"}
+    } | {"/".join(p) for p, _ in leaf_paths(mask) if p[0] == "l_encoder"}
     kernel = mask["decoder"]["px_decoder"]["layer0_dense"]["kernel"]
     assert kernel.shape == (3 + 3, 5)
     assert not kernel[:3].any()
@@ -221,9 +221,9 @@ def test_query_training_keeps_frozen_entries_and_reference_latent(jaxvi_referenc
     assert model.is_trained
     end = jax.device_get(model.variables)
     moved = set()
-    for path, before in _leaf_paths(start["params"]):
-        after = dict(_leaf_paths(end["params"]))[path]
-        m = dict(_leaf_paths(mask))[path]
+    for path, before in leaf_paths(start["params"]):
+        after = dict(leaf_paths(end["params"]))[path]
+        m = dict(leaf_paths(mask))[path]
         np.testing.assert_array_equal(after[~m], before[~m], err_msg="/".join(path))
         if np.any(after != before):
             moved.add("/".join(path))

@@ -1,4 +1,4 @@
-"""scvi-tools model directories in and out (:mod:`jaxvi.scvi_io`, :mod:`jaxvi.torchfile`).
+"""scvi-tools model directories in and out (:mod:`jaxvi.io.scvi_tools`, :mod:`jaxvi.io.torchfile`).
 
 Without scvi-tools: the torch-free ``torch.save`` reader refuses hostile pickles without
 running them (and refuses malformed tensors and frames); a jaxvi model exported in
@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxvi import SCVI, torchfile
-from jaxvi.dataset import gather
-from jaxvi.scvi_io import registry_from_scvi, registry_to_scvi
-from jaxvi.torchfile import UnsafePickleError
+from jaxvi import SCVI
+from jaxvi.data import gather
+from jaxvi.io import torchfile as torchfile
+from jaxvi.io.scvi_tools import registry_from_scvi, registry_to_scvi
+from jaxvi.io.torchfile import UnsafePickleError
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5

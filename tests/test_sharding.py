@@ -1,4 +1,4 @@
-"""Data parallelism (:mod:`jaxvi.sharding`); several processes are in ``test_distributed.py``.
+"""Data parallelism (:mod:`jaxvi.parallel`); several processes are in ``test_distributed.py``.
 
 The device count of a JAX process is fixed when JAX starts, so the multi-device checks run in
 subprocesses: ``sharded_worker.py`` with 8 fake CPU devices.
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvi.sharding import data_mesh, resolve_devices
+from jaxvi.parallel import data_mesh, resolve_devices
 
 HERE = Path(__file__).parent
 

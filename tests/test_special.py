@@ -1,11 +1,11 @@
-"""``jaxvi.special.lgamma_digamma`` against scipy (float64 and float32), always jitted."""
+"""``jaxvi.likelihoods.lgamma_digamma`` against scipy (float64 and float32), always jitted."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from jaxvi.special import lgamma_digamma
+from jaxvi.likelihoods import lgamma_digamma
 
 Z = np.concatenate([np.logspace(-4, 7, 4000), np.arange(1.0, 300.0) + 0.37, [0.5, 1.0, 2.0]])
 

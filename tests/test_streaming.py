@@ -1,4 +1,4 @@
-"""Training from a backed AnnData (:mod:`jaxvi.streaming`)."""
+"""Training from a backed AnnData (:mod:`jaxvi.data`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import scipy.sparse as sp
 from scipy import special
 
-from jaxvi import SCVI, settings, streaming
-from jaxvi.registry import get_registry as reglib_get
+from jaxvi import SCVI, settings
+from jaxvi import data as streaming
+from jaxvi.data.registry import get_registry as reglib_get
 
 
 def write_h5ad(path, n_cells=700, n_genes=30, sparse=True, seed=0):
@@ -145,7 +146,7 @@ def test_queries_on_a_backed_anndata(tmp_path, monkeypatch, sparse):
     """Queries on a backed h5ad never load its count matrix: each device call reads only
     its own cells from disk (at most 64 under the setting), and the results equal those on
     the same cells in memory (same keys), genes in another order included."""
-    from jaxvi import registry
+    from jaxvi.data import registry as registry
 
     path = tmp_path / "cells.h5ad"
     mem = write_h5ad(path, n_cells=300, sparse=sparse)
@@ -215,7 +216,7 @@ def test_a_process_holding_only_padding_reads_no_rows(tmp_path, monkeypatch):
     """On a mesh, a process reads only its share of a block (here the rows [2, 4) of a
     5-cell block); a process whose devices hold only padding rows gets empty arrays of the
     right fields and widths, and reads nothing but one row to learn them."""
-    from jaxvi.sharding import data_mesh
+    from jaxvi.parallel import data_mesh
 
     path = tmp_path / "cells.h5ad"
     write_h5ad(path, n_cells=50)

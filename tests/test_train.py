@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxvi.dataset import gather, to_device, with_log_factorial
+from jaxvi.data import gather, to_device, with_log_factorial
 from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss
 from jaxvi.train import (
     PlanConfig,

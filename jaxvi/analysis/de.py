@@ -29,8 +29,8 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from jaxvi import registry as reglib
 from jaxvi._settings import settings
+from jaxvi.data import registry as reglib
 
 __all__ = [
     "change_test",
@@ -614,7 +614,7 @@ def _cached_scaling(adata, counts, layer=None) -> np.ndarray:
 
 def _counts_statistics(adata, layer, mask1, mask2, cells1, cells2, scaling) -> dict:
     """What DE needs from the counts of a backed AnnData, in one bounded pass
-    (:func:`jaxvi.registry.column_sums`): :func:`raw_counts_properties` of ``mask1`` /
+    (:func:`jaxvi.data.registry.column_sums`): :func:`raw_counts_properties` of ``mask1`` /
     ``mask2`` (when ``scaling`` is given) and the mean counts ``cells_mean1/2`` of the
     sampled cells ``cells1`` / ``cells2``, each ``(genes,)``."""
     n = int(adata.n_obs)

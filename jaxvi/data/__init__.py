@@ -1,9 +1,58 @@
-"""Data generators and the package's bundled data files.
+"""Where cells come from and where they live.
 
-The ``.h5ad`` files in this folder are read by :mod:`jaxvi.datasets`; this package adds
-:func:`synthetic_iid`, scvi-tools' synthetic test data with a seed.
+The registry (:mod:`jaxvi.data.registry`: ``setup_anndata``'s declared fields, checks and
+bounded reads of the counts), cell data on the device or the host (:class:`CellData`,
+:class:`Minibatch`), placement over a device mesh, backed and streamed AnnData, and the bundled
+datasets (:func:`pbmc68k_reduced`, :func:`pbmc_small`, :func:`synthetic_iid`).
 """
 
+from jaxvi.data import registry
+from jaxvi.data._bundled import pbmc68k_reduced, pbmc_small
+from jaxvi.data._cells import (
+    CellData,
+    Minibatch,
+    gather,
+    host_cell_data,
+    host_covariates,
+    host_log_factorial,
+    is_host,
+    pad_indices,
+    take_rows,
+    to_device,
+    with_log_factorial,
+)
+from jaxvi.data._placement import shard_host_data, shard_local_rows, sharded_cell_data
+from jaxvi.data._streaming import (
+    BackedCounts,
+    StreamingData,
+    backed_cell_data,
+    bounded_runs,
+    read_rows,
+)
 from jaxvi.data.synthetic import synthetic_iid
 
-__all__ = ["synthetic_iid"]
+__all__ = [
+    "BackedCounts",
+    "CellData",
+    "Minibatch",
+    "StreamingData",
+    "backed_cell_data",
+    "bounded_runs",
+    "gather",
+    "host_cell_data",
+    "host_covariates",
+    "host_log_factorial",
+    "is_host",
+    "pad_indices",
+    "pbmc68k_reduced",
+    "pbmc_small",
+    "read_rows",
+    "registry",
+    "shard_host_data",
+    "shard_local_rows",
+    "sharded_cell_data",
+    "synthetic_iid",
+    "take_rows",
+    "to_device",
+    "with_log_factorial",
+]

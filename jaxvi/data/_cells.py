@@ -1,14 +1,14 @@
 """Cells on the device: counts (dense, or CSR densified per minibatch) and covariates.
 
 :func:`to_device` moves the registered fields of an AnnData to the device once;
-:func:`gather` builds a :class:`~jaxvi.module.Batch` for a vector of cell indices inside a
+:func:`gather` builds a :class:`~jaxvi.data.Minibatch` for a vector of cell indices inside a
 jitted program, densifying CSR rows there.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -18,12 +18,12 @@ import scipy.sparse as sp
 from jax.scipy.special import gammaln
 from scipy.special import gammaln as scipy_gammaln
 
-from jaxvi.memory import is_out_of_memory, out_of_memory_error
-from jaxvi.module import Batch
-from jaxvi.sharding import constrain_cells
+from jaxvi.parallel import constrain_cells
+from jaxvi.parallel.memory import is_out_of_memory, out_of_memory_error
 
 __all__ = [
     "CellData",
+    "Minibatch",
     "gather",
     "host_covariates",
     "host_log_factorial",
@@ -31,9 +31,52 @@ __all__ = [
     "pad_indices",
     "take_rows",
     "to_device",
-    "to_host",
+    "host_cell_data",
     "with_log_factorial",
 ]
+
+
+class Minibatch(NamedTuple):
+    """A minibatch of cells, as the module consumes it.
+
+    Attributes
+    ----------
+    x
+        Counts, ``(cells, genes)`` float32.
+    batch_index
+        Batch codes, ``(cells,)`` int32.
+    labels
+        Label codes, ``(cells,)`` int32.
+    cat_covs
+        Extra categorical covariate codes, ``(cells, K)`` int32, or None.
+    cont_covs
+        Continuous covariates, ``(cells, C)`` float32, or None.
+    size_factor
+        Size factors, ``(cells,)`` float32, or None.
+    mask
+        1.0 for real cells and 0.0 for padding, ``(cells,)`` float32, or None (all real).
+    qz_m, qz_v
+        Cached posterior mean and variance ``(cells, n_latent)`` of a minified AnnData, or
+        None; when set, :meth:`VAE.inference` skips the encoder.
+    observed_lib_size
+        Cached total counts ``(cells,)`` of a minified AnnData, or None.
+    log_x_factorial
+        ``sum over genes of lgamma(x + 1)`` per cell, ``(cells,)``, computed once per dataset
+        (:func:`jaxvi.data.to_device`), or None. The loss then uses the likelihood's
+        ``log_prob_no_factorial`` and adds this, instead of evaluating ``lgamma`` per step.
+    """
+
+    x: jax.Array
+    batch_index: jax.Array
+    labels: jax.Array
+    cat_covs: jax.Array | None = None
+    cont_covs: jax.Array | None = None
+    size_factor: jax.Array | None = None
+    mask: jax.Array | None = None
+    qz_m: jax.Array | None = None
+    qz_v: jax.Array | None = None
+    observed_lib_size: jax.Array | None = None
+    log_x_factorial: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -44,8 +87,8 @@ class CellData:
     ``indices`` and ``data`` ``(nnz,)`` is set. ``max_row_nnz`` bounds the non-zeros of one row.
     ``qz_m``/``qz_v`` ``(cells, n_latent)`` and ``observed_lib_size`` ``(cells,)`` hold the
     cached posterior of a minified AnnData (None otherwise). ``log_x_factorial`` ``(cells,)``
-    is ``sum over genes of lgamma(x + 1)`` (see :class:`~jaxvi.module.Batch`), or None.
-    ``mesh`` is the ``jax.sharding.Mesh`` the cells are sharded over (:mod:`jaxvi.sharding`),
+    is ``sum over genes of lgamma(x + 1)`` (see :class:`~jaxvi.data.Minibatch`), or None.
+    ``mesh`` is the ``jax.sharding.Mesh`` the cells are sharded over (:mod:`jaxvi.parallel`),
     or None.
     """
 
@@ -86,7 +129,7 @@ def to_device(arrays: dict, *, sparse: bool = False, max_row_nnz: int | None = N
 
 
 def _to_device(arrays: dict, *, sparse: bool = False, max_row_nnz: int | None = None) -> CellData:
-    """Move host arrays from :func:`jaxvi.registry.registry_arrays` to the device.
+    """Move host arrays from :func:`jaxvi.data.registry.registry_arrays` to the device.
 
     Parameters
     ----------
@@ -98,7 +141,7 @@ def _to_device(arrays: dict, *, sparse: bool = False, max_row_nnz: int | None = 
     max_row_nnz
         With ``sparse``: a fixed bound on the non-zeros of a row (at least the real one), and
         the stored values padded to a power of two, so that blocks of the same dataset share
-        one compiled program (:mod:`jaxvi.streaming`).
+        one compiled program (:mod:`jaxvi.data`).
     """
     x = arrays["X"]
     n_genes = x.shape[1]
@@ -188,11 +231,11 @@ def _csr_log_factorial(indptr: jax.Array, data: jax.Array, n_cells: int) -> jax.
     return jax.ops.segment_sum(gammaln(data + 1.0), rows - 1, num_segments=n_cells)
 
 
-def to_host(arrays: dict) -> CellData:
+def host_cell_data(arrays: dict) -> CellData:
     """A :class:`CellData` of host (numpy) arrays: nothing is moved to the device.
 
     Counts stay as given (dense, or CSR as ``indptr``/``indices``/``data``); prediction
-    methods move bounded pieces with :func:`take_rows` (see :func:`jaxvi.inference.run_chunked`).
+    methods move bounded pieces with :func:`take_rows` (see :func:`jaxvi.posterior.run_chunked`).
     """
     x = arrays["X"]
     dense = indptr = indices = data = None
@@ -217,7 +260,8 @@ def to_host(arrays: dict) -> CellData:
 
 def host_covariates(arrays: dict) -> dict:
     """The per-cell fields of :class:`CellData` other than the counts, as numpy arrays (int32
-    codes, float32 values; optional ones None), from :func:`jaxvi.registry.registry_arrays`."""
+    codes, float32 values; optional ones None), from
+    :func:`jaxvi.data.registry.registry_arrays`."""
 
     def opt(a, dtype):
         return None if a is None else np.asarray(a, dtype=dtype)
@@ -289,13 +333,13 @@ def _dense_rows(data: CellData, idx: jax.Array) -> jax.Array:
     return jnp.zeros((idx.shape[0], data.n_genes), jnp.float32).at[rows, cols].add(vals)
 
 
-def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Batch:
+def gather(data: CellData, idx: jax.Array, mask: jax.Array | None = None) -> Minibatch:
     """Minibatch of the cells ``idx`` (``(cells,)`` int); ``mask`` marks real cells."""
 
     def take(a):
         return None if a is None else jnp.asarray(a)[idx]
 
-    batch = Batch(
+    batch = Minibatch(
         x=_dense_rows(data, idx),
         batch_index=data.batch_index[idx],
         labels=data.labels[idx],

@@ -14,13 +14,13 @@ Every block has the same shape except the last, so training compiles twice per `
 The minibatches differ from in-memory training (cells are mixed within a block, not across
 the whole dataset), as in other chunked loaders (annbatch, scDataset).
 
-On a mesh (``mesh`` set; :mod:`jaxvi.sharding`) each block is placed sharded over the
+On a mesh (``mesh`` set; :mod:`jaxvi.parallel`) each block is placed sharded over the
 ``"cells"`` axis, zero-padded to a multiple of the number of devices (the padding rows are
 never sampled), and its minibatches are split over the devices as in the in-memory mesh
 path. The blocks, their order and the minibatches are those of the one-device run with the
 same seed, so the result is the same up to the order of floating-point sums. With several
 processes, each process reads from disk only the rows of each block that its own devices
-hold (:func:`jaxvi.sharding.local_cell_range` of the block), so its host memory is its share
+hold (:func:`jaxvi.parallel.local_cell_range` of the block), so its host memory is its share
 of two blocks.
 """
 
@@ -35,15 +35,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi.dataset import (
+from jaxvi.data._cells import (
     CellData,
     host_covariates,
     host_log_factorial,
     to_device,
     with_log_factorial,
 )
-from jaxvi.registry import registry_arrays
-from jaxvi.sharding import local_cell_range, replicate, shard_local_rows, to_host
+from jaxvi.data._placement import shard_local_rows
+from jaxvi.data.registry import registry_arrays
+from jaxvi.parallel import local_cell_range, replicate, to_host
 
 __all__ = ["BackedCounts", "StreamingData", "backed_cell_data", "bounded_runs", "read_rows"]
 
@@ -56,7 +57,7 @@ def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> d
 
     Returns
     -------
-    dict as :func:`jaxvi.registry.registry_arrays`, with ``X`` dense float32
+    dict as :func:`jaxvi.data.registry.registry_arrays`, with ``X`` dense float32
     ``(len(rows), genes)``.
     """
     return _Reader(adata, registry).read(rows, max_gap)
@@ -176,8 +177,8 @@ class BackedCounts:
 
     ``counts[rows]`` (``(m,)`` int, any order, repeats allowed) reads only those rows (plus at
     most as many in the gaps between them, see :func:`bounded_runs`) and returns them dense,
-    float32 ``(m, genes)``. :func:`jaxvi.dataset.take_rows` indexes it like an ndarray, so
-    :func:`jaxvi.inference.run_chunked` moves bounded pieces of a backed AnnData to the device
+    float32 ``(m, genes)``. :func:`jaxvi.data.take_rows` indexes it like an ndarray, so
+    :func:`jaxvi.posterior.run_chunked` moves bounded pieces of a backed AnnData to the device
     without loading the rest. Passed whole into a jitted function (as a pytree leaf) it reads
     every row.
 
@@ -223,10 +224,10 @@ jax.tree_util.register_pytree_node(
 
 
 def backed_cell_data(adata, registry: dict) -> CellData | None:
-    """Host :class:`~jaxvi.dataset.CellData` of a backed AnnData whose counts stay on disk.
+    """Host :class:`~jaxvi.data.CellData` of a backed AnnData whose counts stay on disk.
 
     The covariates (``O(cells)``) are loaded; the counts are a :class:`BackedCounts`, read
-    in the pieces that :func:`jaxvi.inference.run_chunked` asks for.
+    in the pieces that :func:`jaxvi.posterior.run_chunked` asks for.
 
     Returns
     -------

@@ -5,12 +5,12 @@ A hub directory holds what scvi-hub (Hugging Face) serves for a model::
     <model files>                   jaxvi: model.json + model.npz (pickle-free)
     adata.h5ad                      optional training data
     _scvi_required_metadata.json    HubMetadata: class, versions, format, data URL
-    metrics.json                    optional criticism tables (jaxvi.card)
+    metrics.json                    optional criticism tables (jaxvi.hub.card)
     README.md                       the model card
 
 The model files come from a :class:`ModelFormat`. jaxvi's own format is registered here;
 another format plugs in with :func:`register_model_format` (scvi-tools' ``model.pt``,
-through :mod:`jaxvi.scvi_io`, is registered as ``"scvi-tools"``) and is
+through :mod:`jaxvi.io.scvi_tools`, is registered as ``"scvi-tools"``) and is
 then written by ``save_hub_model(..., model_format=name)`` and recognised on load, from the
 metadata's ``model_format`` or, for directories written by scvi-tools, from its files.
 """
@@ -124,26 +124,26 @@ def _jaxvi_load(dir_path: str, adata):
 
 
 def _scvi_tools_save(model, dir_path: str, overwrite: bool) -> None:
-    from jaxvi import scvi_io
+    from jaxvi.io import scvi_tools as scvi_io
 
     scvi_io.write_scvi_tools(model, dir_path, overwrite=overwrite, save_anndata=False)
 
 
 def _scvi_tools_load(dir_path: str, adata):
-    from jaxvi import scvi_io
+    from jaxvi.io import scvi_tools as scvi_io
     from jaxvi.model import SCVI
 
     return scvi_io.read_scvi_tools(SCVI, dir_path, adata=adata)
 
 
 def _scvi_tools_versions(model) -> dict:
-    from jaxvi import scvi_io
+    from jaxvi.io import scvi_tools as scvi_io
 
     return {"scvi_version": scvi_io.SCVI_TOOLS_VERSION, "anndata_version": _anndata_version()}
 
 
 def _scvi_tools_version(model) -> str:
-    from jaxvi import scvi_io
+    from jaxvi.io import scvi_tools as scvi_io
 
     return scvi_io.SCVI_TOOLS_VERSION
 
@@ -198,7 +198,7 @@ class HubMetadata:
             content = {k: content[k] for k in _SCVI_FIELDS}
             content["model_parent_module"] = "scvi.model"
         text = json.dumps(content, indent=4)
-        io._atomic_write(path, lambda tmp: _write_text(tmp, text))
+        io.atomic_write(path, lambda tmp: _write_text(tmp, text))
 
     @classmethod
     def load(cls, path: str) -> HubMetadata:
@@ -288,7 +288,7 @@ class HubModel:
     @property
     def metrics(self) -> dict | None:
         """The criticism tables of ``metrics.json``, or None."""
-        from jaxvi.card import METRICS_FILE
+        from jaxvi.hub.card import METRICS_FILE
 
         path = os.path.join(self.local_dir, METRICS_FILE)
         if not os.path.exists(path):
@@ -357,16 +357,16 @@ def save_hub_model(
     save_anndata
         Also write the model's AnnData as ``adata.h5ad``.
     metrics
-        True runs :func:`jaxvi.card.create_criticism_report` (``n_samples``, ``label_key``)
+        True runs :func:`jaxvi.hub.card.create_criticism_report` (``n_samples``, ``label_key``)
         and writes ``metrics.json``; a dict of tables is written as given; None or False
         writes none (an existing ``metrics.json`` in the directory is still used).
     license_info, description, references, training_data_url, training_code_url,
     data_modalities, tissues
-        Card fields (see :class:`jaxvi.card.ModelCardInfo`).
+        Card fields (see :class:`jaxvi.hub.card.ModelCardInfo`).
     overwrite
         Replace an existing hub directory.
     """
-    from jaxvi.card import (
+    from jaxvi.hub.card import (
         METRICS_FILE,
         MISSING_FIELD,
         card_info_from_model,
@@ -386,7 +386,7 @@ def save_hub_model(
     fmt.save(model, dir_path, overwrite)
     if save_anndata:
         adata = model.adata
-        io._atomic_write(os.path.join(dir_path, io.ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
+        io.atomic_write(os.path.join(dir_path, io.ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
     metrics_path = os.path.join(dir_path, METRICS_FILE)
     if metrics is True:
         report = create_criticism_report(
@@ -395,7 +395,7 @@ def save_hub_model(
     elif isinstance(metrics, dict):
         report = dict(metrics)
         text = json.dumps(report, indent=4)
-        io._atomic_write(metrics_path, lambda tmp: _write_text(tmp, text))
+        io.atomic_write(metrics_path, lambda tmp: _write_text(tmp, text))
     elif os.path.exists(metrics_path):
         with open(metrics_path) as f:
             report = json.load(f)
@@ -426,7 +426,7 @@ def save_hub_model(
         references=references or MISSING_FIELD,
     )
     text = model_card(info)
-    io._atomic_write(os.path.join(dir_path, CARD_FILE), lambda tmp: _write_text(tmp, text))
+    io.atomic_write(os.path.join(dir_path, CARD_FILE), lambda tmp: _write_text(tmp, text))
     return HubModel(dir_path)
 
 

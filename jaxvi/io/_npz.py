@@ -56,7 +56,7 @@ def unflatten_tree(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
@@ -120,10 +120,10 @@ def write_model_dir(
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
 
-    _atomic_write(os.path.join(dir_path, npz_name), write_npz)
+    atomic_write(os.path.join(dir_path, npz_name), write_npz)
     if adata is not None:
-        _atomic_write(os.path.join(dir_path, ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
-    _atomic_write(os.path.join(dir_path, json_name), write_json)
+        atomic_write(os.path.join(dir_path, ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
+    atomic_write(os.path.join(dir_path, json_name), write_json)
 
 
 def read_model_dir(
@@ -153,7 +153,7 @@ def read_model_dir(
         if os.path.exists(os.path.join(dir_path, "model.pt")):
             hint = (
                 " It holds a scvi-tools model.pt, a pickle that jaxvi does not execute; convert "
-                "its weights with jaxvi.bridge."
+                "its weights with jaxvi.io.bridge."
             )
         raise FileNotFoundError(f"No saved {kind} in {dir_path} ({json_name} missing).{hint}")
     try:

@@ -1,46 +1,5 @@
-"""Likelihoods p(x | z, l) of the scVI decoder: pure, jit-able functions, an interface, a registry.
-
-The interface
--------------
-A likelihood is one :class:`Likelihood` value: a name, ``log_prob``, ``sample``, ``mean`` and
-``variance``, and a declaration of which decoder outputs it reads. The model hands it a
-:class:`PxParams` with up to three fields, made as follows (``Likelihood.param_specs`` lists
-them for a given likelihood):
-
-=============  =================================  ==========  =====================================
-field          shape                              constraint  how the model makes it
-=============  =================================  ==========  =====================================
-``mu``         cell-gene                          positive    ``exp(library) * softmax(decoder)``
-                                                              (scVI ``px_rate``); always present
-``theta``      the model's ``dispersion`` option  positive    ``exp(px_r)``; ``px_r`` is a free
-               (gene, gene-batch, gene-label) or              parameter, or a decoder head for
-               cell-gene (``"gene-cell"``)                    ``"gene-cell"``; if ``uses_theta``
-``zi_logits``  ``zi_logits_shape``: cell-gene     real        logits of an extra-zero gate
-               (a decoder head, scVI                          (``gate = sigmoid(zi_logits)``), if
-               ``px_dropout``), gene, gene-batch              ``uses_zi_logits``; free per-gene
-               or gene-label (free parameters)                parameters start at 0 and are
-                                                              stored divided by
-                                                              ``FREE_GATE_SCALE``
-=============  =================================  ==========  =====================================
-
-Per-gene parameters arrive as ``(genes,)`` (``"gene"``) or already looked up per cell,
-``(cells, genes)`` (``"gene-batch"``, ``"gene-label"``), so every function must broadcast.
-``theta`` is whatever positive quantity the likelihood wants (inverse dispersion for the
-negative binomials, the standard deviation for ``"normal"``).
-
-Built-in likelihoods use scvi-tools' parameterisation and formulas (``log_nb_positive`` /
-``log_zinb_positive``, ``eps = 1e-8`` inside the logs) so that the same decoder outputs give
-the same reconstruction loss: ``"zinb"``, ``"nb"``, ``"poisson"``, ``"normal"``. Two more are
-not in scvi-tools: ``"zip"`` (zero-inflated Poisson, a gate per cell and gene) and
-``"zinb-gene"`` (negative binomial with one zero-inflation gate per gene, the same for every
-cell). :func:`zero_inflated` adds a gate of any shape to any count likelihood.
-
-Every built-in gives the equivalent numpyro distribution (``lik.numpyro_distribution(params)``),
-and :func:`from_numpyro` makes a likelihood from a numpyro distribution constructor. Note on
-accuracy: numpyro's negative binomial log-probability goes through ``betaln`` and is only about
-1e-6 accurate in float32 (worse for large ``theta``), so jaxvi's own formulas are the ones the
-model trains with.
-"""
+"""Likelihood implementations, the :class:`Likelihood` interface and the registry (public
+face: :mod:`jaxvi.likelihoods`, whose docstring describes the interface)."""
 
 from __future__ import annotations
 
@@ -54,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln, xlogy
 
-from jaxvi.special import lgamma_digamma
+from jaxvi.likelihoods._special import lgamma_digamma
 
 __all__ = [
     "FREE_GATE_SCALE",
@@ -70,6 +29,7 @@ __all__ = [
     "normal_log_prob",
     "poisson_log_prob",
     "register_likelihood",
+    "unregister_likelihood",
     "zero_inflated",
     "zinb_log_prob",
     "zip_log_prob",
@@ -179,7 +139,7 @@ def nb_log_prob(x: jax.Array, mu: jax.Array, theta: jax.Array, eps: float = EPS)
 
     scvi-tools' ``log_nb_positive``: ``theta (log(theta + eps) - log(theta + mu + eps))
     + x (log(mu + eps) - log(theta + mu + eps)) + lgamma(x + theta) - lgamma(theta)
-    - lgamma(x + 1)``, computed in one pass with its derivatives (:mod:`jaxvi.special`).
+    - lgamma(x + 1)``, computed in one pass with its derivatives (:mod:`jaxvi.likelihoods`).
 
     Parameters
     ----------
@@ -206,7 +166,7 @@ def zinb_log_prob(
     scvi-tools' ``log_zinb_positive``: at ``x < eps``, ``softplus(-zi_logits + theta
     (log(theta + eps) - log(theta + mu + eps))) - softplus(-zi_logits)``; elsewhere
     ``-softplus(-zi_logits) - zi_logits`` plus the negative binomial's log-density. Computed
-    in one pass with its derivatives (:mod:`jaxvi.special`).
+    in one pass with its derivatives (:mod:`jaxvi.likelihoods`).
 
     Parameters
     ----------
@@ -345,7 +305,7 @@ class Likelihood:
         Optional ``f(x, params) -> (..., genes)`` equal to ``log_prob(x, params) +
         lgamma(x + 1)``: the log-density without its parameter-free ``-log x!`` term. When
         given, training adds that term per cell from a sum computed once per dataset
-        (``Batch.log_x_factorial``) instead of evaluating ``lgamma`` at every step; the
+        (``Minibatch.log_x_factorial``) instead of evaluating ``lgamma`` at every step; the
         loss values are the same.
     """
 
@@ -590,6 +550,19 @@ def register_likelihood(likelihood: Likelihood, *, overwrite: bool = False) -> L
             "pass overwrite=True to replace it."
         )
     _REGISTRY[likelihood.name] = likelihood
+    return likelihood
+
+
+def unregister_likelihood(name: str) -> Likelihood:
+    """Remove the likelihood called ``name`` from the registry and return it.
+
+    Raises
+    ------
+    ValueError
+        When no likelihood of that name is registered.
+    """
+    likelihood = get_likelihood(name)
+    del _REGISTRY[name]
     return likelihood
 
 

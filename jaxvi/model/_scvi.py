@@ -2,7 +2,7 @@
 
 The class holds the configuration, the variables pytree (parameters, batch-norm statistics,
 library prior) and the training history; every computation is a module-level function of
-:mod:`jaxvi.train`, :mod:`jaxvi.inference`, :mod:`jaxvi.registry` and :mod:`jaxvi.io`.
+:mod:`jaxvi.train`, :mod:`jaxvi.posterior`, :mod:`jaxvi.data.registry` and :mod:`jaxvi.io`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,24 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxvi import checkpoint as ckpt
-from jaxvi import inference, io, posterior, scarches, scvi_io
-from jaxvi import registry as reglib
+from jaxvi import io, posterior
 from jaxvi._settings import settings
-from jaxvi.dataset import CellData, to_device
-from jaxvi.dataset import to_host as host_cell_data
-from jaxvi.importance import get_importance_weights
+from jaxvi.data import (
+    CellData,
+    StreamingData,
+    backed_cell_data,
+    host_cell_data,
+    sharded_cell_data,
+    to_device,
+)
+from jaxvi.data import registry as reglib
+from jaxvi.io import scvi_tools as scvi_io
 from jaxvi.likelihoods import Likelihood, likelihood_name
-from jaxvi.memory import is_out_of_memory, out_of_memory_error
+from jaxvi.model import scarches as scarches
 from jaxvi.module import VAE, VAEConfig, init_variables
-from jaxvi.sharding import resolve_devices, sharded_cell_data, to_host
-from jaxvi.streaming import StreamingData, backed_cell_data
+from jaxvi.parallel import resolve_devices, to_host
+from jaxvi.parallel.memory import is_out_of_memory, out_of_memory_error
+from jaxvi.posterior import get_importance_weights
 from jaxvi.train import (
     FitProgress,
     NonFiniteError,
@@ -41,6 +47,7 @@ from jaxvi.train import (
     make_evaluate,
     split_indices,
 )
+from jaxvi.train import checkpoint as ckpt
 
 __all__ = ["SCVI"]
 
@@ -167,7 +174,7 @@ class SCVI:
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
     ) -> None:
-        """Register ``adata``'s counts and covariates (see :func:`jaxvi.registry.setup_anndata`).
+        """Register ``adata``'s counts and covariates (:func:`jaxvi.data.registry.setup_anndata`).
 
         Writes the registry to ``adata.uns["_jaxvi"]`` and the batch / label codes to
         ``adata.obs["_scvi_batch"]`` / ``["_scvi_labels"]``.
@@ -272,8 +279,8 @@ class SCVI:
         devices
             ``"auto"``: JAX's default device. An int ``n`` (``-1``: all), a list of devices or
             a ``jax.sharding.Mesh`` with a ``"cells"`` axis: data-parallel training over
-            them (parameters replicated, cells sharded; :mod:`jaxvi.sharding`), across
-            processes after :func:`jaxvi.distributed.initialize`. Queries afterwards use the
+            them (parameters replicated, cells sharded; :mod:`jaxvi.parallel`), across
+            processes after :func:`jaxvi.parallel.initialize`. Queries afterwards use the
             same devices (see :meth:`to_device`).
         train_size, validation_size, shuffle_set_split
             The seeded train / validation / test split (0.9 / rest by default).
@@ -298,13 +305,13 @@ class SCVI:
             Seed of the split, the minibatch order and the sampling; ``settings.seed`` if None.
         streaming
             Read the cells from disk in shuffled blocks during training instead of loading
-            them all (:mod:`jaxvi.streaming`; host memory bounded by
+            them all (:mod:`jaxvi.data`; host memory bounded by
             ``settings.stream_max_host_bytes``). Default: when the AnnData is backed.
             Combines with ``devices=``: each block is then sharded over the mesh.
         checkpoint_dir, checkpoint_every_n_epochs, checkpoint_keep
             Write a checkpoint (parameters, optimizer and batch-norm state, epoch, history,
             split, settings) to ``checkpoint_dir/epoch_<N>`` every this many epochs, keeping the
-            newest ``checkpoint_keep`` (see :mod:`jaxvi.checkpoint`); also on interruption.
+            newest ``checkpoint_keep`` (see :mod:`jaxvi.train.checkpoint`); also on interruption.
         resume
             A checkpoint (or a ``checkpoint_dir``: its newest) to continue from. The run goes
             on to ``max_epochs`` in total, bit-identical to an uninterrupted one; the split,
@@ -497,8 +504,8 @@ class SCVI:
         """
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
         mode = "dist" if return_dist else ("mean" if give_mean else "sample")
-        program = inference.latent_program(self.config, mode, int(mc_samples))
-        out = inference.run_chunked(program, self.variables, data, indices, bs, self._next_key())
+        program = posterior.latent_program(self.config, mode, int(mc_samples))
+        out = posterior.run_chunked(program, self.variables, data, indices, bs, self._next_key())
         if return_dist:
             return tuple(np.asarray(a, np.float32) for a in out)
         return np.asarray(out, np.float32)
@@ -590,8 +597,8 @@ class SCVI:
         n_samples = int(n_samples)
         if importance:
             rows = np.repeat(indices, n_samples)
-            program = inference.expression_and_latent_program(self.config, latent_library)
-            exprs, zs = inference.run_chunked(
+            program = posterior.expression_and_latent_program(self.config, latent_library)
+            exprs, zs = posterior.run_chunked(
                 program, self.variables, data, rows, bs, key, args[0][0], *args[1:]
             )
             p = get_importance_weights(
@@ -607,16 +614,16 @@ class SCVI:
         elif n_samples_overall is not None:
             # Each cell n_samples times, one z draw per row: the one-sample program serves
             # every group size (DE asks for a different count per group).
-            program = inference.normalized_expression_program(self.config, 1, latent_library)
-            exprs = inference.run_chunked(
+            program = posterior.normalized_expression_program(self.config, 1, latent_library)
+            exprs = posterior.run_chunked(
                 program, self.variables, data, np.repeat(indices, n_samples), bs, key, *args
             )
         else:
             # Samples are drawn in blocks of 1, 8 or 32 so that few programs are compiled.
             block = 1 if n_samples == 1 else (8 if n_samples <= 8 else 32)
-            program = inference.normalized_expression_program(self.config, block, latent_library)
+            program = posterior.normalized_expression_program(self.config, block, latent_library)
             blocks = [
-                inference.run_chunked(
+                posterior.run_chunked(
                     program,
                     self.variables,
                     data,
@@ -660,7 +667,7 @@ class SCVI:
 
         ``zs`` is ``(cells, n_latent)`` or ``(n_samples, cells, n_latent)`` (pre-softmax for
         ``"ln"``); the likelihoods of the draws are recomputed from the model. See
-        :func:`jaxvi.importance.get_importance_weights`.
+        :func:`jaxvi.posterior.get_importance_weights`.
 
         Returns
         -------
@@ -703,13 +710,14 @@ class SCVI:
     ) -> pd.DataFrame:
         """Bayesian differential expression between groups of cells (scvi-tools' semantics).
 
-        See :func:`jaxvi.de.differential_expression` for every argument. Returns a DataFrame
-        indexed by gene: ``proba_m1, proba_m2, bayes_factor, scale1, scale2`` (vanilla) or
+        See :func:`jaxvi.analysis.de.differential_expression` for every argument. Returns a
+        DataFrame indexed by gene: ``proba_m1, proba_m2, bayes_factor, scale1, scale2``
+        (vanilla) or
         ``proba_de, proba_not_de, bayes_factor, scale1, scale2, pseudocounts, delta,
         lfc_mean, ...`` (change), raw statistics, ``is_de_fdr_<target>`` (change) and the
         ``comparison`` / ``group1`` / ``group2`` columns, one block per comparison.
         """
-        from jaxvi import de
+        from jaxvi.analysis import de as de
 
         return de.differential_expression(
             self,
@@ -924,7 +932,7 @@ class SCVI:
 
         Nothing executes code on load. ``save_anndata`` also writes ``adata.h5ad``.
         ``format="scvi-tools"`` writes scvi-tools' ``model.pt`` instead (see
-        :func:`jaxvi.scvi_io.write_scvi_tools`), which ``scvi.model.SCVI.load`` reads.
+        :func:`jaxvi.io.scvi_tools.write_scvi_tools`), which ``scvi.model.SCVI.load`` reads.
         """
         if format == "scvi-tools":
             return scvi_io.write_scvi_tools(self, dir_path, prefix, overwrite, save_anndata)
@@ -1013,7 +1021,7 @@ class SCVI:
     def from_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None) -> SCVI:
         """Load a model saved by scvi-tools' ``SCVI.save`` (no torch needed, no code run).
 
-        See :func:`jaxvi.scvi_io.read_scvi_tools`.
+        See :func:`jaxvi.io.scvi_tools.read_scvi_tools`.
         """
         return scvi_io.read_scvi_tools(cls, dir_path, adata=adata, prefix=prefix)
 
@@ -1024,7 +1032,7 @@ class SCVI:
     ):
         """Zero-pad and reorder ``adata``'s genes to a reference's (scArches).
 
-        See :func:`jaxvi.scarches.prepare_query_anndata`.
+        See :func:`jaxvi.model.scarches.prepare_query_anndata`.
         """
         return scarches.prepare_query_anndata(
             adata, reference_model, return_reference_var_names, inplace
@@ -1050,7 +1058,7 @@ class SCVI:
         """A query model initialised from a reference (scArches), ready to :meth:`train`.
 
         ``reference_model`` is a jaxvi ``SCVI`` or a saved jaxvi or scvi-tools directory; see
-        :func:`jaxvi.scarches.load_query_data` for the freeze options.
+        :func:`jaxvi.model.scarches.load_query_data` for the freeze options.
         """
         return scarches.load_query_data(
             cls,
@@ -1135,7 +1143,7 @@ class SCVI:
         adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
         if not hasattr(self, "_evaluate_fn"):
             self._evaluate_fn = make_evaluate(self.module)
-        out = inference.run_chunked(
+        out = posterior.run_chunked(
             self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
         )
         return tuple(np.asarray(a, np.float64) for a in out)
@@ -1187,14 +1195,14 @@ def config_from_registry(reg: dict, init_params: dict) -> VAEConfig:
 def library_size_prior(totals, batch_index: np.ndarray, n_batch: int):
     """Per-batch mean and population variance of the log library, each ``(1, n_batch)``.
 
-    ``totals`` ``(cells,)`` are the cells' total counts (:func:`jaxvi.registry.cell_totals`),
+    ``totals`` ``(cells,)`` are the cells' total counts (:func:`jaxvi.data.registry.cell_totals`),
     ``batch_index`` ``(cells,)`` their batch codes. Empty cells count as log-library 0;
     batches without cells get mean 0 and variance 1 (scvi-tools' ``_init_library_size``).
     """
     totals = np.asarray(totals, np.float64).ravel()
     if np.any(totals == 0):
         warnings.warn(
-            "This dataset has some empty cells, this might fail inference. Data should be "
+            "This dataset has some empty cells, this might fail posterior. Data should be "
             "filtered with `scanpy.pp.filter_cells()`",
             UserWarning,
             stacklevel=3,

@@ -16,11 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxvi.data import Minibatch
 from jaxvi.likelihoods import FREE_GATE_SCALE, PxParams, get_likelihood
 from jaxvi.nn import DecoderSCVI, Encoder
 
 __all__ = [
-    "Batch",
     "GenerativeOutputs",
     "InferenceOutputs",
     "LossOutput",
@@ -96,49 +96,6 @@ class VAEConfig:
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
-
-
-class Batch(NamedTuple):
-    """A minibatch of cells, as the module consumes it.
-
-    Attributes
-    ----------
-    x
-        Counts, ``(cells, genes)`` float32.
-    batch_index
-        Batch codes, ``(cells,)`` int32.
-    labels
-        Label codes, ``(cells,)`` int32.
-    cat_covs
-        Extra categorical covariate codes, ``(cells, K)`` int32, or None.
-    cont_covs
-        Continuous covariates, ``(cells, C)`` float32, or None.
-    size_factor
-        Size factors, ``(cells,)`` float32, or None.
-    mask
-        1.0 for real cells and 0.0 for padding, ``(cells,)`` float32, or None (all real).
-    qz_m, qz_v
-        Cached posterior mean and variance ``(cells, n_latent)`` of a minified AnnData, or
-        None; when set, :meth:`VAE.inference` skips the encoder.
-    observed_lib_size
-        Cached total counts ``(cells,)`` of a minified AnnData, or None.
-    log_x_factorial
-        ``sum over genes of lgamma(x + 1)`` per cell, ``(cells,)``, computed once per dataset
-        (:func:`jaxvi.dataset.to_device`), or None. The loss then uses the likelihood's
-        ``log_prob_no_factorial`` and adds this, instead of evaluating ``lgamma`` per step.
-    """
-
-    x: jax.Array
-    batch_index: jax.Array
-    labels: jax.Array
-    cat_covs: jax.Array | None = None
-    cont_covs: jax.Array | None = None
-    size_factor: jax.Array | None = None
-    mask: jax.Array | None = None
-    qz_m: jax.Array | None = None
-    qz_v: jax.Array | None = None
-    observed_lib_size: jax.Array | None = None
-    log_x_factorial: jax.Array | None = None
 
 
 class InferenceOutputs(NamedTuple):
@@ -244,7 +201,7 @@ class VAE(nn.Module):
                 "buffers", "library_log_vars", jnp.ones, (1, c.n_batch), jnp.float32
             )
 
-    def __call__(self, batch: Batch, *, key: jax.Array, training: bool = False):
+    def __call__(self, batch: Minibatch, *, key: jax.Array, training: bool = False):
         """Run inference and generative once (used to initialise every parameter)."""
         inf = self.inference(batch, key=key, training=training)
         return self.generative(inf.z, inf.library, batch, training=training)
@@ -254,7 +211,7 @@ class VAE(nn.Module):
 
     def inference(
         self,
-        batch: Batch,
+        batch: Minibatch,
         *,
         key: jax.Array | None,
         training: bool = False,
@@ -300,7 +257,7 @@ class VAE(nn.Module):
         z = nn.softmax(untran_z, axis=-1) if c.latent_distribution == "ln" else untran_z
         return InferenceOutputs(z, qz_m, qz_v, library, ql_m, ql_v)
 
-    def _cached_inference(self, batch: Batch, key, n_samples: int) -> InferenceOutputs:
+    def _cached_inference(self, batch: Minibatch, key, n_samples: int) -> InferenceOutputs:
         """Inference of a minified AnnData: q(z | x) and the library are read, not computed."""
         library = jnp.log(batch.observed_lib_size)[:, None]
         if n_samples > 1:
@@ -315,7 +272,7 @@ class VAE(nn.Module):
         self,
         z: jax.Array,
         library: jax.Array,
-        batch: Batch,
+        batch: Minibatch,
         *,
         training: bool = False,
         transform_batch: int | jax.Array | None = None,
@@ -452,7 +409,7 @@ def init_variables(
 def _init(config: VAEConfig, key: jax.Array) -> dict:
     """Flax initialisation on a dummy two-cell batch, compiled (eager init is slow)."""
     n = 2
-    batch = Batch(
+    batch = Minibatch(
         x=jnp.ones((n, config.n_input), jnp.float32),
         batch_index=jnp.zeros((n,), jnp.int32),
         labels=jnp.zeros((n,), jnp.int32),
@@ -471,7 +428,7 @@ def _init(config: VAEConfig, key: jax.Array) -> dict:
 def vae_loss(
     module: VAE,
     variables: dict,
-    batch: Batch,
+    batch: Minibatch,
     *,
     key: jax.Array | None,
     training: bool,

@@ -55,8 +55,8 @@ def configure(
 
     if getattr(xla_bridge, "_backends", None):
         raise RuntimeError(
-            "JAX has already initialised its backends; call jaxvi.memory.configure() before "
-            "creating any array (or set the XLA_PYTHON_CLIENT_* variables before starting "
+            "JAX has already initialised its backends; call jaxvi.parallel.memory.configure() "
+            "before creating any array (or set the XLA_PYTHON_CLIENT_* variables before starting "
             "Python)."
         )
     os.environ.update(env)
@@ -76,6 +76,6 @@ def out_of_memory_error(what: str, n_bytes: int | None, error: BaseException) ->
         f"{what}{size} does not fit in device memory. Options: keep sparse counts sparse on "
         "the device (train(load_sparse_tensor=True)); stream the cells from disk (open the "
         "AnnData with backed='r'); shard the cells over several devices (train(devices=-1)); "
-        "a smaller batch_size; or give JAX more of the GPU (jaxvi.memory.configure). XLA "
+        "a smaller batch_size; or give JAX more of the GPU (jaxvi.parallel.memory.configure). XLA "
         f"said: {str(error).splitlines()[0][:300]}"
     )

@@ -8,14 +8,14 @@ turns the sums over the minibatch (the ELBO, its gradient, batch-norm statistics
 all-reduces, so a sharded run computes what the single-device run computes for the same
 global minibatch, up to the order of floating-point sums.
 
-A :class:`~jaxvi.dataset.CellData` built by :func:`sharded_cell_data` carries its mesh (a
-static field), and :func:`jaxvi.dataset.gather` shards every minibatch it builds over it, so
+A :class:`~jaxvi.data.CellData` built by :func:`sharded_cell_data` carries its mesh (a
+static field), and :func:`jaxvi.data.gather` shards every minibatch it builds over it, so
 any program that takes the data trains or infers data-parallel without further arguments.
 
-The same code runs over several processes (hosts) after :func:`jaxvi.distributed.initialize`:
+The same code runs over several processes (hosts) after :func:`jaxvi.parallel.initialize`:
 arrays are then assembled from each process's own rows (:func:`shard_cells`). Streamed blocks
-(:mod:`jaxvi.streaming`) and the pieces of a backed AnnData that queries read
-(:func:`jaxvi.inference.run_chunked`) are placed the same way, one block or piece at a time.
+(:mod:`jaxvi.data`) and the pieces of a backed AnnData that queries read
+(:func:`jaxvi.posterior.run_chunked`) are placed the same way, one block or piece at a time.
 
 How a minibatch reaches the devices: its cells are gathered from the sharded dataset (each
 device contributes the rows it holds, then an all-reduce of ``batch x genes`` values) and the
@@ -40,9 +40,6 @@ __all__ = [
     "replicate",
     "resolve_devices",
     "shard_cells",
-    "shard_host_data",
-    "shard_local_rows",
-    "sharded_cell_data",
     "to_host",
 ]
 
@@ -183,57 +180,6 @@ def shard_cells(arrays: dict, n_cells: int, mesh: Mesh) -> dict:
             pieces.append(jax.device_put(piece, device))
         out[name] = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
     return out
-
-
-def shard_local_rows(arrays: dict, n_cells: int, mesh: Mesh):
-    """A :class:`~jaxvi.dataset.CellData` sharded over ``mesh`` from this process's rows.
-
-    Parameters
-    ----------
-    arrays
-        Registered arrays (:func:`jaxvi.registry.registry_arrays`) of the rows
-        ``local_cell_range(n_cells, mesh)`` clipped to ``n_cells`` (possibly none); ``X``
-        dense or sparse ``(local_rows, genes)``.
-    n_cells
-        Number of real cells of the whole (padded) array.
-    mesh
-        The data mesh.
-
-    Returns
-    -------
-    CellData with dense counts of global shape ``(padded_cells(n_cells, mesh), genes)``.
-    """
-    from jaxvi.dataset import to_host as host_cell_data
-
-    return shard_host_data(host_cell_data(arrays), n_cells, mesh)
-
-
-def shard_host_data(host, n_cells: int, mesh: Mesh):
-    """:func:`shard_local_rows` for a host :class:`~jaxvi.dataset.CellData` (from
-    :func:`jaxvi.dataset.to_host` or :func:`jaxvi.dataset.take_rows`) of this process's rows;
-    CSR counts are densified."""
-    from jaxvi.dataset import take_rows
-
-    if host.x is None:  # CSR: densify the local rows
-        host = take_rows(host, np.arange(host.n_cells))
-    names = ("x", "batch_index", "labels", "cat_covs", "cont_covs", "size_factor")
-    return host.replace(
-        **shard_cells({k: getattr(host, k) for k in names}, n_cells, mesh), mesh=mesh
-    )
-
-
-def sharded_cell_data(adata, registry: dict, mesh: Mesh):
-    """The registered fields of ``adata`` as a :class:`~jaxvi.dataset.CellData` sharded over
-    ``mesh``, each process reading only its own rows (``adata[start:stop]``; for a backed
-    AnnData only those rows are read from disk). Counts are stored dense, with the per-cell
-    ``log_x_factorial`` the training loss uses."""
-    from jaxvi.dataset import with_log_factorial
-    from jaxvi.registry import registry_arrays
-
-    n = adata.n_obs
-    start, stop = local_cell_range(n, mesh)
-    local = registry_arrays(adata[start : min(stop, n)], registry)
-    return with_log_factorial(shard_local_rows(local, n, mesh))
 
 
 def to_host(a) -> np.ndarray:

@@ -17,7 +17,7 @@ applies this floor, although the truncated importance sampling it cites caps wei
 The decoded parameters are recomputed from ``z_m`` inside a compiled program rather than
 stored, and the ``M x A x genes`` likelihood terms are never held at once: a ``lax.scan`` over
 chunks of draws maps over the anchors. Only the cells needed are read and moved to the device,
-in bounded pieces, as for any query (:func:`jaxvi.inference.run_chunked`): q(z | x_a) of the
+in bounded pieces, as for any query (:func:`jaxvi.posterior.run_chunked`): q(z | x_a) of the
 anchors is computed first, then the anchors' counts go to the device in groups of at most
 ``settings.inference_bytes_per_call`` bytes (the sum over anchors is accumulated group by
 group), and the draws need only their cells' covariates. A backed AnnData therefore has only
@@ -39,14 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
-from jaxvi import posterior
 from jaxvi._settings import settings
-from jaxvi.dataset import CellData, gather, is_host, take_rows
-from jaxvi.inference import MAX_CHUNKS_PER_CALL, _bucket, latent_program, run_chunked
+from jaxvi.data import CellData, Minibatch, gather, is_host, take_rows
 from jaxvi.likelihoods import get_likelihood
-from jaxvi.module import VAE, Batch, VAEConfig
-from jaxvi.posterior import _normal_log_density
-from jaxvi.sharding import to_host
+from jaxvi.module import VAE, VAEConfig
+from jaxvi.parallel import to_host
+from jaxvi.posterior import _predictive as posterior
+from jaxvi.posterior._predictive import normal_log_density
+from jaxvi.posterior._runner import MAX_CHUNKS_PER_CALL, bucket, latent_program, run_chunked
 
 __all__ = [
     "anchors_per_group",
@@ -80,7 +80,7 @@ def _log_weight_program(config: VAEConfig):
 
         def body(_, xs):
             cov_i, u_i = xs
-            batch = Batch(x=None, **cov_i)
+            batch = Minibatch(x=None, **cov_i)
             tb = jnp.where(code >= 0, code, batch.batch_index)
             z = jax.nn.softmax(u_i, axis=-1) if ln else u_i
             library = jnp.zeros((z.shape[0], 1), z.dtype)
@@ -88,8 +88,8 @@ def _log_weight_program(config: VAEConfig):
                 variables, z, library, batch._replace(batch_index=tb), method=VAE.generative
             )
             params = gen.px_params()
-            log_pz = jnp.sum(_normal_log_density(u_i, 0.0, 1.0), -1)  # (B,)
-            log_qz = jnp.sum(_normal_log_density(u_i[:, None, :], qz_m, qz_v), -1)  # (B, A)
+            log_pz = jnp.sum(normal_log_density(u_i, 0.0, 1.0), -1)  # (B,)
+            log_qz = jnp.sum(normal_log_density(u_i[:, None, :], qz_m, qz_v), -1)  # (B, A)
             log_qz = jnp.where(qz_real > 0, log_qz, -jnp.inf)
 
             def per_anchor(xl):
@@ -223,7 +223,7 @@ def importance_log_weights(
         for start in range(0, n_chunks, MAX_CHUNKS_PER_CALL):
             stop = min(n_chunks, start + MAX_CHUNKS_PER_CALL)
             n = stop - start
-            size = _bucket(n)
+            size = bucket(n)
 
             def piece(a, start=start, stop=stop, n=n, size=size):
                 pad = np.zeros((size - n, *a.shape[1:]), a.dtype)

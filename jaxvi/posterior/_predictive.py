@@ -3,7 +3,7 @@
 Every public function takes the model first and has the signature of the scvi-tools method of
 the same name (minus ``dataloader``), so that ``SCVI`` can expose it as a thin method. The
 work is done by jitted programs (one ``lax.scan`` over chunks of cell indices, as in
-:mod:`jaxvi.inference`), cached per model configuration, that run the module in evaluation
+:mod:`jaxvi.posterior`), cached per model configuration, that run the module in evaluation
 mode. Randomness comes from ``model._next_key()``, so results are reproducible per seed.
 
 Where scvi-tools 1.4.2 fails or is inexact, jaxvi chooses as follows (each function says so):
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi.dataset import CellData, gather
-from jaxvi.inference import run_chunked
+from jaxvi.data import CellData, gather
 from jaxvi.likelihoods import PxParams, get_likelihood
 from jaxvi.module import VAE, VAEConfig
+from jaxvi.posterior._runner import run_chunked
 
 __all__ = [
     "get_feature_correlation_matrix",
@@ -124,7 +124,7 @@ def _predictive_program(config: VAEConfig, n_samples: int):
     return jax.jit(run)
 
 
-def _normal_log_density(x, mean, var):
+def normal_log_density(x, mean, var):
     return -0.5 * (jnp.square(x - mean) / var + jnp.log(var) + _LOG_2PI)
 
 
@@ -155,15 +155,15 @@ def _marginal_ll_program(config: VAEConfig, per_pass: int):
                 u = qz_m + jnp.sqrt(qz_v) * eps
                 # log p(z) - log q(z | x), both at the Gaussian draw u.
                 log_w = jnp.sum(
-                    _normal_log_density(u, 0.0, 1.0) - _normal_log_density(u, qz_m, qz_v), -1
+                    normal_log_density(u, 0.0, 1.0) - normal_log_density(u, qz_m, qz_v), -1
                 )
                 if latent_library:
                     library = inf.ql_m + jnp.sqrt(inf.ql_v) * jax.random.normal(
                         k_l, (per_pass, *inf.ql_m.shape)
                     )
                     log_w += jnp.sum(
-                        _normal_log_density(library, pl_m, pl_v)
-                        - _normal_log_density(library, inf.ql_m, inf.ql_v),
+                        normal_log_density(library, pl_m, pl_v)
+                        - normal_log_density(library, inf.ql_m, inf.ql_v),
                         -1,
                     )
                 else:

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvi._settings import settings
-from jaxvi.dataset import CellData, gather, is_host, pad_indices, take_rows
+from jaxvi.data import CellData, gather, is_host, pad_indices, shard_host_data, take_rows
 from jaxvi.module import VAE, VAEConfig
-from jaxvi.sharding import local_cell_range, shard_host_data, to_host
+from jaxvi.parallel import local_cell_range, to_host
 
 __all__ = [
     "chunks_per_call",
@@ -142,7 +142,7 @@ def expression_and_latent_program(config: VAEConfig, latent_library: bool):
 MAX_CHUNKS_PER_CALL = 64
 
 
-def _bucket(n_chunks: int, limit: int = MAX_CHUNKS_PER_CALL) -> int:
+def bucket(n_chunks: int, limit: int = MAX_CHUNKS_PER_CALL) -> int:
     """Chunks per call: the next power of two, at most ``limit``."""
     return min(limit, 1 << max(n_chunks - 1, 0).bit_length())
 
@@ -171,11 +171,11 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
     ``program(variables, data, idx, *args)`` takes ``idx`` of shape ``(n_chunks, batch)``.
     Chunk counts are padded to a power of two and split into calls of at most
     ``MAX_CHUNKS_PER_CALL`` chunks, so a program compiles for a handful of shapes whatever the
-    number of cells. When ``data`` lives on the host (:func:`jaxvi.dataset.to_host`), each
+    number of cells. When ``data`` lives on the host (:func:`jaxvi.data.to_host`), each
     call moves only its own cells, densified, to the device, and calls are sized so that
     this stays under ``settings.inference_bytes_per_call``: device memory is bounded
     whatever the size of the dataset. Host data may keep its counts on disk
-    (:func:`jaxvi.streaming.backed_cell_data`): each call then reads only its cells. Host data
+    (:func:`jaxvi.data.backed_cell_data`): each call then reads only its cells. Host data
     with a ``mesh`` has each call's cells sharded over it, each process reading its share.
     When ``args[0]`` is a PRNG key, each call after the first gets ``fold_in(key, call)``.
 
@@ -191,7 +191,7 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
     for call, start in enumerate(range(0, n_chunks, per_call)):
         part = idx[start : start + per_call]
         n = part.shape[0]
-        padded = np.zeros((_bucket(n, per_call), batch_size), np.int32)
+        padded = np.zeros((bucket(n, per_call), batch_size), np.int32)
         padded[:n] = part
         call_data = data
         if host:

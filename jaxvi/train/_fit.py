@@ -28,10 +28,9 @@ import numpy as np
 import optax
 import pandas as pd
 
-from jaxvi.dataset import CellData, gather, pad_indices
+from jaxvi.data import CellData, StreamingData, gather, pad_indices
 from jaxvi.module import VAE, trainable_mask, vae_loss
-from jaxvi.sharding import replicate, to_host
-from jaxvi.streaming import StreamingData
+from jaxvi.parallel import replicate, to_host
 
 __all__ = [
     "EpochInfo",
@@ -582,8 +581,8 @@ def fit(
     ``history`` maps scvi-tools' metric names to one-column DataFrames indexed by epoch.
     ``epoch_fn`` is the compiled epoch (its ``_cache_size()`` counts compilations).
     ``drop_last`` drops the ragged last minibatch of each epoch instead of masking it.
-    ``data`` may also be a :class:`jaxvi.streaming.StreamingData` (cells read from disk in
-    blocks). With ``data`` sharded over a mesh (:func:`jaxvi.sharding.sharded_cell_data`)
+    ``data`` may also be a :class:`jaxvi.data.StreamingData` (cells read from disk in
+    blocks). With ``data`` sharded over a mesh (:func:`jaxvi.parallel.sharded_cell_data`)
     training is data-parallel: ``state`` is replicated over the mesh here and comes back
     replicated.
 
@@ -667,6 +666,7 @@ def fit(
         if stream is not None:
             return stream.run_epoch(fn, state, key, kl_w, batch_size, drop_last)
         return fn(state, data, train_idx_dev, key, placed(np.asarray(kl_w, np.float32)))
+
     progress = FitProgress() if progress is None else dataclasses.replace(progress)
     progress.rows = {k: [list(r) for r in v] for k, v in progress.rows.items()}
     plateau = _Plateau(

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi import registry as reglib
-from jaxvi.bridge import _leaf_paths, _set_path, _torch_key
+from jaxvi.data import registry as reglib
+from jaxvi.io.bridge import leaf_paths, set_path, torch_key
 from jaxvi.module import VAEConfig
 
 __all__ = [
@@ -77,7 +77,8 @@ def _load_reference(reference_model):
 
 def _reference_var_names(reference_model) -> list[str]:
     if isinstance(reference_model, str | os.PathLike):
-        from jaxvi import io, scvi_io
+        from jaxvi import io
+        from jaxvi.io import scvi_tools as scvi_io
 
         path = str(reference_model)
         if os.path.exists(os.path.join(path, io.MODEL_JSON)):
@@ -267,10 +268,10 @@ def extend_variables(
     rows of each new category, new per-batch / per-label columns of ``px_r``, new embedding
     rows and new library-prior entries from ``fresh_variables``.
     """
-    ref = dict(_leaf_paths(jax.device_get(ref_variables)))
+    ref = dict(leaf_paths(jax.device_get(ref_variables)))
     out: dict = {}
     ref_cats, new_cats = _widths(ref_config.cat_list), _widths(config.cat_list)
-    for path, fresh in _leaf_paths(jax.device_get(fresh_variables)):
+    for path, fresh in leaf_paths(jax.device_get(fresh_variables)):
         fresh = np.asarray(fresh)
         old = np.asarray(ref[path])
         if old.shape == fresh.shape:
@@ -285,7 +286,7 @@ def extend_variables(
             value = _extend_rows(old, fresh, rw, nw)
         else:
             value = _append_trailing(old, fresh)
-        _set_path(out, path, jnp.asarray(value, fresh.dtype))
+        set_path(out, path, jnp.asarray(value, fresh.dtype))
     return out
 
 
@@ -321,8 +322,8 @@ def freeze_masks(
     entry.
     """
     update: dict = {}
-    for path, leaf in _leaf_paths(jax.device_get(variables["params"])):
-        key, _ = _torch_key(("params", *path))
+    for path, leaf in leaf_paths(jax.device_get(variables["params"])):
+        key, _ = torch_key(("params", *path))
         net = key.split(".fc_layers")[0] if "fc_layers" in key else ""
         requires_grad = (
             ("fc_layers" in key and ".0." in key)
@@ -356,7 +357,7 @@ def freeze_masks(
                 injected = layer == 0 or config.deeply_inject_covariates
                 if key.endswith(".weight") and injected and n_cat:
                     mask[-n_cat:] = True  # kernel (in, out): the last rows are the one-hots
-        _set_path(update, path, mask)
+        set_path(update, path, mask)
     return update
 
 

@@ -4,7 +4,7 @@ scvi-tools' ``SCVI.save`` writes ``{prefix}model.pt``, a ``torch.save`` file hol
 ``model_state_dict`` (the VAE's tensors plus an empty ``pyro_param_store``), ``var_names`` and
 ``attr_dict`` (registry, init parameters, history, split indices, ...), and optionally
 ``{prefix}adata.h5ad``. :func:`read_scvi_tools` turns such a directory into a jaxvi model
-without torch and without running anything from the file (:mod:`jaxvi.torchfile`);
+without torch and without running anything from the file (:mod:`jaxvi.io.torchfile`);
 :func:`write_scvi_tools` writes a directory that ``scvi.model.SCVI.load`` reads, also without
 torch.
 
@@ -12,7 +12,7 @@ The registries differ in shape, not content. scvi-tools keeps one entry per fiel
 (``X``, ``batch``, ``labels``, ``size_factor``, ``extra_categorical_covs``,
 ``extra_continuous_covs``) with its state (category mappings, column names) and summary
 statistics; jaxvi keeps the same setup arguments, genes, category lists and counts in one
-flat JSON dict (:mod:`jaxvi.registry`). Categories are stored as strings in jaxvi and written
+flat JSON dict (:mod:`jaxvi.data.registry`). Categories are stored as strings in jaxvi and written
 back as strings (a batch column of integers would be read back by scvi-tools as new
 categories); the single default batch / label of an unkeyed setup is scvi-tools' ``[0]``.
 """
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi import torchfile
-from jaxvi.bridge import state_dict_to_variables, variables_to_state_dict
+from jaxvi.io import torchfile as torchfile
+from jaxvi.io.bridge import state_dict_to_variables, variables_to_state_dict
 
 __all__ = [
     "SCVI_TOOLS_VERSION",
@@ -99,7 +99,7 @@ def read_scvi_tools_files(dir_path: str, prefix: str | None = None) -> dict:
     ------
     FileNotFoundError
         If there is no ``model.pt``.
-    jaxvi.torchfile.UnsafePickleError
+    jaxvi.io.torchfile.UnsafePickleError
         If the file refers to anything but tensors, arrays, history tables and containers.
     ValueError
         If the file is not a scvi-tools model file.
@@ -137,7 +137,7 @@ def _strs(values) -> list[str]:
 
 
 def registry_from_scvi(registry: dict, var_names: list[str]) -> dict:
-    """jaxvi's registry (see :mod:`jaxvi.registry`) from scvi-tools' ``registry_``.
+    """jaxvi's registry (see :mod:`jaxvi.data.registry`) from scvi-tools' ``registry_``.
 
     Raises
     ------
@@ -281,7 +281,7 @@ def registry_to_scvi(registry: dict) -> dict:
 
 def init_params_from_scvi(init_params: dict) -> dict:
     """jaxvi's ``init_params_`` from scvi-tools' ``{"non_kwargs": ..., "kwargs": {"kwargs"}}``."""
-    from jaxvi.model import _VAE_KWARGS
+    from jaxvi.model._scvi import _VAE_KWARGS
 
     if "non_kwargs" not in init_params:
         raise ValueError("The saved init_params_ lack 'non_kwargs' (scvi-tools < 0.8?).")
@@ -336,8 +336,8 @@ def read_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
     A ``cls`` instance with the saved registry, init parameters, history, split indices and
     weights; its outputs equal scvi-tools' for the same data.
     """
-    from jaxvi import registry as reglib
-    from jaxvi.model import _check_variables, config_from_registry
+    from jaxvi.data import registry as reglib
+    from jaxvi.model._scvi import _check_variables, config_from_registry
     from jaxvi.module import VAE
 
     parts = read_scvi_tools_files(dir_path, prefix)
@@ -440,5 +440,5 @@ def write_scvi_tools(
     if save_anndata:
         adata = model.adata.copy()
         adata.uns.pop("_jaxvi", None)  # scvi-tools re-registers from the model's registry
-        io._atomic_write(os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}"), adata.write_h5ad)
-    io._atomic_write(pt_path, lambda tmp: torchfile.save(obj, tmp, archive_name="model"))
+        io.atomic_write(os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}"), adata.write_h5ad)
+    io.atomic_write(pt_path, lambda tmp: torchfile.save(obj, tmp, archive_name="model"))

@@ -70,7 +70,7 @@ _BN_STAT_LEAF = {"mean": "running_mean", "var": "running_var"}
 _LAYER = re.compile(r"^layer(\d+)_(dense|bn)$")
 
 
-def _torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
+def torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
     """scvi-tools name of the jaxvi leaf at ``path`` and whether its value is transposed.
 
     Parameters
@@ -117,13 +117,13 @@ def _torch_key(path: tuple[str, ...]) -> tuple[str, bool]:
     raise ValueError(f"jaxvi variable {'/'.join(path)} has no scvi-tools counterpart.")
 
 
-def _leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+def leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     """``(path, leaf)`` pairs of a nested mapping, depth first, in insertion order."""
     out = []
     for name, value in tree.items():
         path = (*prefix, str(name))
         if isinstance(value, Mapping):
-            out.extend(_leaf_paths(value, path))
+            out.extend(leaf_paths(value, path))
         else:
             out.append((path, value))
     return out
@@ -139,8 +139,8 @@ def _expected_layout(config: VAEConfig) -> dict[str, tuple[tuple[str, ...], bool
     """
     shapes = jax.eval_shape(lambda key: init_variables(config, key), jax.random.key(0))
     layout = {}
-    for path, leaf in _leaf_paths(shapes):
-        key, transpose = _torch_key(path)
+    for path, leaf in leaf_paths(shapes):
+        key, transpose = torch_key(path)
         layout[key] = (path, transpose, tuple(leaf.shape))
     return layout
 
@@ -177,7 +177,7 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     node = tree
     for name in path[:-1]:
         node = node.setdefault(name, {})
@@ -234,7 +234,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], config: VAEConfig) ->
                 f"state_dict[{key!r}] has shape {got}, but the config expects {torch_shape} "
                 f"(jaxvi {'/'.join(path)} of shape {shape})."
             )
-        _set_path(variables, path, np.array(value, dtype=np.float32))
+        set_path(variables, path, np.array(value, dtype=np.float32))
     return variables
 
 
@@ -263,7 +263,7 @@ def variables_to_state_dict(variables: Mapping, config: VAEConfig) -> dict[str, 
     """
     layout = _expected_layout(config)
     by_path = {path: (key, transpose, shape) for key, (path, transpose, shape) in layout.items()}
-    given = dict(_leaf_paths(variables))
+    given = dict(leaf_paths(variables))
     unknown = [p for p in given if p not in by_path]
     if unknown:
         raise ValueError(

@@ -18,18 +18,20 @@ import jax.numpy as jnp
 
 from jaxvi.data import Minibatch
 from jaxvi.likelihoods import FREE_GATE_SCALE, PxParams, get_likelihood
+from jaxvi.module._base import KL_LOCAL, RECONSTRUCTION, LossOutput, ModelDef
 from jaxvi.nn import DecoderSCVI, Encoder
 
 __all__ = [
     "GenerativeOutputs",
     "InferenceOutputs",
-    "LossOutput",
+    "ELBOTerms",
     "VAE",
     "VAEConfig",
     "init_variables",
     "normal_kl",
     "trainable_mask",
     "vae_loss",
+    "vae_model_def",
 ]
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
@@ -132,7 +134,7 @@ class GenerativeOutputs(NamedTuple):
         return PxParams(self.px_rate, jnp.exp(self.px_r), self.px_dropout)
 
 
-class LossOutput(NamedTuple):
+class ELBOTerms(NamedTuple):
     """Per-minibatch loss and per-cell terms (``(cells,)`` each)."""
 
     loss: jax.Array
@@ -442,7 +444,7 @@ def vae_loss(
 
     Returns
     -------
-    ``(LossOutput, new_batch_stats)``; per-cell terms have shape ``(cells,)``.
+    ``(ELBOTerms, new_batch_stats)``; per-cell terms have shape ``(cells,)``.
     """
     config = module.config
     lik = get_likelihood(config.gene_likelihood)
@@ -477,4 +479,29 @@ def vae_loss(
     else:
         loss = jnp.sum(per_cell * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
     new_stats = updates.get("batch_stats", variables.get("batch_stats", {}))
-    return LossOutput(loss, rec, kl_z, kl_l), new_stats
+    return ELBOTerms(loss, rec, kl_z, kl_l), new_stats
+
+
+@functools.cache
+def vae_model_def(config: VAEConfig) -> ModelDef:
+    """scVI's VAE of ``config`` as a :class:`~jaxvi.module.ModelDef` for the engine.
+
+    The loss is :func:`vae_loss`; its terms are ``reconstruction_loss`` and ``kl_local``
+    (``kl_z + kl_l``), from which the engine reports scvi-tools' ELBO metrics. Cached per
+    config, so repeated ``train()`` calls share one value (and its compiled programs).
+    """
+    module = VAE(config)
+
+    def loss(key, variables, batch, *, training, kl_weight=1.0):
+        out, stats = vae_loss(
+            module, variables, batch, key=key, training=training, kl_weight=kl_weight
+        )
+        terms = {RECONSTRUCTION: out.reconstruction_loss, KL_LOCAL: out.kl_z + out.kl_l}
+        return LossOutput(out.loss, terms), stats
+
+    return ModelDef(
+        name="VAE",
+        init=functools.partial(init_variables, config),
+        loss=loss,
+        trainable=functools.partial(trainable_mask, config),
+    )

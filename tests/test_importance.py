@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from test_posterior import jaxvi_model, make_adata, set_params
 
-from jaxvi import model as model_module
 from jaxvi import posterior
 from jaxvi import posterior as importance
 from jaxvi.data import gather
@@ -131,7 +130,7 @@ def test_expression_resamples_with_the_weights(trained, monkeypatch):
         p[5] = 1.0
         return p
 
-    monkeypatch.setattr(model_module, "get_importance_weights", one_hot)
+    monkeypatch.setattr(posterior, "get_importance_weights", one_hot)
     out = trained.get_normalized_expression(
         indices=np.arange(8),
         n_samples_overall=50,

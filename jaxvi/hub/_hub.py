@@ -108,7 +108,7 @@ def _anndata_version() -> str:
 
 
 def _jaxvi_versions(model) -> dict:
-    from jaxvi import __version__
+    from jaxvi._version import __version__
 
     return {"jaxvi_version": __version__, "anndata_version": _anndata_version()}
 
@@ -124,16 +124,13 @@ def _jaxvi_load(dir_path: str, adata):
 
 
 def _scvi_tools_save(model, dir_path: str, overwrite: bool) -> None:
-    from jaxvi.io import scvi_tools as scvi_io
-
-    scvi_io.write_scvi_tools(model, dir_path, overwrite=overwrite, save_anndata=False)
+    model.save(dir_path, overwrite=overwrite, format="scvi-tools")
 
 
 def _scvi_tools_load(dir_path: str, adata):
-    from jaxvi.io import scvi_tools as scvi_io
     from jaxvi.model import SCVI
 
-    return scvi_io.read_scvi_tools(SCVI, dir_path, adata=adata)
+    return SCVI.from_scvi_tools(dir_path, adata=adata)
 
 
 def _scvi_tools_versions(model) -> dict:

@@ -569,7 +569,7 @@ def card_info_from_model(
     """
     from importlib.metadata import version
 
-    from jaxvi import __version__
+    from jaxvi._version import __version__
 
     reg = model.registry_
     setup = dict(reg["setup_args"])

@@ -196,7 +196,8 @@ def test_directory_saved_before_the_redesign_loads():
     latent representation that code computed."""
     data = Path(__file__).parent / "data"
     model = SCVI.load(str(data / "format_v1_scvi"))
-    assert model.is_trained and model.adata.n_obs == 80
+    assert model.is_trained
+    assert model.adata.n_obs == 80
     assert model.history["elbo_train"].shape == (3, 1)
     expected = np.load(data / "format_v1_scvi_latent.npy")
     np.testing.assert_allclose(model.get_latent_representation(), expected, rtol=1e-5, atol=1e-6)

@@ -361,7 +361,7 @@ def save_hub_model(
         and writes ``metrics.json``; a dict of tables is written as given; None or False
         writes none (an existing ``metrics.json`` in the directory is still used).
     license_info, description, references, training_data_url, training_code_url
-        Card fields (see :class:`jaxvi.card.ModelCardInfo`).
+        Card fields (see :class:`jaxvi.hub.card.ModelCardInfo`).
     data_modalities, tissues
         Card fields (see :class:`jaxvi.hub.card.ModelCardInfo`).
     overwrite

@@ -8,6 +8,7 @@ and notebooks are rendered as stored, never executed (``tests/test_notebook.py``
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -46,6 +47,10 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
 myst_heading_anchors = 3
 
+# autosummary rewrites its stubs on every build but never deletes one; start clean so that a
+# name removed from the API leaves no orphan page behind.
+shutil.rmtree(Path(__file__).parent / "api" / "generated", ignore_errors=True)
+
 # Notebooks: shown with whatever outputs they store; executing them belongs to the tests.
 nb_execution_mode = "off"
 
@@ -74,13 +79,23 @@ html_theme = "furo"
 html_title = f"jaxvi {release}"
 
 
-
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     """NamedTuple fields are documented in their class's Attributes section already."""
     doc = getattr(obj, "__doc__", None) or ""
     if what == "class" and doc.startswith("Alias for field number"):
         return True
     return None
+
+
+def _drop_builtin_docstrings(app, what, name, obj, options, lines):
+    """A module constant (``EPS = 1e-8``) would otherwise show ``float``'s own docstring."""
+    builtin_doc = type(obj).__doc__ if type(obj).__module__ == "builtins" else None
+    if (
+        what in ("data", "attribute")
+        and builtin_doc
+        and " ".join(lines).split() == (builtin_doc.split())
+    ):
+        lines.clear()
 
 
 def _public_path(target: str) -> str:
@@ -136,4 +151,5 @@ def _resolve_missing(app, env, node, contnode):
 
 def setup(app):
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.connect("autodoc-process-docstring", _drop_builtin_docstrings)
     app.connect("missing-reference", _resolve_missing)

@@ -357,7 +357,8 @@ def save_hub_model(
         True runs :func:`jaxvi.hub.card.create_criticism_report` (``n_samples``, ``label_key``)
         and writes ``metrics.json``; a dict of tables is written as given; None or False
         writes none (an existing ``metrics.json`` in the directory is still used).
-    license_info, description, references, training_data_url, training_code_url,
+    license_info, description, references, training_data_url, training_code_url
+        Card fields (see :class:`jaxvi.hub.card.ModelCardInfo`).
     data_modalities, tissues
         Card fields (see :class:`jaxvi.hub.card.ModelCardInfo`).
     overwrite

@@ -71,7 +71,7 @@ def cv_scores(model_cv, raw_cv) -> dict[str, float]:
 
     Returns
     -------
-    dict with ``mae`` (mean |m - o|), ``pearson``, ``spearman`` and ``r2``
+    dict with ``mae`` (mean ``|m - o|``), ``pearson``, ``spearman`` and ``r2``
     (``1 - sum((m - o)^2) / sum((m - mean(m))^2)``).
     """
     from scipy.stats import pearsonr, spearmanr
@@ -128,7 +128,7 @@ def cv_table(model_cv, raw_cv, train_indices=None, validation_indices=None) -> s
 
 
 def de_table(summary: pd.DataFrame, model: str | None = None) -> str:
-    """Markdown DE table: one row per group (largest first), columns ``gene_f1 ... n_cells``.
+    """Markdown DE table: one row per group (largest first), columns ``gene_f1`` to ``n_cells``.
 
     ``summary`` is :meth:`PosteriorPredictiveCheck.differential_expression`'s output; with
     several models pass ``model`` to pick one. Every value is written with two decimals

@@ -125,7 +125,7 @@ class BaseModel(abc.ABC):
     # ------------------------------------------------------------- properties
     @property
     def history(self) -> dict[str, pd.DataFrame]:
-        """Per-epoch metrics: one DataFrame per key, indexed by ``epoch``."""
+        """Per-epoch metrics, one DataFrame per key, indexed by ``epoch``."""
         return self.history_
 
     @property

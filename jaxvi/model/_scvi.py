@@ -50,9 +50,10 @@ class SCVI(BaseModel):
         AnnData registered with :meth:`setup_anndata`.
     registry
         A registry (from a saved model) to use instead of ``adata``'s.
-    n_hidden, n_latent, n_layers, dropout_rate, dispersion, gene_likelihood,
-    use_observed_lib_size, latent_distribution
-        As scvi-tools' ``SCVI``: 128, 10, 1, 0.1, ``"gene"``, ``"zinb"``, True, ``"normal"``.
+    n_hidden, n_latent, n_layers, dropout_rate
+        As scvi-tools' ``SCVI``: 128, 10, 1, 0.1.
+    dispersion, gene_likelihood, use_observed_lib_size, latent_distribution
+        As scvi-tools' ``SCVI``: ``"gene"``, ``"zinb"``, True, ``"normal"``.
         ``gene_likelihood`` is a registered name or a :class:`jaxvi.likelihoods.Likelihood`
         (registered under its name; the model keeps and saves only the name).
     **kwargs

@@ -708,7 +708,7 @@ class BaseModel(abc.ABC):
         """A query model initialised from a reference (scArches), ready to :meth:`train`.
 
         ``reference_model`` is a model of this class or a saved jaxvi or scvi-tools
-        directory; see :func:`jaxvi.model.scarches.load_query_data` for the freeze options.
+        directory; the freeze options follow scvi-tools (see :mod:`jaxvi.model.scarches`).
         """
         del accelerator, device, freeze_classifier, freeze_dropout  # see scarches
         if isinstance(reference_model, str | os.PathLike):

@@ -893,13 +893,14 @@ class HubModelCardHelper:
         kwargs.setdefault("jaxvi_version", info["jaxvi_version"])
         if info["model_format"] == "jaxvi":
             kwargs.setdefault("model_parent_module", "jaxvi")
+        # scvi-tools' registry views (attrdicts) list their keys sorted, and so do its cards
         return cls(
             license_info,
             info["model_cls_name"],
             info["init_params"],
             info["setup_args"],
-            info["summary_stats"],
-            info["data_registry"],
+            dict(sorted(info["summary_stats"].items())),
+            dict(sorted(info["data_registry"].items())),
             info["scvi_version"],
             anndata_version,
             metrics_report=metrics_report,

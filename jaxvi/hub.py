@@ -413,12 +413,12 @@ class HubModel:
     repo_name
         The Hugging Face repository it comes from or goes to.
     metadata
-        A :class:`HubMetadata`, or the path of a metadata JSON file; default the directory's
-        ``_scvi_required_metadata.json``.
+        A :class:`HubMetadata` (or scvi-tools' ``scvi.hub.HubMetadata``), or the path of a
+        metadata JSON file; default the directory's ``_scvi_required_metadata.json``.
     model_card
         A :class:`~jaxvi.card.HubModelCardHelper`, a :class:`~jaxvi.card.ModelCard`, a
-        ``huggingface_hub.ModelCard``, or the path of a Markdown file; default the
-        directory's ``README.md``.
+        ``huggingface_hub.ModelCard`` (or scvi-tools' ``scvi.hub.HubModelCardHelper``), or
+        the path of a Markdown file; default the directory's ``README.md``.
 
     Raises
     ------
@@ -450,6 +450,8 @@ class HubModel:
             raise HubFileNotFoundError(
                 f"No metadata found: no {METADATA_FILE} in {local_dir} and no `metadata=`."
             )
+        elif all(hasattr(metadata, k) for k in _SCVI_FIELDS):  # scvi.hub.HubMetadata
+            self._metadata = HubMetadata(**{k: getattr(metadata, k) for k in _SCVI_FIELDS})
         else:
             raise TypeError(
                 f"metadata must be a HubMetadata or a path, got {type(metadata).__name__}."
@@ -469,6 +471,8 @@ class HubModel:
             )
         elif hasattr(model_card, "content") and hasattr(model_card, "data"):
             self._model_card = ModelCard(str(model_card))  # a huggingface_hub.ModelCard
+        elif hasattr(getattr(model_card, "model_card", None), "content"):
+            self._model_card = ModelCard(str(model_card.model_card))  # scvi.hub's helper
         else:
             raise TypeError(
                 "model_card must be a HubModelCardHelper, a ModelCard or a path, got "

@@ -696,3 +696,29 @@ def test_push_and_pull_need_huggingface_hub(model, tmp_path, monkeypatch):
         HubModel.pull_from_huggingface_hub("me/x", revision="main")
     # reading and writing hub directories does not need it
     assert HubModel(str(d)).model_card.text.startswith("\n")
+
+
+def test_from_dir_with_another_registered_format(model, tmp_path):
+    """A format jaxvi cannot read as data: from_dir loads the model to describe it."""
+    fmt = hub.ModelFormat(
+        name="nested",
+        files=("weights/model.json", "weights/model.npz"),
+        save=lambda m, d, ow: m.save(os.path.join(d, "weights"), overwrite=ow),
+        load=lambda d, adata: jaxvi.SCVI.load(os.path.join(d, "weights"), adata=adata),
+        library_name="nested-lib",
+        versions=lambda m: {"nested_version": "1"},
+    )
+    hub.register_model_format(fmt)
+    try:
+        d = tmp_path / "nested"
+        fmt.save(model, str(d), False)
+        meta = HubMetadata.from_dir(str(d), ANNDATA_VERSION)
+        assert meta.model_format == "nested"
+        assert meta.model_cls_name == "SCVI"
+        helper = HubModelCardHelper.from_dir(str(d), "mit", ANNDATA_VERSION)
+        assert helper.model_init_params == model.init_params_
+        assert _header(helper.model_card)["library_name"] == "nested-lib"
+        h = HubModel(str(d), metadata=meta, model_card=helper)
+        _same_latent(h.load_model(adata=model.adata.copy()), model)
+    finally:
+        hub._FORMATS.pop("nested", None)

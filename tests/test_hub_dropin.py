@@ -351,7 +351,7 @@ def test_hub_model_from_objects_save_and_reload(model, tmp_path):
         HubModel(str(d), metadata={"model_cls_name": "SCVI"})
 
 
-def test_model_without_data_and_large_training_data(model, tmp_path, fake_hub):
+def test_model_without_data_and_large_training_data(model, tmp_path, fake_server):
     d = tmp_path / "m"
     model.save(str(d))  # no adata.h5ad
     helper = HubModelCardHelper.from_dir(str(d), "cc-by-4.0", ANNDATA_VERSION)
@@ -365,8 +365,8 @@ def test_model_without_data_and_large_training_data(model, tmp_path, fake_hub):
     # the data too large to upload, served at the metadata's training_data_url
     data_path = tmp_path / "train.h5ad"
     model.adata.write_h5ad(data_path)
-    fake_hub.files["train.h5ad"] = data_path.read_bytes()
-    url = f"{fake_hub.url}/files/train.h5ad"
+    fake_server.files["train.h5ad"] = data_path.read_bytes()
+    url = f"{fake_server.url}/files/train.h5ad"
     h = HubModel(
         str(d), metadata=dataclasses.replace(meta, training_data_url=url), model_card=helper
     )
@@ -419,6 +419,8 @@ class FakeHub:
         self.thread.start()
 
     def close(self):
+        if not self.thread.is_alive():
+            return
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)
@@ -559,18 +561,24 @@ def _collection_json(slug, items):
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
+def fake_server():
     server = FakeHub()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fake_hub(fake_server, monkeypatch):
+    """The fake server, with huggingface_hub pointed at it."""
     hf = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(hf.constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(hf.constants, "ENDPOINT", fake_server.url)
     monkeypatch.setattr(
         hf.constants,
         "HUGGINGFACE_CO_URL_TEMPLATE",
-        server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        fake_server.url + "/{repo_id}/resolve/{revision}/{filename}",
     )
     monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", False)
-    yield server
-    server.close()
+    return fake_server
 
 
 # -------------------------------------------------------------- push and pull

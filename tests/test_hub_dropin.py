@@ -570,20 +570,22 @@ def fake_server():
 @pytest.fixture
 def fake_hub(fake_server, monkeypatch):
     """The fake server, with huggingface_hub pointed at it."""
-    hf = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(hf.constants, "ENDPOINT", fake_server.url)
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "ENDPOINT", fake_server.url)
     monkeypatch.setattr(
-        hf.constants,
+        constants,
         "HUGGINGFACE_CO_URL_TEMPLATE",
         fake_server.url + "/{repo_id}/resolve/{revision}/{filename}",
     )
-    monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return fake_server
 
 
 # -------------------------------------------------------------- push and pull
 def test_push_then_pull_through_huggingface_hub(model, tmp_path, fake_hub, monkeypatch):
-    hf = pytest.importorskip("huggingface_hub")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     d = tmp_path / "m"
     model.save(str(d), save_anndata=True)
     (d / "metrics.json").write_text(json.dumps({"cell_wise_cv": "| t |"}))
@@ -592,7 +594,7 @@ def test_push_then_pull_through_huggingface_hub(model, tmp_path, fake_hub, monke
     h = HubModel(str(d), metadata=meta, model_card=card)
     token_file = tmp_path / "token"
     token_file.write_text("hf_filetoken\n")
-    with pytest.raises(hf.errors.RepositoryNotFoundError):
+    with pytest.raises(RepositoryNotFoundError):
         h.push_to_huggingface_hub("me/jaxvi-scvi", repo_token="hf_token")
     info = h.push_to_huggingface_hub(
         "me/jaxvi-scvi",
@@ -652,7 +654,7 @@ def test_push_then_pull_through_huggingface_hub(model, tmp_path, fake_hub, monke
 
     # offline, from huggingface_hub's cache alone
     fake_hub.close()
-    monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     offline = HubModel.pull_from_huggingface_hub(
         "me/jaxvi-scvi", cache_dir=str(cache), revision=sha
     )
@@ -675,6 +677,11 @@ def test_push_scvi_tools_files_and_open_them_in_scvi_tools(model, tmp_path, fake
     assert "library_name: scvi-tools" in pulled.model_card
     _same_latent(pulled.model, model)
     ref = pytest.importorskip("scvi.hub")
+    ours_helper = HubModelCardHelper.from_dir(str(d), "mit", ANNDATA_VERSION)
+    theirs_helper = ref.HubModelCardHelper.from_dir(str(d), "mit", ANNDATA_VERSION)
+    assert _header(ours_helper.model_card) == _header(str(theirs_helper.model_card))
+    assert ours_helper.model_summary_stats == dict(theirs_helper.model_summary_stats)
+    assert ours_helper.model_init_params == theirs_helper.model_init_params
     theirs = ref.HubModel(pulled.local_dir)
     assert theirs.metadata.scvi_version == "1.4.2"
     np.testing.assert_allclose(

@@ -192,9 +192,9 @@ def test_files_needing_code_execution_are_refused(saved, tmp_path):
 
 def test_directory_saved_before_the_redesign_loads():
     """A model directory written by the code before the package was split into subpackages
-    (tests/data/format_v1_scvi, commit 14ce6cf) loads, with its AnnData, and gives the same
+    (tests/io/format_v1_scvi, commit 14ce6cf) loads, with its AnnData, and gives the same
     latent representation that code computed."""
-    data = Path(__file__).parent / "data"
+    data = Path(__file__).parent
     model = SCVI.load(str(data / "format_v1_scvi"))
     assert model.is_trained
     assert model.adata.n_obs == 80

@@ -37,7 +37,7 @@ from jaxvi.likelihoods import (
 
 ALL = available_likelihoods()
 COUNT = [n for n in ALL if n != "normal"]
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "user_guide" / "likelihoods.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "user_guide" / "likelihoods.md"
 
 
 def _params(name, mu, theta, gate_logit, n_cells=1):

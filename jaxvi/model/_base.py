@@ -546,6 +546,7 @@ class BaseModel(abc.ABC):
             self.adata,
             self.registry_,
             self.config.n_latent,
+            self.config.use_observed_lib_size,
             minified_data_type,
             use_latent_qzm_key,
             use_latent_qzv_key,

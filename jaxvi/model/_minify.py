@@ -50,6 +50,7 @@ def minified_copy(
     adata,
     registry: dict,
     n_latent: int,
+    observed_library: bool,
     minified_data_type: str,
     use_latent_qzm_key: str,
     use_latent_qzv_key: str,
@@ -61,10 +62,15 @@ def minified_copy(
     NotImplementedError
         For an unknown ``minified_data_type``.
     ValueError
-        When the posterior is not stored under the given keys or has the wrong shape.
+        When the posterior is not stored under the given keys or has the wrong shape, or
+        for a model with a latent library (``observed_library=False``).
     """
     if minified_data_type not in MINIFY_TYPES:
         raise NotImplementedError(f"Minification method {minified_data_type} is not supported.")
+    if not observed_library:
+        raise ValueError(
+            "Minification is not supported for models that do not use observed library size."
+        )
     if adata is None:
         raise ValueError("This model has no AnnData to minify.")
     for key in (use_latent_qzm_key, use_latent_qzv_key):

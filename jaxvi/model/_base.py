@@ -24,6 +24,7 @@ import pandas as pd
 from jaxvi import io, posterior
 from jaxvi._settings import settings
 from jaxvi._version import __version__
+from jaxvi.analysis import de
 from jaxvi.data import backed_cell_data, host_cell_data
 from jaxvi.data import registry as reglib
 from jaxvi.io import scvi_tools
@@ -384,8 +385,6 @@ class BaseModel(abc.ABC):
         lfc_mean, ...`` (change), raw statistics, ``is_de_fdr_<target>`` (change) and the
         ``comparison`` / ``group1`` / ``group2`` columns, one block per comparison.
         """
-        from jaxvi.analysis import de as de
-
         return de.differential_expression(
             self,
             adata=adata,

@@ -361,7 +361,7 @@ class ModelCard(str):
 
     @property
     def content(self) -> str:
-        """The whole card: YAML header and Markdown body."""
+        """The whole card, YAML header and Markdown body."""
         return str(self)
 
     @property

@@ -197,10 +197,11 @@ def read_model_info(local_dir: str) -> dict:
 
     Returns
     -------
-    ``{"model_format", "library_name", "model_cls_name", "scvi_version", "jaxvi_version",
-    "init_params", "setup_args", "summary_stats", "data_registry"}``; for scvi-tools files
-    the init parameters and data registry are in scvi-tools' layout, as scvi-tools' cards
-    show them.
+    dict
+        With the keys ``model_format``, ``library_name``, ``model_cls_name``,
+        ``scvi_version``, ``jaxvi_version``, ``init_params``, ``setup_args``,
+        ``summary_stats`` and ``data_registry``; for scvi-tools files the init parameters
+        and data registry are in scvi-tools' layout, as scvi-tools' cards show them.
 
     Raises
     ------

@@ -17,18 +17,16 @@ import pytest
 
 import jaxvi
 from jaxvi import hub
-from jaxvi.criticism import PosteriorPredictiveCheck
-from jaxvi.data import synthetic_iid
-from jaxvi.hub.card import (
-    NA_FIELD,
-    card_info_from_model,
+from jaxvi.criticism import (
+    PosteriorPredictiveCheck,
     create_criticism_report,
     cv_scores,
     cv_table,
     de_table,
     metrics_report,
-    model_card,
 )
+from jaxvi.data import synthetic_iid
+from jaxvi.hub import NA_FIELD, card_info_from_model, model_card
 
 pytest.importorskip("scanpy")
 pytest.importorskip("sklearn")
@@ -299,7 +297,7 @@ def test_hub_takes_another_model_format(model, tmp_path):
         assert h.adata is None
         _same_outputs(model, h.load_model(adata=model.adata.copy()))
     finally:
-        hub._FORMATS.pop("toy", None)
+        hub.unregister_model_format("toy")
 
 
 def test_hub_errors(model, tmp_path):
@@ -324,7 +322,7 @@ def test_hub_errors(model, tmp_path):
     )
     h = hub.HubModel(str(d))
     assert h.metadata.model_format == "scvi-tools"
-    if "scvi-tools" not in hub._FORMATS:
+    if "scvi-tools" not in hub.registered_model_formats():
         with pytest.raises(ValueError, match="no reader"):
             h.load_model()
     (d / "_scvi_required_metadata.json").write_text("{not json")
@@ -371,7 +369,7 @@ def test_hub_directory_in_scvi_tools_format(model, tmp_path):
     hub.save_hub_model(model, str(d), model_format="scvi-tools", metrics=None)
     assert (d / "model.pt").exists()
     meta = json.loads((d / "_scvi_required_metadata.json").read_text())
-    assert sorted(meta) == sorted(hub._SCVI_FIELDS)
+    assert sorted(meta) == sorted(hub.HubMetadata.SCVI_FIELDS)
     assert meta["model_parent_module"] == "scvi.model"
     assert meta["scvi_version"] == "1.4.2"
     h = hub.HubModel(str(d))

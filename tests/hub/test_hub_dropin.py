@@ -29,8 +29,14 @@ import pytest
 import jaxvi
 from jaxvi import hub
 from jaxvi.data import synthetic_iid
-from jaxvi.hub import HubFileNotFoundError, HubMetadata, HubModel
-from jaxvi.hub.card import HubModelCardHelper, ModelCard, validate_url_format
+from jaxvi.hub import (
+    HubFileNotFoundError,
+    HubMetadata,
+    HubModel,
+    HubModelCardHelper,
+    ModelCard,
+    validate_url_format,
+)
 
 ANNDATA_VERSION = "0.11.4"
 
@@ -647,7 +653,7 @@ def test_push_then_pull_through_huggingface_hub(model, tmp_path, fake_hub, monke
     assert old.local_dir.endswith(sha)
 
     # the data too large for the Hub: refused unless it stays behind
-    monkeypatch.setattr(hub, "MAX_HF_UPLOAD_SIZE", 1)
+    monkeypatch.setattr("jaxvi.hub._huggingface.MAX_HF_UPLOAD_SIZE", 1)
     with pytest.raises(ValueError, match="too large to upload"):
         h.push_to_huggingface_hub("me/jaxvi-scvi", "hf_token")
     h.push_to_huggingface_hub("me/jaxvi-scvi", "hf_token", push_anndata=False)
@@ -736,4 +742,4 @@ def test_from_dir_with_another_registered_format(model, tmp_path):
         h = HubModel(str(d), metadata=meta, model_card=helper)
         _same_latent(h.load_model(adata=model.adata.copy()), model)
     finally:
-        hub._FORMATS.pop("nested", None)
+        hub.unregister_model_format("nested")

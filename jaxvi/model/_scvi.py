@@ -20,22 +20,22 @@ import scipy.sparse as sp
 
 from jaxvi import io, posterior
 from jaxvi._settings import settings
-from jaxvi.data import (
-    CellData,
-    StreamingData,
-    backed_cell_data,
-    host_cell_data,
-    sharded_cell_data,
-    to_device,
-)
+from jaxvi.data import LIB_KEY, MINIFY_UNS_KEY, QZM_KEY, QZV_KEY, DataSource, make_source
 from jaxvi.data import registry as reglib
 from jaxvi.io import scvi_tools as scvi_io
 from jaxvi.likelihoods import Likelihood, likelihood_name
 from jaxvi.model import scarches as scarches
-from jaxvi.module import VAE, VAEConfig, init_variables
+from jaxvi.module import (
+    KL_LOCAL,
+    RECONSTRUCTION,
+    VAE,
+    ModelDef,
+    VAEConfig,
+    init_variables,
+    vae_model_def,
+)
 from jaxvi.parallel import resolve_devices, to_host
 from jaxvi.parallel.memory import is_out_of_memory, out_of_memory_error
-from jaxvi.posterior import get_importance_weights
 from jaxvi.train import (
     FitProgress,
     NonFiniteError,
@@ -44,7 +44,6 @@ from jaxvi.train import (
     fit,
     get_max_epochs_heuristic,
     init_train_state,
-    make_evaluate,
     split_indices,
 )
 from jaxvi.train import checkpoint as ckpt
@@ -52,11 +51,6 @@ from jaxvi.train import checkpoint as ckpt
 __all__ = ["SCVI"]
 
 MINIFY_TYPES = ("latent_posterior_parameters", "latent_posterior_parameters_with_counts")
-MINIFY_UNS_KEY = "_scvi_adata_minify_type"
-QZM_KEY, QZV_KEY, LIB_KEY = "scvi_latent_qzm", "scvi_latent_qzv", "observed_lib_size"
-
-# Above this many bytes of dense float32 counts, sparse input stays CSR on the device.
-DENSE_LIMIT_BYTES = 2**31
 
 _VAE_KWARGS = {
     "log_variational",
@@ -381,11 +375,11 @@ class SCVI:
         mesh = resolve_devices(devices)
         if mesh is not None and self.minified_data_type is not None:
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
-        if streaming is None:
-            streaming = bool(getattr(self.adata, "isbacked", False))
         self._mesh = mesh
         freeze = getattr(self, "_query_freeze", None) or {}  # set by load_query_data
-        state, _ = init_train_state(self.module, self.variables, plan, freeze.get("update_mask"))
+        state, _ = init_train_state(
+            self.model_def, self.variables, plan, freeze.get("update_mask")
+        )
         run = {  # what must agree with a checkpoint for an exact continuation
             "n_cells": int(n_obs),
             "batch_size": int(batch_size),
@@ -427,25 +421,21 @@ class SCVI:
                 },
             )
         splits = (train_idx, val_idx, test_idx)
-        if streaming:
-            data = StreamingData(
-                self.adata,
-                self.registry_,
-                train_idx,
-                val_idx,
-                chunk_cells=settings.stream_chunk_cells,
-                max_host_bytes=settings.stream_max_host_bytes,
-                mesh=mesh,
-            )
-        else:
-            data = self._device_data(self.adata, load_sparse_tensor)
+        source = make_source(
+            self.adata,
+            self.registry_,
+            purpose="train",
+            mesh=mesh,
+            streaming=streaming,
+            load_sparse_tensor=load_sparse_tensor,
+        )
         matmul = _PRECISION[str(precision)] if precision is not None else None
         try:
             with jax.default_matmul_precision(matmul), _out_of_memory_as("A training step"):
                 state, history, epoch_fn = fit(
-                    self.module,
+                    self.model_def,
                     state,
-                    data,
+                    source,
                     train_idx=train_idx,
                     val_idx=val_idx,
                     plan=plan,
@@ -502,10 +492,10 @@ class SCVI:
         ``softmax(z)`` over ``mc_samples`` draws), one sample with ``give_mean=False``, or
         ``(qz_mean, qz_var)`` with ``return_dist=True``.
         """
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        _, query = self._query(adata, indices, batch_size)
         mode = "dist" if return_dist else ("mean" if give_mean else "sample")
-        program = posterior.latent_program(self.config, mode, int(mc_samples))
-        out = posterior.run_chunked(program, self.variables, data, indices, bs, self._next_key())
+        program = posterior.latent_program(self.module, mode, int(mc_samples))
+        out = posterior.run_query(program, query)
         if return_dist:
             return tuple(np.asarray(a, np.float32) for a in out)
         return np.asarray(out, np.float32)
@@ -553,7 +543,7 @@ class SCVI:
         DataFrame ``(cells, genes)`` (obs / var names), or ndarray ``(cells, genes)``,
         ``(n_samples, cells, genes)`` with ``return_mean=False``, ``(n_samples_overall, genes)``.
         """
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        adata, indices, source, bs = self._query_inputs(adata, indices, batch_size)
         if weights not in (None, "uniform", "importance"):
             raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
         importance = weights == "importance" and n_samples_overall is not None
@@ -593,43 +583,32 @@ class SCVI:
             jnp.asarray(gene_idx, jnp.int32),
             jnp.float32(1.0 if latent_library else library_size),
         )
-        key = self._next_key()
+        query = posterior.Query(self.module, self.variables, source, indices, self._next_key(), bs)
         n_samples = int(n_samples)
         if importance:
             rows = np.repeat(indices, n_samples)
-            program = posterior.expression_and_latent_program(self.config, latent_library)
-            exprs, zs = posterior.run_chunked(
-                program, self.variables, data, rows, bs, key, args[0][0], *args[1:]
+            program = posterior.expression_and_latent_program(self.module, latent_library)
+            exprs, zs = posterior.run_query(
+                program, query.replace(indices=rows), args[0][0], *args[1:]
             )
-            p = get_importance_weights(
-                self,
-                adata,
-                indices,
-                zs,
-                transform_batch,
-                batch_size=bs,
-                rows=rows,
-                **importance_weighting_kwargs,
+            p = self._importance_weights(
+                adata, indices, zs, transform_batch, bs, rows, **importance_weighting_kwargs
             )
         elif n_samples_overall is not None:
             # Each cell n_samples times, one z draw per row: the one-sample program serves
             # every group size (DE asks for a different count per group).
-            program = posterior.normalized_expression_program(self.config, 1, latent_library)
-            exprs = posterior.run_chunked(
-                program, self.variables, data, np.repeat(indices, n_samples), bs, key, *args
+            program = posterior.normalized_expression_program(self.module, 1, latent_library)
+            exprs = posterior.run_query(
+                program, query.replace(indices=np.repeat(indices, n_samples)), *args
             )
         else:
             # Samples are drawn in blocks of 1, 8 or 32 so that few programs are compiled.
             block = 1 if n_samples == 1 else (8 if n_samples <= 8 else 32)
-            program = posterior.normalized_expression_program(self.config, block, latent_library)
+            program = posterior.normalized_expression_program(self.module, block, latent_library)
             blocks = [
-                posterior.run_chunked(
+                posterior.run_query(
                     program,
-                    self.variables,
-                    data,
-                    indices,
-                    bs,
-                    jax.random.fold_in(key, i),
+                    query.replace(key=jax.random.fold_in(query.key, i)),
                     *args,
                     cell_axis=1 if block > 1 else 0,
                 )
@@ -673,18 +652,35 @@ class SCVI:
         -------
         float64 ``(n_draws,)`` summing to one.
         """
-        return get_importance_weights(
-            self,
+        return self._importance_weights(
             adata,
             indices,
             zs,
             transform_batch,
-            max_cells,
-            truncation,
-            n_mc_samples,
-            n_mc_samples_per_pass,
             batch_size,
+            None,
+            max_cells=max_cells,
+            truncation=truncation,
+            n_mc_samples=n_mc_samples,
+            n_mc_samples_per_pass=n_mc_samples_per_pass,
         )
+
+    def _importance_weights(
+        self, adata, indices, zs, transform_batch, batch_size, rows, **kwargs
+    ) -> np.ndarray:
+        if self.minified_data_type is not None:
+            raise ValueError(
+                "Importance weights need the counts of the anchor cells; this model's AnnData "
+                "is minified."
+            )
+        codes = self._batch_codes(transform_batch)
+        if len(codes) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches."
+            )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_importance_weights(query, zs, int(codes[0]), rows=rows, **kwargs)
 
     def differential_expression(
         self,
@@ -757,9 +753,8 @@ class SCVI:
         unless ``give_mean``. Works for every likelihood (the reference fails for poisson and
         normal). See :func:`jaxvi.posterior.get_likelihood_parameters`.
         """
-        return posterior.get_likelihood_parameters(
-            self, adata, indices, n_samples, give_mean, batch_size
-        )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_likelihood_parameters(query, n_samples, give_mean)
 
     def posterior_predictive_sample(
         self,
@@ -772,9 +767,10 @@ class SCVI:
     ):
         """Counts drawn from p(x | z), z ~ q(z | x): ``sparse.GCXS`` float32 of shape
         ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``."""
-        return posterior.posterior_predictive_sample(
-            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
-        )
+        _, query = self._query(adata, indices, batch_size)
+        genes = posterior.gene_indices(self.registry_["var_names"], gene_list)
+        codes = self._batch_codes(transform_batch)
+        return posterior.posterior_predictive_sample(query, codes, genes, n_samples)
 
     def get_marginal_ll(
         self,
@@ -792,9 +788,8 @@ class SCVI:
         float (the mean of per-minibatch means, as scvi-tools), or ``(cells,)`` values.
         """
         self._refuse_if_minified("get_marginal_ll")
-        return posterior.get_marginal_ll(
-            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
-        )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_marginal_ll(query, n_mc_samples, return_mean, n_mc_samples_per_pass)
 
     def get_latent_library_size(
         self,
@@ -806,7 +801,8 @@ class SCVI:
         """Library size ``(cells, 1)``: the LogNormal mean of q(l | x) with ``give_mean``
         (latent library models only), else ``exp(library)`` (observed totals or a draw)."""
         self._refuse_if_minified("get_latent_library_size")
-        return posterior.get_latent_library_size(self, adata, indices, give_mean, batch_size)
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_latent_library_size(query, give_mean)
 
     def get_feature_correlation_matrix(
         self,
@@ -819,15 +815,10 @@ class SCVI:
         correlation_type: str = "spearman",
     ) -> pd.DataFrame:
         """Gene-gene correlation ``(genes, genes)`` of denoised expression samples."""
+        adata, query = self._query(adata, indices, batch_size)
+        codes = self._batch_codes(transform_batch)
         return posterior.get_feature_correlation_matrix(
-            self,
-            adata,
-            indices,
-            n_samples,
-            batch_size,
-            rna_size_factor,
-            transform_batch,
-            correlation_type,
+            query, adata.var_names, codes, n_samples, rna_size_factor, correlation_type
         )
 
     def get_elbo(
@@ -840,8 +831,8 @@ class SCVI:
         float, the mean over cells, or ``(cells,)`` per-cell values with ``return_mean=False``.
         """
         self._refuse_if_minified("get_elbo")
-        rec, kl_z, kl_l = self._elbo_terms(adata, indices, batch_size)
-        elbo = -(rec + kl_z + kl_l)
+        terms = self._elbo_terms(adata, indices, batch_size)
+        elbo = -(terms[RECONSTRUCTION] + terms[KL_LOCAL])
         return float(np.mean(elbo)) if return_mean else elbo
 
     def get_reconstruction_error(
@@ -854,7 +845,7 @@ class SCVI:
         ``{"reconstruction_loss": float}`` (mean over cells) or ``(cells,)`` values.
         """
         self._refuse_if_minified("get_reconstruction_error")
-        rec, _, _ = self._elbo_terms(adata, indices, batch_size)
+        rec = self._elbo_terms(adata, indices, batch_size)[RECONSTRUCTION]
         return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
 
     def minify_adata(
@@ -1093,26 +1084,17 @@ class SCVI:
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
         self._mesh = mesh
 
-    def _data_arrays(self, adata) -> dict:
-        arrays = reglib.registry_arrays(adata, self.registry_)
-        if adata.uns.get(MINIFY_UNS_KEY) is not None:
-            arrays["qz_m"] = adata.obsm[QZM_KEY]
-            arrays["qz_v"] = adata.obsm[QZV_KEY]
-            arrays["observed_lib_size"] = adata.obs[LIB_KEY].to_numpy()
-        return arrays
-
-    def _device_data(self, adata, load_sparse_tensor: bool | None) -> CellData:
-        if self._mesh is not None:
-            return sharded_cell_data(adata, self.registry_, self._mesh)
-        arrays = self._data_arrays(adata)
-        x = arrays["X"]
-        if adata.uns.get(MINIFY_UNS_KEY) == "latent_posterior_parameters":
-            load_sparse_tensor = True  # all-zero counts: nothing to densify
-        if load_sparse_tensor is None:
-            load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
-        return to_device(arrays, sparse=bool(load_sparse_tensor))
+    @property
+    def model_def(self) -> ModelDef:
+        """The model as the training engine and the generic queries see it
+        (:func:`jaxvi.module.vae_model_def`)."""
+        return vae_model_def(self.config)
 
     def _query_inputs(self, adata, indices, batch_size):
+        """``(adata, indices, source, batch_size)`` of a query: the model's AnnData by
+        default, all its cells by default, and where they live for queries
+        (:func:`jaxvi.data.make_source`: a backed AnnData's counts stay on disk, cells are
+        sharded over the mesh of :meth:`to_device`, else moved in bounded pieces)."""
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("This model has no AnnData; pass `adata=`.")
@@ -1126,41 +1108,21 @@ class SCVI:
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
-        # A backed AnnData's counts stay on disk: run_chunked reads and moves bounded pieces
-        # (sharded over the mesh, if any).
-        data = None
-        if getattr(adata, "isbacked", False) and adata.uns.get(MINIFY_UNS_KEY) is None:
-            data = backed_cell_data(adata, self.registry_)
-        if data is not None:
-            return adata, indices.astype(np.int64), data.replace(mesh=self._mesh), bs
-        if self._mesh is not None:  # sharded over the devices of the mesh
-            return adata, indices.astype(np.int64), self._device_data(adata, None), bs
-        # Host data: run_chunked moves bounded pieces to the device (any dataset size).
-        data = host_cell_data(self._data_arrays(adata))
-        return adata, indices.astype(np.int64), data, bs
+        source: DataSource = make_source(adata, self.registry_, purpose="query", mesh=self._mesh)
+        return adata, indices.astype(np.int64), source, bs
 
-    def _elbo_terms(self, adata, indices, batch_size):
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        if not hasattr(self, "_evaluate_fn"):
-            self._evaluate_fn = make_evaluate(self.module)
-        out = posterior.run_chunked(
-            self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
-        )
-        return tuple(np.asarray(a, np.float64) for a in out)
+    def _query(self, adata, indices, batch_size) -> tuple:
+        """``(adata, Query)`` with the next key (see :meth:`_query_inputs`)."""
+        adata, indices, source, bs = self._query_inputs(adata, indices, batch_size)
+        key = self._next_key()
+        return adata, posterior.Query(self.module, self.variables, source, indices, key, bs)
+
+    def _elbo_terms(self, adata, indices, batch_size) -> dict:
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_elbo_terms(query.replace(module=self.model_def))
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
-        if transform_batch is None:
-            return np.array([-1])
-        cats = [str(c) for c in self.registry_["batch_categories"]]
-        values = (
-            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
-        )
-        codes = []
-        for v in values:
-            if str(v) not in cats:
-                raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
-            codes.append(cats.index(str(v)))
-        return np.asarray(codes)
+        return posterior.batch_codes(self.registry_["batch_categories"], transform_batch)
 
 
 # -------------------------------------------------------------------- functions

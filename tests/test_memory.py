@@ -12,7 +12,7 @@ import pytest
 from jaxvi import SCVI
 from jaxvi import data as dataset_module
 from jaxvi import data as datasets
-from jaxvi import model as model_module
+from jaxvi.model import _scvi as model_module
 from jaxvi.parallel import memory as memory
 
 OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."

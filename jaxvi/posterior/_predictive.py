@@ -145,9 +145,7 @@ def get_likelihood_parameters(
     return result
 
 
-def posterior_predictive_sample(
-    query: Query, codes=(-1,), gene_idx=None, n_samples: int = 1
-):
+def posterior_predictive_sample(query: Query, codes=(-1,), gene_idx=None, n_samples: int = 1):
     """Counts drawn from the posterior predictive p(x_hat | x).
 
     Each draw takes z, l ~ q(. | x) and then x_hat ~ p(x | z, l) (the likelihood's

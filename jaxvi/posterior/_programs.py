@@ -67,11 +67,14 @@ def _decode(m: VAE, batch, key, n_samples: int, code):
 def elbo_terms_program(model_def: ModelDef):
     """``run(key, variables, data, idx) -> {term: (n_chunks, batch)}``: the named terms of
     the model's loss per cell (KL weight 1), one draw per cell (the posterior mean when
-    ``key`` is None), as scvi-tools' ``get_elbo`` and ``get_reconstruction_error``."""
+    ``key`` is None), as scvi-tools' ``get_elbo`` and ``get_reconstruction_error``. A scalar
+    term (one value per minibatch) is given to each cell of its chunk."""
     evaluate = make_evaluate(model_def)
 
     def run(key, variables, data: CellData, idx):
-        return evaluate(key, variables, data, idx)[1]
+        terms = evaluate(key, variables, data, idx)[1]
+        per_cell = {k: v[:, None] if v.ndim == 1 else v for k, v in terms.items()}
+        return {k: jnp.broadcast_to(v, idx.shape) for k, v in per_cell.items()}
 
     return jax.jit(run)
 

@@ -2,10 +2,12 @@
 
 from jaxvi import data, likelihoods
 from jaxvi._settings import settings
+from jaxvi._version import __version__
 from jaxvi.likelihoods import Likelihood, register_likelihood
 from jaxvi.model import SCVI
 
 __all__ = [
+    "__version__",
     "SCVI",
     "Likelihood",
     "data",
@@ -13,5 +15,3 @@ __all__ = [
     "register_likelihood",
     "settings",
 ]
-
-__version__ = "0.1.0"

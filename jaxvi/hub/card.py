@@ -43,14 +43,18 @@ from jaxvi.criticism import (
 __all__ = [
     "METRICS_FILE",
     "NA_FIELD",
+    "HubModelCardHelper",
+    "ModelCard",
     "ModelCardInfo",
     "card_info_from_model",
     "create_criticism_report",
     "cv_scores",
     "cv_table",
     "de_table",
+    "h5ad_is_minified",
     "metrics_report",
     "model_card",
+    "validate_url_format",
 ]
 
 METRICS_FILE = "metrics.json"
@@ -71,7 +75,7 @@ def cv_scores(model_cv, raw_cv) -> dict[str, float]:
 
     Returns
     -------
-    dict with ``mae`` (mean |m - o|), ``pearson``, ``spearman`` and ``r2``
+    dict with ``mae`` (mean ``|m - o|``), ``pearson``, ``spearman`` and ``r2``
     (``1 - sum((m - o)^2) / sum((m - mean(m))^2)``).
     """
     from scipy.stats import pearsonr, spearmanr
@@ -128,7 +132,7 @@ def cv_table(model_cv, raw_cv, train_indices=None, validation_indices=None) -> s
 
 
 def de_table(summary: pd.DataFrame, model: str | None = None) -> str:
-    """Markdown DE table: one row per group (largest first), columns ``gene_f1 ... n_cells``.
+    """Markdown DE table: one row per group (largest first), columns ``gene_f1`` to ``n_cells``.
 
     ``summary`` is :meth:`PosteriorPredictiveCheck.differential_expression`'s output; with
     several models pass ``model`` to pick one. Every value is written with two decimals
@@ -475,12 +479,18 @@ def _yaml_scalar(value: str) -> str:
 
 
 def _flatten_params(params: dict) -> dict:
-    if "non_kwargs" in params:  # scvi-tools' layout: {"non_kwargs": ..., "kwargs": {...}}
-        flat = dict(params["non_kwargs"])
-        for inner in params.get("kwargs", {}).values():
-            flat.update(inner)
-        return flat
-    return dict(params)
+    # scvi-hub's rule: one level of nested dicts is lifted ({"non_kwargs": ..., "kwargs":
+    # {"kwargs": {...}}} for scvi-tools' layout, dict-valued entries otherwise), unless that
+    # would make two entries collide; then the parameters are shown as saved
+    if "non_kwargs" in params:
+        plain, nested = dict(params["non_kwargs"]), dict(params.get("kwargs") or {})
+    else:
+        plain = {k: v for k, v in params.items() if not isinstance(v, dict)}
+        nested = {k: v for k, v in params.items() if isinstance(v, dict)}
+    lifted = {k: v for inner in nested.values() for k, v in (inner or {}).items()}
+    if set(lifted) & set(plain):
+        return dict(params)
+    return {**plain, **lifted}
 
 
 def _summary_markdown(stats: dict) -> str:
@@ -494,8 +504,20 @@ def _registry_markdown(registry: dict) -> str:
         "| Registry Key             | scvi-tools Location                  |",
         "|--------------------------|--------------------------------------|",
     ]
-    rows += [f"| {k:<25} | {v:<36} |" for k, v in registry.items()]
+    rows += [f"| {k:<25} | {_location(v):<36} |" for k, v in registry.items()]
     return "\n".join(rows)
+
+
+def _location(value) -> str:
+    """``"adata.obs['key']"`` for a location string or scvi-tools' ``{attr_name, attr_key}``."""
+    if isinstance(value, str):
+        return value
+    where = "adata"
+    if value.get("mod_key") is not None:
+        where += f".mod['{value['mod_key']}']"
+    if value.get("attr_key") is None:
+        return f"{where}.{value['attr_name']}"
+    return f"{where}.{value['attr_name']}['{value['attr_key']}']"
 
 
 def model_card(info: ModelCardInfo) -> str:
@@ -569,7 +591,7 @@ def card_info_from_model(
     """
     from importlib.metadata import version
 
-    from jaxvi import __version__
+    from jaxvi._version import __version__
 
     reg = model.registry_
     setup = dict(reg["setup_args"])
@@ -591,3 +613,311 @@ def card_info_from_model(
         metrics_report=metrics_report,
         **kwargs,
     )
+
+
+# ------------------------------------------------------ scvi.hub's card helper
+_URL = re.compile(r"^(?:https?|ftps?)://[^\s/?#]+(?:[/?#]\S*)?$", re.IGNORECASE)
+
+
+def validate_url_format(url: str) -> str:
+    """``url`` if it looks like an http(s) or ftp(s) URL, else ``ValueError``.
+
+    Only the form is checked: unlike scvi-tools, which also sends a GET request to the URL,
+    nothing is fetched.
+    """
+    if not isinstance(url, str) or _URL.match(url) is None:
+        raise ValueError(f"Invalid URL format: {url}")
+    return url
+
+
+_YAML_BLOCK = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
+
+
+class ModelCard(str):
+    """A model card: its Markdown text, with the reading API of ``huggingface_hub.ModelCard``.
+
+    The text itself is the value (so ``"x" in card`` and ``card.split(...)`` work as on the
+    plain string jaxvi returned before); :attr:`content`, :attr:`text`, :attr:`data`,
+    :meth:`save` and :meth:`push_to_hub` are what scvi-tools users call on the
+    ``huggingface_hub.ModelCard`` that ``scvi.hub`` returns. :attr:`data` and
+    :meth:`push_to_hub` need the ``hub`` extra (``huggingface_hub``); the rest needs nothing.
+    """
+
+    @property
+    def content(self) -> str:
+        """The whole card: YAML header and Markdown body."""
+        return str(self)
+
+    @property
+    def text(self) -> str:
+        """The Markdown body after the YAML header."""
+        match = _YAML_BLOCK.search(self)
+        return str(self) if match is None else str(self)[match.end() :]
+
+    @property
+    def data(self):
+        """The YAML header as a ``huggingface_hub.ModelCardData``."""
+        return self.to_huggingface().data
+
+    def to_huggingface(self):
+        """The card as a ``huggingface_hub.ModelCard``."""
+        hf = _import_huggingface_hub()
+        return hf.ModelCard(str(self))
+
+    def save(self, filepath) -> None:
+        """Write the card to ``filepath`` (parent folders are created)."""
+        folder = os.path.dirname(os.fspath(filepath))
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        with open(filepath, "w", encoding="utf-8", newline="") as f:
+            f.write(str(self))
+
+    @classmethod
+    def load(cls, path) -> ModelCard:
+        """The card in the local file ``path``."""
+        with open(path, encoding="utf-8") as f:
+            return cls(f.read())
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        repo_type: str | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        revision: str | None = None,
+        create_pr: bool | None = None,
+        parent_commit: str | None = None,
+    ):
+        """Upload the card as ``README.md`` of ``repo_id`` (``huggingface_hub.ModelCard``'s
+        signature); returns the commit URL."""
+        hf = _import_huggingface_hub()
+        return hf.HfApi(token=token).upload_file(
+            path_or_fileobj=str(self).encode("utf-8"),
+            path_in_repo="README.md",
+            repo_id=repo_id,
+            repo_type=repo_type,
+            commit_message=commit_message or "Upload model card",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+            parent_commit=parent_commit,
+        )
+
+
+def _import_huggingface_hub():
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise ImportError(
+            "This needs huggingface_hub: `pip install 'jaxvi[hub]'` (or `pip install "
+            "huggingface_hub`)."
+        ) from e
+    return huggingface_hub
+
+
+@dataclasses.dataclass
+class HubModelCardHelper:
+    """The fields of a scvi-hub model card, and the card (``scvi.hub.HubModelCardHelper``).
+
+    The fields and their order are scvi-tools 1.4.2's; ``library_name`` and ``jaxvi_version``
+    are jaxvi's and come last. The card (:attr:`model_card`) has scvi-hub's header, sections
+    and tables (see :func:`model_card`).
+
+    Parameters
+    ----------
+    license_info
+        License of the model, e.g. ``"cc-by-4.0"``.
+    model_cls_name
+        ``"SCVI"`` (the only class jaxvi implements; others raise ``ValueError``).
+    model_init_params
+        Constructor arguments: jaxvi's flat dict or scvi-tools' ``{"non_kwargs", "kwargs"}``.
+    model_setup_anndata_args
+        ``setup_anndata`` arguments.
+    model_summary_stats
+        ``{"n_cells": ..., "n_vars": ..., ...}``.
+    model_data_registry
+        ``{registry key: location}``: a location string (``"adata.X"``) or scvi-tools'
+        ``{"attr_name": "obs", "attr_key": "_scvi_batch"}``.
+    scvi_version
+        scvi-tools version of the model files; None for jaxvi's own format.
+    anndata_version
+        anndata version used in training.
+    data_modalities, tissues
+        Tags ``modality:...`` and ``tissue:...``.
+    data_is_annotated, data_is_minified
+        Tag ``annotated:...``; the card's minified flag (None: "To be added...").
+    training_data_url, training_code_url
+        Links (checked for URL form only; nothing is fetched).
+    model_parent_module
+        Module of the model class (``"scvi.model"`` as in scvi-tools; ``"jaxvi"`` for jaxvi
+        files). Not shown on the card, as in scvi-tools.
+    description, references
+        Free text.
+    metrics_report
+        ``{"cell_wise_cv", "gene_wise_cv", "diff_exp"}`` markdown tables (``metrics.json``).
+    library_name
+        The card's ``library_name``; default ``"scvi-tools"`` when ``scvi_version`` is set,
+        else ``"jaxvi"``.
+    jaxvi_version
+        jaxvi version of the model files, shown as a ``jaxvi_version:...`` tag.
+    """
+
+    license_info: str
+    model_cls_name: str
+    model_init_params: dict
+    model_setup_anndata_args: dict
+    model_summary_stats: dict
+    model_data_registry: dict
+    scvi_version: str | None
+    anndata_version: str
+    data_modalities: list[str] = dataclasses.field(default_factory=list)
+    tissues: list[str] = dataclasses.field(default_factory=list)
+    data_is_annotated: bool | None = None
+    data_is_minified: bool | None = None
+    training_data_url: str | None = None
+    training_code_url: str | None = None
+    model_parent_module: str = "scvi.model"
+    description: str = MISSING_FIELD
+    references: str = MISSING_FIELD
+    metrics_report: dict | None = None
+    library_name: str | None = None
+    jaxvi_version: str | None = None
+
+    def __post_init__(self):
+        if self.model_cls_name != "SCVI":
+            raise ValueError(
+                f"Model class name {self.model_cls_name} not recognized: jaxvi implements "
+                "SCVI only, and its card describes SCVI."
+            )
+        for name in ("training_data_url", "training_code_url"):
+            if getattr(self, name) is not None:
+                validate_url_format(getattr(self, name))
+        if self.metrics_report is not None and not isinstance(self.metrics_report, dict):
+            raise TypeError(
+                "metrics_report must be a dict of markdown tables (the content of "
+                f"metrics.json), got {type(self.metrics_report).__name__}."
+            )
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """``{tag name: version}`` in the card's tag order."""
+        out = {}
+        if self.scvi_version is not None:
+            out["scvi_version"] = self.scvi_version
+        if self.jaxvi_version is not None:
+            out["jaxvi_version"] = self.jaxvi_version
+        out["anndata_version"] = self.anndata_version
+        return out
+
+    def card_info(self) -> ModelCardInfo:
+        """The :class:`ModelCardInfo` the card is rendered from."""
+        library = self.library_name
+        if library is None:
+            library = "jaxvi" if self.scvi_version is None else "scvi-tools"
+        return ModelCardInfo(
+            license_info=self.license_info,
+            model_cls_name=self.model_cls_name,
+            model_init_params=dict(self.model_init_params),
+            model_setup_anndata_args=dict(self.model_setup_anndata_args),
+            model_summary_stats=dict(self.model_summary_stats),
+            model_data_registry=dict(self.model_data_registry),
+            library_name=library,
+            versions=self.versions,
+            data_modalities=list(self.data_modalities),
+            tissues=list(self.tissues),
+            data_is_annotated=self.data_is_annotated,
+            data_is_minified=self.data_is_minified,
+            training_data_url=self.training_data_url,
+            training_code_url=self.training_code_url,
+            description=self.description,
+            references=self.references,
+            metrics_report=self.metrics_report,
+        )
+
+    @property
+    def model_card(self) -> ModelCard:
+        """The card, rendered from the current field values."""
+        return ModelCard(model_card(self.card_info()))
+
+    @classmethod
+    def from_dir(
+        cls,
+        local_dir: str,
+        license_info: str,
+        anndata_version: str,
+        metrics_report=None,
+        data_is_minified: bool | None = None,
+        map_location="cpu",
+        **kwargs,
+    ) -> HubModelCardHelper:
+        """The helper for the model saved in ``local_dir`` (jaxvi's or scvi-tools' files).
+
+        Parameters
+        ----------
+        local_dir
+            Directory with the model files (``model.json``/``model.npz`` or ``model.pt``).
+        license_info, anndata_version
+            As the fields.
+        metrics_report
+            A dict of tables, or the path of a ``metrics.json`` to read; None reads
+            ``local_dir/metrics.json`` when there is one. (scvi-tools reads
+            ``local_dir/metrics.json`` whatever path is given.)
+        data_is_minified
+            Default: whether ``local_dir/adata.h5ad`` is minified (None without one).
+        map_location
+            Accepted for scvi-tools' signature; nothing is placed on a device.
+        kwargs
+            Further fields (``data_modalities``, ``tissues``, ``description``, ...).
+
+        Raises
+        ------
+        FileNotFoundError
+            (also a ``ValueError``, as scvi-tools raises) when ``local_dir`` holds no model
+            files.
+        """
+        from jaxvi import hub
+
+        del map_location
+        info = hub.read_model_info(local_dir)
+        if metrics_report is None:
+            path = os.path.join(local_dir, METRICS_FILE)
+            metrics_report = _read_json(path) if os.path.isfile(path) else None
+        elif isinstance(metrics_report, str | os.PathLike):
+            metrics_report = _read_json(metrics_report)
+        if data_is_minified is None:
+            adata_path = os.path.join(local_dir, "adata.h5ad")
+            if os.path.isfile(adata_path):
+                data_is_minified = h5ad_is_minified(adata_path)
+        kwargs.setdefault("library_name", info["library_name"])
+        kwargs.setdefault("jaxvi_version", info["jaxvi_version"])
+        if info["model_format"] == "jaxvi":
+            kwargs.setdefault("model_parent_module", "jaxvi")
+        # scvi-tools' registry views (attrdicts) list their keys sorted, and so do its cards
+        return cls(
+            license_info,
+            info["model_cls_name"],
+            info["init_params"],
+            info["setup_args"],
+            dict(sorted(info["summary_stats"].items())),
+            dict(sorted(info["data_registry"].items())),
+            info["scvi_version"],
+            anndata_version,
+            metrics_report=metrics_report,
+            data_is_minified=data_is_minified,
+            **kwargs,
+        )
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def h5ad_is_minified(path: str) -> bool:
+    """Whether the ``.h5ad`` file at ``path`` holds a minified AnnData (read from its ``uns``
+    only)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return "uns" in f and "_scvi_adata_minify_type" in f["uns"]

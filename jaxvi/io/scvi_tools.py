@@ -3,10 +3,10 @@
 scvi-tools' ``SCVI.save`` writes ``{prefix}model.pt``, a ``torch.save`` file holding
 ``model_state_dict`` (the VAE's tensors plus an empty ``pyro_param_store``), ``var_names`` and
 ``attr_dict`` (registry, init parameters, history, split indices, ...), and optionally
-``{prefix}adata.h5ad``. :func:`read_scvi_tools` turns such a directory into a jaxvi model
+``{prefix}adata.h5ad``. :func:`read_scvi_tools` reads such a directory into plain parts
 without torch and without running anything from the file (:mod:`jaxvi.io.torchfile`);
-:func:`write_scvi_tools` writes a directory that ``scvi.model.SCVI.load`` reads, also without
-torch.
+:func:`write_scvi_tools` writes one from plain parts that ``scvi.model.SCVI.load`` reads,
+also without torch. Neither builds a model: :class:`jaxvi.model.BaseModel` does.
 
 The registries differ in shape, not content. scvi-tools keeps one entry per field
 (``X``, ``batch``, ``labels``, ``size_factor``, ``extra_categorical_covs``,
@@ -22,13 +22,10 @@ from __future__ import annotations
 import os
 import uuid
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi.io import torchfile as torchfile
-from jaxvi.io.bridge import state_dict_to_variables, variables_to_state_dict
+from jaxvi.io import _npz, torchfile
 
 __all__ = [
     "SCVI_TOOLS_VERSION",
@@ -63,18 +60,6 @@ _FIELDS = (
     "extra_categorical_covs",
     "extra_continuous_covs",
 )
-_NON_KWARGS = (
-    "n_hidden",
-    "n_latent",
-    "n_layers",
-    "dropout_rate",
-    "dispersion",
-    "gene_likelihood",
-    "use_observed_lib_size",
-    "latent_distribution",
-)
-
-
 def is_scvi_tools_dir(dir_path: str, prefix: str | None = None) -> bool:
     """Whether ``dir_path`` holds a scvi-tools ``{prefix}model.pt``."""
     return os.path.isfile(os.path.join(dir_path, f"{prefix or ''}{MODEL_PT}"))
@@ -280,23 +265,20 @@ def registry_to_scvi(registry: dict) -> dict:
 
 
 def init_params_from_scvi(init_params: dict) -> dict:
-    """jaxvi's ``init_params_`` from scvi-tools' ``{"non_kwargs": ..., "kwargs": {"kwargs"}}``."""
-    from jaxvi.model._scvi import _VAE_KWARGS
-
+    """jaxvi's flat ``init_params_`` from scvi-tools' ``{"non_kwargs": ..., "kwargs":
+    {"kwargs": ...}}`` (which names a model accepts is the model class's business)."""
     if "non_kwargs" not in init_params:
         raise ValueError("The saved init_params_ lack 'non_kwargs' (scvi-tools < 0.8?).")
     params = dict(init_params["non_kwargs"])
     kwargs = dict(init_params.get("kwargs", {}).get("kwargs", {}) or {})
-    unknown = sorted(set(params) - set(_NON_KWARGS)) + sorted(set(kwargs) - _VAE_KWARGS)
-    if unknown:
-        raise ValueError(f"The saved model uses SCVI arguments jaxvi does not support: {unknown}.")
     return {**params, **kwargs}
 
 
-def init_params_to_scvi(init_params: dict) -> dict:
-    """scvi-tools' ``init_params_`` layout (as its model cards show it) from jaxvi's."""
-    non = {k: init_params[k] for k in _NON_KWARGS}
-    kwargs = {k: v for k, v in init_params.items() if k not in _NON_KWARGS}
+def init_params_to_scvi(init_params: dict, non_kwargs: tuple[str, ...]) -> dict:
+    """scvi-tools' ``init_params_`` layout (as its model cards show it) from jaxvi's flat one;
+    ``non_kwargs`` are the model's named constructor arguments."""
+    non = {k: init_params[k] for k in non_kwargs}
+    kwargs = {k: v for k, v in init_params.items() if k not in non_kwargs}
     return {"kwargs": {"kwargs": kwargs}, "non_kwargs": non}
 
 
@@ -316,129 +298,104 @@ def _history_from_scvi(history) -> dict[str, pd.DataFrame]:
     return out
 
 
-def read_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
-    """A jaxvi model from a scvi-tools ``SCVI`` directory.
+def read_scvi_tools(dir_path: str, prefix: str | None = None) -> dict:
+    """The plain parts of a scvi-tools model directory (no torch, no code run).
 
     Parameters
     ----------
-    cls
-        The model class (:class:`jaxvi.SCVI`).
     dir_path
         Directory written by ``scvi.model.SCVI.save`` (``model.pt``, maybe ``adata.h5ad``).
-    adata
-        AnnData with the model's genes (in order) and known categories; default the saved
-        ``adata.h5ad`` if present, else the model loads without data.
     prefix
         File-name prefix used at save time.
 
     Returns
     -------
-    A ``cls`` instance with the saved registry, init parameters, history, split indices and
-    weights; its outputs equal scvi-tools' for the same data.
+    dict with ``registry`` (jaxvi's layout), ``init_params`` (flat), ``state_dict``
+    (name -> ndarray, scvi-tools' names), ``history``, ``is_trained``, ``indices``
+    (train, validation, test; arrays or None) and ``adata_path`` (the saved AnnData's path,
+    or None).
     """
-    from jaxvi.data import registry as reglib
-    from jaxvi.model._scvi import _check_variables, config_from_registry
-    from jaxvi.module import VAE
-
     parts = read_scvi_tools_files(dir_path, prefix)
     attrs = parts["attr_dict"]
-    reg = registry_from_scvi(dict(attrs["registry_"]), parts["var_names"])
-    init_params = init_params_from_scvi(dict(attrs["init_params_"]))
-    config = config_from_registry(reg, init_params)
-    variables = state_dict_to_variables(parts["state_dict"], config)
-    _check_variables(variables, config)
-    if adata is None:
-        path = os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}")
-        if os.path.exists(path):
-            import anndata
-
-            adata = anndata.read_h5ad(path)
-    if adata is not None:
-        reglib.registry_arrays(adata, reg)  # same genes, known categories
-        adata.uns[reglib.UNS_KEY] = reg
-    model = cls.__new__(cls)
-    model.registry_ = reg
-    model.adata = adata
-    model.init_params_ = init_params
-    model.config = config
-    model.module = VAE(config)
-    model.variables = jax.tree_util.tree_map(jnp.asarray, variables)
-    model.history_ = _history_from_scvi(attrs.get("history_"))
-    model.is_trained_ = bool(attrs.get("is_trained_", False))
-    model.train_indices_ = _indices(attrs.get("train_indices_"))
-    model.validation_indices_ = _indices(attrs.get("validation_indices_"))
-    model.test_indices_ = _indices(attrs.get("test_indices_"))
-    model._n_calls = 0
-    model._mesh = None  # as SCVI.load: JAX's default device until to_device()
-    return model
+    adata_path = os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}")
+    return {
+        "registry": registry_from_scvi(dict(attrs["registry_"]), parts["var_names"]),
+        "init_params": init_params_from_scvi(dict(attrs["init_params_"])),
+        "state_dict": parts["state_dict"],
+        "history": _history_from_scvi(attrs.get("history_")),
+        "is_trained": bool(attrs.get("is_trained_", False)),
+        "indices": tuple(
+            _indices(attrs.get(f"{k}_indices_")) for k in ("train", "validation", "test")
+        ),
+        "adata_path": adata_path if os.path.exists(adata_path) else None,
+    }
 
 
 def write_scvi_tools(
-    model,
     dir_path: str,
+    *,
+    state_dict: dict,
+    registry: dict,
+    init_params: dict,
+    non_kwargs: tuple[str, ...],
+    history: dict,
+    is_trained: bool,
+    indices: tuple,
+    adata=None,
     prefix: str | None = None,
     overwrite: bool = False,
-    save_anndata: bool = False,
 ) -> None:
-    """Write ``model`` as a scvi-tools 1.4.2 ``SCVI`` directory (no torch needed).
+    """Write a scvi-tools 1.4.2 model directory from plain parts (no torch needed).
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI``.
     dir_path
         Output directory; ``scvi.model.SCVI.load(dir_path, adata)`` reads it.
+    state_dict
+        name -> ndarray with scvi-tools' names (:func:`jaxvi.io.bridge.variables_to_state_dict`).
+    registry, init_params, history, is_trained, indices
+        The model's registry, flat constructor arguments, history, trained flag and split.
+    non_kwargs
+        The model's named constructor arguments (the rest of ``init_params`` are kwargs).
+    adata
+        Also write this AnnData as ``adata.h5ad`` (None: no AnnData file).
     prefix
         File-name prefix, as scvi-tools' ``save``.
     overwrite
         Replace an existing ``model.pt``.
-    save_anndata
-        Also write the model's AnnData as ``adata.h5ad``.
 
     Raises
     ------
     ValueError
-        If the file exists and ``overwrite`` is False, if ``save_anndata`` is asked of a model
-        without data, or for a model whose config scvi-tools cannot express (a likelihood
-        registered only in jaxvi).
+        If the file exists and ``overwrite`` is False.
     """
-    from jaxvi import io
-
-    if model.config.gene_likelihood not in ("zinb", "nb", "poisson", "normal"):
-        raise ValueError(
-            f"gene_likelihood={model.config.gene_likelihood!r} exists only in jaxvi; "
-            "scvi-tools cannot load it."
-        )
     pt_path = os.path.join(dir_path, f"{prefix or ''}{MODEL_PT}")
     if os.path.exists(pt_path) and not overwrite:
         raise ValueError(f"{pt_path} already exists; pass `overwrite=True` to replace it.")
-    if save_anndata and model.adata is None:
-        raise ValueError("save_anndata=True but the model has no AnnData.")
     os.makedirs(dir_path, exist_ok=True)
-    variables = jax.device_get(model.variables)
-    state = variables_to_state_dict(variables, model.config)
-    state_dict = {k: torchfile.Tensor(v) for k, v in state.items()}
-    state_dict[_PYRO_KEY] = {"params": {}, "constraints": {}}
-    history = {k: v.copy() for k, v in model.history_.items()} or None
+    tensors = {k: torchfile.Tensor(np.asarray(v)) for k, v in state_dict.items()}
+    tensors[_PYRO_KEY] = {"params": {}, "constraints": {}}
+    history = {k: v.copy() for k, v in history.items()} or None
+    train, validation, test = indices
     attr_dict = {
         "get_normalized_function_name_": "get_normalized_expression",
         "history_": history,
-        "init_params_": init_params_to_scvi(model.init_params_),
-        "is_trained_": bool(model.is_trained_),
-        "registry_": registry_to_scvi(model.registry_),
+        "init_params_": init_params_to_scvi(init_params, non_kwargs),
+        "is_trained_": bool(is_trained),
+        "registry_": registry_to_scvi(registry),
         "run_id_": "",
         "run_name_": "jaxvi",
-        "test_indices_": _indices(model.test_indices_),
-        "train_indices_": _indices(model.train_indices_),
-        "validation_indices_": _indices(model.validation_indices_),
+        "test_indices_": _indices(test),
+        "train_indices_": _indices(train),
+        "validation_indices_": _indices(validation),
     }
     obj = {
-        "model_state_dict": state_dict,
-        "var_names": np.array(model.registry_["var_names"], dtype=object),
+        "model_state_dict": tensors,
+        "var_names": np.array(registry["var_names"], dtype=object),
         "attr_dict": attr_dict,
     }
-    if save_anndata:
-        adata = model.adata.copy()
+    if adata is not None:
+        adata = adata.copy()
         adata.uns.pop("_jaxvi", None)  # scvi-tools re-registers from the model's registry
-        io.atomic_write(os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}"), adata.write_h5ad)
-    io.atomic_write(pt_path, lambda tmp: torchfile.save(obj, tmp, archive_name="model"))
+        _npz.atomic_write(os.path.join(dir_path, f"{prefix or ''}{ADATA_FILE}"), adata.write_h5ad)
+    _npz.atomic_write(pt_path, lambda tmp: torchfile.save(obj, tmp, archive_name="model"))

@@ -289,8 +289,10 @@ class Likelihood:
         counts ``(..., cells, genes)``. Must be differentiable in the parameters it reads.
     sample
         ``sample(key, params) -> (..., cells, genes)`` float32 draws.
-    mean, variance
-        ``f(params) -> (..., cells, genes)`` (broadcast to the shape of ``params.mu``).
+    mean
+        ``mean(params) -> (..., cells, genes)`` (broadcast to the shape of ``params.mu``).
+    variance
+        ``variance(params) -> (..., cells, genes)`` (broadcast likewise).
     uses_theta
         Whether ``params.theta`` is read (the model then builds the dispersion ``px_r``).
     uses_zi_logits

@@ -1,6 +1,17 @@
-"""User-facing models with scvi-tools' API (``scvi.model``)."""
+"""User-facing models with scvi-tools' API (``scvi.model``): the abstract
+:class:`BaseModel` and the final model classes."""
 
 from jaxvi.model import scarches
+from jaxvi.model._base import BaseModel
+from jaxvi.model._parts import ModelParts, QueryTraining
 from jaxvi.model._scvi import SCVI, config_from_registry, library_size_prior
 
-__all__ = ["SCVI", "config_from_registry", "library_size_prior", "scarches"]
+__all__ = [
+    "SCVI",
+    "BaseModel",
+    "ModelParts",
+    "QueryTraining",
+    "config_from_registry",
+    "library_size_prior",
+    "scarches",
+]

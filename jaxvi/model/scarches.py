@@ -1,11 +1,12 @@
 """scArches query mapping: extend a trained reference scVI to new batches (Lotfollahi et al. 2022).
 
-:func:`load_query_data` registers a query AnnData under the reference's setup, appending its
-new categories after the reference's; builds a model for the larger category counts; copies
-every reference weight into it, giving only the one-hot input rows of the new categories (and
-the new columns of per-batch parameters) fresh initial values; and records which entries
-training may change. The rules are scvi-tools 1.4.2's (``ArchesMixin.load_query_data`` and
-``_set_params_online_update``), stated on scvi-tools' state-dict names:
+:meth:`jaxvi.model.BaseModel.load_query_data` registers a query AnnData under the
+reference's setup, appending its new categories after the reference's; builds a model for the
+larger category counts; copies every reference weight into it, giving only the one-hot input
+rows of the new categories (and the new columns of per-batch parameters) fresh initial values;
+and records which entries training may change. The rules are scvi-tools 1.4.2's
+(``ArchesMixin.load_query_data`` and ``_set_params_online_update``), stated on scvi-tools'
+state-dict names:
 
 - trainable tensors: the ``Linear`` layers of every ``FCLayers`` stack, all of ``l_encoder``,
   the decoder's batch-norm affine parameters (unless ``freeze_batchnorm_decoder``) and the
@@ -22,7 +23,7 @@ calls ``module.eval()`` and Lightning (>= 2.2) keeps the modes of submodules dur
 So batch norm normalises with the reference's running statistics, which never change, and
 dropout is off; the batch-norm ``momentum=0`` and ``freeze_dropout`` settings of
 ``_set_params_online_update`` have no effect. jaxvi's query models train the same way
-(``network_training=False`` in :func:`jaxvi.train.fit`).
+(``QueryTraining(network_training=False)``, read by ``train``).
 
 One deliberate difference: scvi-tools freezes entries by zeroing their gradients, so its
 coupled weight decay (1e-6 by default) still moves them slightly; jaxvi zeroes their gradient
@@ -38,56 +39,64 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from jaxvi import io
 from jaxvi.data import registry as reglib
+from jaxvi.io import scvi_tools
 from jaxvi.io.bridge import leaf_paths, set_path, torch_key
 from jaxvi.module import VAEConfig
 
 __all__ = [
     "MIN_VAR_NAME_RATIO",
+    "FreezeOptions",
     "extend_variables",
     "freeze_masks",
-    "load_query_data",
     "prepare_query_anndata",
     "query_registry",
+    "reference_var_names",
+    "subset_query_genes",
 ]
 
 MIN_VAR_NAME_RATIO = 0.8
 
 
 # ----------------------------------------------------------------------------- reference
-def _load_reference(reference_model):
-    """A jaxvi model from a jaxvi model, or a jaxvi / scvi-tools directory."""
-    from jaxvi.model import SCVI
+def reference_var_names(reference) -> list[str]:
+    """The genes of a reference: given as a list, or read from a saved jaxvi or scvi-tools
+    model directory (only its metadata)."""
+    if not isinstance(reference, str | os.PathLike):
+        return [str(g) for g in reference]
+    path = str(reference)
+    if os.path.exists(os.path.join(path, io.MODEL_JSON)):
+        meta, _ = io.read_model_dir(path)
+        return list(meta["registry"]["var_names"])
+    if scvi_tools.is_scvi_tools_dir(path):
+        return scvi_tools.read_scvi_tools_files(path)["var_names"]
+    raise FileNotFoundError(f"No saved jaxvi or scvi-tools model in {path}.")
 
-    if isinstance(reference_model, str | os.PathLike):
-        return SCVI.load(str(reference_model), adata=None)
-    if isinstance(reference_model, SCVI):
-        return reference_model
-    raise TypeError(
-        "reference_model must be a jaxvi SCVI or the path of a saved jaxvi or scvi-tools "
-        f"model, got {type(reference_model).__name__}."
-    )
 
+def subset_query_genes(adata, var_names) -> None:
+    """Subset and reorder ``adata``'s genes in place to ``var_names`` (all must be present).
 
-def _reference_var_names(reference_model) -> list[str]:
-    if isinstance(reference_model, str | os.PathLike):
-        from jaxvi import io
-        from jaxvi.io import scvi_tools as scvi_io
-
-        path = str(reference_model)
-        if os.path.exists(os.path.join(path, io.MODEL_JSON)):
-            meta, _ = io.read_model_dir(path)
-            return list(meta["registry"]["var_names"])
-        if scvi_io.is_scvi_tools_dir(path):
-            return scvi_io.read_scvi_tools_files(path)["var_names"]
-        raise FileNotFoundError(f"No saved jaxvi or scvi-tools model in {path}.")
-    return list(_load_reference(reference_model).registry_["var_names"])
+    Raises
+    ------
+    ValueError
+        Naming reference genes the query lacks.
+    """
+    genes = pd.Index(var_names)
+    absent = genes.difference(adata.var_names)
+    if len(absent):
+        raise ValueError(
+            f"The query lacks {len(absent)} reference genes (e.g. {list(absent[:5])}); "
+            "pad them with `prepare_query_anndata(adata, reference)` first."
+        )
+    adata._inplace_subset_var(genes)
 
 
 # ----------------------------------------------------------------------------- genes
@@ -104,7 +113,7 @@ def prepare_query_anndata(
     adata
         Query AnnData ``(cells, genes)``.
     reference_model
-        A jaxvi ``SCVI`` or the directory of a saved jaxvi or scvi-tools model.
+        The reference's gene names, or the directory of a saved jaxvi or scvi-tools model.
     return_reference_var_names
         Only return the reference's gene names (a ``pandas.Index``).
     inplace
@@ -122,7 +131,7 @@ def prepare_query_anndata(
     import anndata
     import scipy.sparse as sp
 
-    ref_names = pd.Index(_reference_var_names(reference_model))
+    ref_names = pd.Index(reference_var_names(reference_model))
     if return_reference_var_names:
         return ref_names
     shared = adata.var_names.intersection(ref_names)
@@ -295,15 +304,17 @@ def _layer_of(key: str) -> int:
     return int(key.split("fc_layers.Layer ")[1].split(".")[0])
 
 
-def freeze_masks(
-    config: VAEConfig,
-    variables: dict,
-    *,
-    freeze_expression: bool = True,
-    freeze_decoder_first_layer: bool = True,
-    freeze_batchnorm_encoder: bool = True,
-    freeze_batchnorm_decoder: bool = False,
-) -> dict:
+class FreezeOptions(NamedTuple):
+    """scArches' freeze options (``load_query_data``'s arguments of the same names)."""
+
+    unfrozen: bool = False
+    freeze_expression: bool = True
+    freeze_decoder_first_layer: bool = True
+    freeze_batchnorm_encoder: bool = True
+    freeze_batchnorm_decoder: bool = False
+
+
+def freeze_masks(config: VAEConfig, variables: dict, options: FreezeOptions) -> dict | None:
     """Which parameter entries query training may change, by scvi-tools' rules (module docstring).
 
     Parameters
@@ -312,15 +323,20 @@ def freeze_masks(
         The query architecture.
     variables
         The query's variables (only the structure and shapes are used).
-    freeze_expression, freeze_decoder_first_layer, freeze_batchnorm_encoder,
-    freeze_batchnorm_decoder
-        As :func:`load_query_data`.
+    options
+        The freeze options (see the module docstring).
 
     Returns
     -------
     A pytree of bool arrays like ``variables["params"]``: True where training may change the
-    entry.
+    entry; None with ``options.unfrozen`` (everything trains).
     """
+    if options.unfrozen:
+        return None
+    freeze_expression = options.freeze_expression
+    freeze_decoder_first_layer = options.freeze_decoder_first_layer
+    freeze_batchnorm_encoder = options.freeze_batchnorm_encoder
+    freeze_batchnorm_decoder = options.freeze_batchnorm_decoder
     update: dict = {}
     for path, leaf in leaf_paths(jax.device_get(variables["params"])):
         key, _ = torch_key(("params", *path))
@@ -359,99 +375,3 @@ def freeze_masks(
                     mask[-n_cat:] = True  # kernel (in, out): the last rows are the one-hots
         set_path(update, path, mask)
     return update
-
-
-# ----------------------------------------------------------------------------- query model
-def load_query_data(
-    cls,
-    adata,
-    reference_model,
-    inplace_subset_query_vars: bool = False,
-    accelerator: str = "auto",
-    device="auto",
-    unfrozen: bool = False,
-    freeze_dropout: bool = False,
-    freeze_expression: bool = True,
-    freeze_decoder_first_layer: bool = True,
-    freeze_batchnorm_encoder: bool = True,
-    freeze_batchnorm_decoder: bool = False,
-    freeze_classifier: bool = True,
-    transfer_batch: bool = True,
-):
-    """A query model initialised from a reference, ready for :meth:`SCVI.train` (scArches).
-
-    Parameters
-    ----------
-    cls
-        The model class (:class:`jaxvi.SCVI`).
-    adata
-        Query AnnData with the reference's genes in order (see :func:`prepare_query_anndata`)
-        and its setup columns; new categories are appended after the reference's.
-    reference_model
-        A trained jaxvi ``SCVI``, or the directory of a saved jaxvi or scvi-tools model.
-    inplace_subset_query_vars
-        Subset and reorder ``adata``'s genes to the reference's first (all must be present).
-    accelerator, device
-        Accepted for compatibility; JAX's default device is used.
-    unfrozen
-        Train every parameter (overrides the options below).
-    freeze_dropout
-        No effect: query training runs without dropout anyway (see the module docstring).
-    freeze_expression
-        Freeze the encoder's first layer except its one-hot covariate inputs.
-    freeze_decoder_first_layer
-        Freeze the decoder's first layer except its one-hot covariate inputs.
-    freeze_batchnorm_encoder, freeze_batchnorm_decoder
-        Freeze the batch-norm scale and bias of the encoder / decoder.
-    freeze_classifier
-        No effect for SCVI (it has no classifier); accepted as scvi-tools does.
-    transfer_batch
-        With False, refuse a query with batches the reference has not seen.
-
-    Returns
-    -------
-    An untrained ``cls`` instance on ``adata`` whose :meth:`train` changes only the allowed
-    entries (weight decay included).
-
-    Raises
-    ------
-    ValueError
-        For a query with other genes, missing setup columns, or (``transfer_batch=False``)
-        new batches.
-    """
-    del accelerator, device, freeze_classifier, freeze_dropout
-    reference = _load_reference(reference_model)
-    ref_reg = reference.registry_
-    if inplace_subset_query_vars:
-        genes = pd.Index(ref_reg["var_names"])
-        absent = genes.difference(adata.var_names)
-        if len(absent):
-            raise ValueError(
-                f"The query lacks {len(absent)} reference genes (e.g. {list(absent[:5])}); "
-                "pad them with `SCVI.prepare_query_anndata(adata, reference)` first."
-            )
-        adata._inplace_subset_var(genes)
-    reg = query_registry(ref_reg, adata)
-    if not transfer_batch and len(reg["batch_categories"]) > len(ref_reg["batch_categories"]):
-        raise ValueError(
-            "This model does not allow for query having batch categories missing from the "
-            "reference."
-        )
-    model = cls(adata, **reference.init_params_)  # fresh variables in the query's shapes
-    model.variables = extend_variables(
-        reference.variables, reference.config, model.variables, model.config
-    )
-    update_mask = None
-    if not unfrozen:
-        update_mask = freeze_masks(
-            model.config,
-            model.variables,
-            freeze_expression=freeze_expression,
-            freeze_decoder_first_layer=freeze_decoder_first_layer,
-            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
-            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-        )
-    # Read by SCVI.train: the frozen entries, and the network in evaluation mode.
-    model._query_freeze = {"update_mask": update_mask, "network_training": False}
-    model.is_trained_ = False
-    return model

@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import zipfile
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -187,3 +188,16 @@ def test_files_needing_code_execution_are_refused(saved, tmp_path):
         jio.write_model_dir(
             str(tmp_path / "w"), {}, {"a": np.array([None], dtype=object)}, overwrite=False
         )
+
+
+def test_directory_saved_before_the_redesign_loads():
+    """A model directory written by the code before the package was split into subpackages
+    (tests/io/format_v1_scvi, commit 14ce6cf) loads, with its AnnData, and gives the same
+    latent representation that code computed."""
+    data = Path(__file__).parent
+    model = SCVI.load(str(data / "format_v1_scvi"))
+    assert model.is_trained
+    assert model.adata.n_obs == 80
+    assert model.history["elbo_train"].shape == (3, 1)
+    expected = np.load(data / "format_v1_scvi_latent.npy")
+    np.testing.assert_allclose(model.get_latent_representation(), expected, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxvi import SCVI
 from jaxvi import data as datasets
-from jaxvi.model import _scvi as model_module
+from jaxvi.model import _training as model_module
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from jaxvi.train import (
 )
 from jaxvi.train import checkpoint as ckpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _adata(n=90, g=30, seed=0):

@@ -3,38 +3,16 @@
 import json
 import os
 
-import anndata
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 import jaxvi
 from jaxvi import SCVI
 
 
-def make_adata(n=120, g=40, seed=0, sparse=True):
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 3, n)
-    means = rng.gamma(2.0, 2.0, size=(3, g))
-    x = rng.poisson(means[group] * rng.gamma(5.0, 0.2, size=(n, 1))).astype(np.float32)
-    x[:, 0] += 1  # no empty cells
-    obs = pd.DataFrame(
-        {
-            "batch": np.where(np.arange(n) % 2 == 0, "a", "b"),
-            "cell_type": [f"t{i}" for i in group],
-            "donor": rng.choice(["d1", "d2", "d3"], n),
-            "age": rng.normal(40, 10, n),
-            "sf": x.sum(1) / x.sum(1).mean(),
-        },
-        index=[f"cell{i}" for i in range(n)],
-    )
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(g)])
-    return anndata.AnnData(sp.csr_matrix(x) if sparse else x, obs=obs, var=var)
-
-
 @pytest.fixture(scope="module")
-def trained():
+def trained(make_adata):
     adata = make_adata()
     SCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
     model = SCVI(adata, n_hidden=32, n_latent=5)
@@ -43,7 +21,7 @@ def trained():
 
 
 # ------------------------------------------------------------------ setup / bad input
-def test_setup_writes_codes_and_registry():
+def test_setup_writes_codes_and_registry(make_adata):
     adata = make_adata()
     SCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
     np.testing.assert_array_equal(adata.obs["_scvi_batch"], (np.arange(120) % 2))
@@ -60,14 +38,14 @@ def test_setup_writes_codes_and_registry():
         (lambda a: a.X.data.__setitem__(0, np.inf), "NaN or infinite"),
     ],
 )
-def test_setup_rejects_bad_counts(bad, match):
+def test_setup_rejects_bad_counts(make_adata, bad, match):
     adata = make_adata()
     bad(adata)
     with pytest.raises(ValueError, match=match):
         SCVI.setup_anndata(adata)
 
 
-def test_setup_warns_on_non_integer_counts():
+def test_setup_warns_on_non_integer_counts(make_adata):
     adata = make_adata()
     adata.X.data[0] = 0.5
     with pytest.warns(UserWarning, match="non-integer"):
@@ -82,17 +60,17 @@ def test_setup_warns_on_non_integer_counts():
         ({"continuous_covariate_keys": ["cell_type"]}, "must be numeric"),
     ],
 )
-def test_setup_rejects_missing_keys(kwargs, match):
+def test_setup_rejects_missing_keys(make_adata, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SCVI.setup_anndata(make_adata(), **kwargs)
 
 
-def test_setup_rejects_empty_adata():
+def test_setup_rejects_empty_adata(make_adata):
     with pytest.raises(ValueError, match="empty"):
         SCVI.setup_anndata(make_adata()[:0].copy())
 
 
-def test_model_needs_setup_and_valid_options():
+def test_model_needs_setup_and_valid_options(make_adata):
     adata = make_adata()
     with pytest.raises(ValueError, match="setup_anndata"):
         SCVI(adata)
@@ -105,7 +83,7 @@ def test_model_needs_setup_and_valid_options():
         SCVI(adata, n_hiden=3)
 
 
-def test_train_rejects_unknown_arguments():
+def test_train_rejects_unknown_arguments(make_adata):
     adata = make_adata()
     SCVI.setup_anndata(adata)
     model = SCVI(adata, n_hidden=8)
@@ -201,7 +179,7 @@ def test_elbo_and_reconstruction_signs(trained):
     assert per_cell.shape == (120,)
 
 
-def test_inference_on_new_adata_with_same_genes(trained):
+def test_inference_on_new_adata_with_same_genes(make_adata, trained):
     adata, model = trained
     new = make_adata(n=30, seed=5)
     z = model.get_latent_representation(new)
@@ -281,7 +259,7 @@ def test_load_refuses_pickles_and_garbage(trained, tmp_path):
         ),
     ],
 )
-def test_options_train_and_round_trip(setup, init, tmp_path):
+def test_options_train_and_round_trip(make_adata, setup, init, tmp_path):
     adata = make_adata(n=64, sparse=False)
     SCVI.setup_anndata(adata, **setup)
     model = SCVI(adata, n_hidden=16, n_latent=3, **init)
@@ -295,7 +273,7 @@ def test_options_train_and_round_trip(setup, init, tmp_path):
     np.testing.assert_array_equal(loaded.get_latent_representation(), z)
 
 
-def test_same_seed_same_model():
+def test_same_seed_same_model(make_adata):
     def run():
         adata = make_adata(n=64)
         SCVI.setup_anndata(adata)
@@ -327,7 +305,7 @@ def test_demo_main_job_writes_outputs(tmp_path):
     assert -1.0 <= metrics["ari_kmeans_vs_cell_type"] <= 1.0
 
 
-def test_registered_likelihood_plugs_into_the_model():
+def test_registered_likelihood_plugs_into_the_model(make_adata):
     import jax.numpy as jnp
 
     from jaxvi import likelihoods as lk

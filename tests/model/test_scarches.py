@@ -20,7 +20,7 @@ import pytest
 
 from jaxvi import SCVI
 from jaxvi.io.bridge import leaf_paths, variables_to_state_dict
-from jaxvi.model.scarches import extend_variables, freeze_masks, query_registry
+from jaxvi.model.scarches import FreezeOptions, extend_variables, freeze_masks, query_registry
 from jaxvi.module import VAEConfig, init_variables
 
 N_GENES = 20
@@ -170,7 +170,7 @@ def _trainable(mask) -> set[str]:
 def test_freeze_masks_follow_scvi_tools_rules():
     config = VAEConfig(n_input=6, n_batch=3, n_hidden=5, n_latent=3, n_layers=2)
     variables = random_variables(config, 0)
-    mask = freeze_masks(config, variables)
+    mask = freeze_masks(config, variables, FreezeOptions())
     dec = "decoder/px_decoder"
     assert _trainable(mask) == {
         f"{dec}/layer0_dense/kernel",
@@ -189,9 +189,9 @@ def test_freeze_masks_follow_scvi_tools_rules():
     free = freeze_masks(
         config,
         variables,
-        freeze_expression=False,
-        freeze_batchnorm_encoder=False,
-        freeze_batchnorm_decoder=True,
+        FreezeOptions(
+            freeze_expression=False, freeze_batchnorm_encoder=False, freeze_batchnorm_decoder=True
+        ),
     )
     assert free["z_encoder"]["encoder"]["layer0_dense"]["kernel"].all()
     assert free["z_encoder"]["encoder"]["layer0_dense"]["bias"].all()
@@ -216,7 +216,7 @@ def test_query_training_keeps_frozen_entries_and_reference_latent(jaxvi_referenc
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-    mask = model._query_freeze["update_mask"]
+    mask = model._query_training.update_mask
     model.train(max_epochs=3, enable_progress_bar=False)  # default weight decay 1e-6
     assert model.is_trained
     end = jax.device_get(model.variables)

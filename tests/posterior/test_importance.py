@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_posterior import jaxvi_model, make_adata, set_params
 
 from jaxvi import SCVI
 from jaxvi import posterior as importance
@@ -22,18 +21,18 @@ from jaxvi.posterior import Query, _importance, expression_and_latent_program, r
 
 
 @pytest.fixture(scope="module")
-def adata():
+def adata(make_adata):
     return make_adata(40)
 
 
 @pytest.fixture(scope="module")
-def trained(adata):
+def trained(jaxvi_model, adata):
     model = jaxvi_model(adata)
     model.train(max_epochs=30, batch_size=16, enable_progress_bar=False)
     return model
 
 
-def test_uniform_when_q_is_the_prior_and_decoder_ignores_z():
+def test_uniform_when_q_is_the_prior_and_decoder_ignores_z(make_adata, jaxvi_model, set_params):
     """q(z | x) = N(0, I) = p(z) and a decoder blind to z (one batch, observed library):
     p(x_a | z, l_a) = p(x_a) exactly and every q(z | x_a') = p(z), so each log weight is
     ``logsumexp_a(-log A) = 0``: uniform weights, whatever the anchors."""
@@ -92,7 +91,7 @@ def test_normalize_log_weights():
 
 
 @pytest.mark.parametrize("latent", ["normal", "ln"])
-def test_draws_are_aligned_with_expression(adata, latent):
+def test_draws_are_aligned_with_expression(jaxvi_model, adata, latent):
     """The latent draw returned with each expression row decodes to that row (so the weights
     are computed for the draws that are resampled)."""
     model = jaxvi_model(adata, latent_distribution=latent, use_observed_lib_size=False)

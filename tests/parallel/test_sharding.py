@@ -7,27 +7,14 @@ subprocesses: ``sharded_worker.py`` with 8 fake CPU devices.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from jaxvi.parallel import data_mesh, resolve_devices
-
-HERE = Path(__file__).parent
-
-
-def _env(n_devices: int | None = None) -> dict:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
-    if n_devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
-    return env
 
 
 def test_resolve_devices():
@@ -71,14 +58,14 @@ def test_train_on_a_one_device_mesh(tmp_path):
     )
 
 
-def test_eight_devices_equal_one():
+def test_eight_devices_equal_one(worker_env, worker_script):
     """8 fake CPU devices, 300 cells (padded to 304), global batch 64: training, validation
     metrics and queries equal the single-device run with the same seed; the counts are split
     over the 8 devices; the step all-reduces, and its gradient is the mean of the 8 shards'
     gradients (not any one shard's)."""
     proc = subprocess.run(
-        [sys.executable, str(HERE / "sharded_worker.py")],
-        env=_env(8),
+        [sys.executable, worker_script("sharded_worker.py")],
+        env=worker_env(8),
         capture_output=True,
         text=True,
         timeout=600,
@@ -100,7 +87,7 @@ def test_eight_devices_equal_one():
     assert out["grad_vs_first_shard"] > 1e-2
 
 
-def test_streaming_on_eight_devices_equals_one(tmp_path):
+def test_streaming_on_eight_devices_equals_one(worker_env, worker_script, tmp_path):
     """Streaming from a backed h5ad over 8 fake CPU devices: blocks of 256 cells (and the
     ragged 118-cell training block and 70-cell validation block, padded to 120 and 72) are
     split into 8 equal shards; the same cells are read, never more than one block at a
@@ -108,8 +95,8 @@ def test_streaming_on_eight_devices_equals_one(tmp_path):
     Queries on the backed AnnData then run on the mesh in bounded pieces read from disk, and
     equal the one-device queries."""
     proc = subprocess.run(
-        [sys.executable, str(HERE / "stream_mesh_worker.py"), str(tmp_path)],
-        env=_env(8),
+        [sys.executable, worker_script("stream_mesh_worker.py"), str(tmp_path)],
+        env=worker_env(8),
         capture_output=True,
         text=True,
         timeout=600,

@@ -10,9 +10,9 @@ import jax
 import pytest
 
 from jaxvi import SCVI
-from jaxvi import data as dataset_module
 from jaxvi import data as datasets
-from jaxvi.model import _scvi as model_module
+from jaxvi.data import _cells as dataset_module
+from jaxvi.model import _training as model_module
 from jaxvi.parallel import memory as memory
 
 OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."

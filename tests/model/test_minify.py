@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-from test_model import make_adata
 
 from jaxvi import SCVI
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(make_adata, tmp_path_factory):
     adata = make_adata(n=64)
     SCVI.setup_anndata(adata, batch_key="batch")
     model = SCVI(adata, n_hidden=16, n_latent=4)
@@ -67,7 +66,7 @@ def test_minify_with_counts_keeps_x_and_evidence(saved):
     assert np.isfinite(model.get_elbo())
 
 
-def test_minify_bad_requests(saved):
+def test_minify_bad_requests(make_adata, saved):
     model = SCVI.load(saved)
     with pytest.raises(ValueError, match="X_latent_qzm"):
         model.minify_adata()

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from test_sharding import HERE, _env
 
 
 def _free_port() -> int:
@@ -20,19 +19,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
-def test_two_processes_train_one_model(tmp_path, stream):
+def test_two_processes_train_one_model(worker_env, worker_script, tmp_path, stream):
     """Two CPU processes joined with ``jaxvi.parallel.initialize`` on loopback: each loads
     only its half of the cells, both end with identical parameters and latents, and those
     match a single-process run. Streamed from a backed h5ad, each process reads from disk
     only its half of every block (128 of 256 cells, 7 of the ragged 14, 15 of the 30
     validation cells), and the result matches the one-process streamed run."""
-    worker = str(HERE / "multihost_worker.py")
+    worker = worker_script("multihost_worker.py")
     port = str(_free_port())
     mode = ["stream"] if stream else []
     procs = [
         subprocess.Popen(
             [sys.executable, worker, str(rank), "2", port, str(tmp_path), *mode],
-            env=_env(),
+            env=worker_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -41,7 +40,7 @@ def test_two_processes_train_one_model(tmp_path, stream):
     ]
     single = subprocess.run(
         [sys.executable, worker, "0", "0", "0", str(tmp_path), *mode],
-        env=_env(),
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=600,

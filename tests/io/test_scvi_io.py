@@ -30,7 +30,7 @@ from jaxvi.io import torchfile as torchfile
 from jaxvi.io.scvi_tools import registry_from_scvi, registry_to_scvi
 from jaxvi.io.torchfile import UnsafePickleError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RTOL = 1e-5
 
 

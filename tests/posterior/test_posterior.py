@@ -9,7 +9,6 @@ the same weights, exact where the reference is deterministic and within Monte-Ca
 
 from __future__ import annotations
 
-import anndata
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,47 +21,7 @@ from jaxvi.likelihoods import get_likelihood
 from jaxvi.module import VAE, vae_loss
 from jaxvi.posterior import Query, run_query
 
-N_GENES = 24
-
-
-def make_adata(n_cells: int, n_genes: int = N_GENES, n_batch: int = 2, seed: int = 0):
-    """NB counts of three cell groups; obs ``batch`` with ``n_batch`` categories; no empty cell."""
-    rng = np.random.default_rng(seed)
-    group = rng.integers(0, 3, n_cells)
-    mu = rng.gamma(2.0, 2.0, size=(3, n_genes))[group] * rng.lognormal(0.0, 0.4, (n_cells, 1))
-    x = rng.negative_binomial(2.0, 2.0 / (2.0 + mu)).astype(np.float32)
-    x[:, 0] += 1.0
-    obs = pd.DataFrame(
-        {"batch": pd.Categorical([f"b{i % n_batch}" for i in range(n_cells)])},
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
-    return anndata.AnnData(x, obs=obs, var=var)
-
-
-def jaxvi_model(adata, **options) -> SCVI:
-    adata = adata.copy()
-    SCVI.setup_anndata(adata, batch_key="batch")
-    return SCVI(adata, n_hidden=16, n_latent=4, **options)
-
-
-def set_params(model: SCVI, path: tuple[str, ...], fn) -> None:
-    """Replace the parameter at ``path`` by ``fn(value)``."""
-    params = jax.tree_util.tree_map(lambda a: a, model.variables["params"])
-    node = params
-    for name in path[:-1]:
-        node = node[name]
-    node[path[-1]] = jnp.asarray(fn(np.asarray(node[path[-1]])), jnp.float32)
-    model.variables = {**model.variables, "params": params}
-
-
-def tighten_posterior(model: SCVI) -> None:
-    """q(z | x) and q(l | x) at their floor variance 1e-4 (``exp(-30) + 1e-4``), so that
-    draws differ from the posterior mean by ~0.01 and the decoded parameters by much less
-    than the Monte-Carlo error of the tests below."""
-    for enc in ("z_encoder", "l_encoder"):
-        set_params(model, (enc, "var_encoder", "kernel"), np.zeros_like)
-        set_params(model, (enc, "var_encoder", "bias"), lambda b: np.full_like(b, -30.0))
+N_GENES = 24  # the default width of conftest's make_adata
 
 
 def px_at_posterior_mean(model: SCVI, indices):
@@ -93,12 +52,12 @@ def z_scores(samples: np.ndarray, mean, var) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def adata():
+def adata(make_adata):
     return make_adata(40)
 
 
 @pytest.fixture(scope="module")
-def zinb_model(adata):
+def zinb_model(jaxvi_model, adata):
     return jaxvi_model(adata)
 
 
@@ -112,7 +71,7 @@ def zinb_model(adata):
         ("normal", ["mean", "dispersions"]),
     ],
 )
-def test_likelihood_parameters_keys_and_shapes(adata, likelihood, keys):
+def test_likelihood_parameters_keys_and_shapes(jaxvi_model, adata, likelihood, keys):
     model = jaxvi_model(adata, gene_likelihood=likelihood)
     one = model.get_likelihood_parameters()
     assert list(one) == keys
@@ -149,7 +108,7 @@ def test_likelihood_parameters_samples_and_reproducibility(zinb_model):
 
 
 # ---------------------------------------------------------- posterior predictive samples
-def test_posterior_predictive_types_and_shapes(adata):
+def test_posterior_predictive_types_and_shapes(jaxvi_model, adata):
     sparse = pytest.importorskip("sparse")
     model = jaxvi_model(adata, gene_likelihood="poisson")  # the cheapest sampler to compile
     one = model.posterior_predictive_sample()
@@ -183,7 +142,7 @@ def test_posterior_predictive_types_and_shapes(adata):
         ("normal", {}),
     ],
 )
-def test_posterior_predictive_moments(adata, likelihood, options):
+def test_posterior_predictive_moments(jaxvi_model, tighten_posterior, adata, likelihood, options):
     """With q(z | x) at its floor width, each cell's draws follow p(x | z = E[z | x]): the
     per-(cell, gene) sample mean and variance match the likelihood's formulas within
     Monte-Carlo error (|z| < 5 over all entries), and so does ZINB's zero fraction."""
@@ -209,7 +168,9 @@ def test_posterior_predictive_moments(adata, likelihood, options):
         assert np.abs((frac0 - p0) / np.sqrt(p0 * (1 - p0) / n)).max() < 5.0
 
 
-def test_denoised_draws_are_gamma_with_mean_size_factor_times_scale(adata):
+def test_denoised_draws_are_gamma_with_mean_size_factor_times_scale(
+    jaxvi_model, tighten_posterior, adata
+):
     """The correlation matrix's "denoised" draws: Gamma(theta, theta / (1000 px_scale))."""
     model = jaxvi_model(adata, gene_likelihood="nb")
     tighten_posterior(model)
@@ -228,7 +189,7 @@ def test_denoised_draws_are_gamma_with_mean_size_factor_times_scale(adata):
 
 
 # -------------------------------------------------------------------- latent library size
-def test_latent_library_size(adata, zinb_model):
+def test_latent_library_size(jaxvi_model, adata, zinb_model):
     totals = np.asarray(adata.X.sum(1)).reshape(-1, 1)
     observed = zinb_model.get_latent_library_size(give_mean=False, batch_size=16)
     assert observed.shape == (40, 1)
@@ -250,7 +211,9 @@ def test_latent_library_size(adata, zinb_model):
 
 
 # ----------------------------------------------------------------- marginal log-likelihood
-def test_marginal_ll_exact_when_q_is_the_prior_and_decoder_ignores_z(adata):
+def test_marginal_ll_exact_when_q_is_the_prior_and_decoder_ignores_z(
+    jaxvi_model, set_params, adata
+):
     """q(z | x) = N(0, I) = p(z) and a decoder blind to z make every importance weight equal
     p(x | l): the estimate is exactly log p(x | l) for any sample count and pass size (so
     exactly ``n_mc_samples`` draws enter the logsumexp), and ``return_mean`` is the mean of
@@ -310,7 +273,7 @@ PARITY_CELLS = 1000
 PARITY_GENES = 48
 
 
-def parity_models(n_epochs: int = 100) -> dict[str, tuple]:
+def parity_models(make_adata, n_epochs: int = 100) -> dict[str, tuple]:
     """``{"latent": (jaxvi, scvi-tools), "observed": (...)}`` models with the same weights.
 
     Monte-Carlo estimates are only comparable at 0.1 % when q is close to the posterior, so
@@ -427,7 +390,7 @@ def test_elbo_matches_scvi(parity, library):
     assert abs(ours - ref) / abs(ref) < 1e-3
 
 
-def test_posterior_predictive_layout_matches_scvi(adata, scvi_ref):
+def test_posterior_predictive_layout_matches_scvi(jaxvi_model, adata, scvi_ref):
     """Same type, shape, dtype and sparse layout as scvi-tools' output, including its
     ``gene_list`` rule (model gene order, unknown names ignored). The distribution itself is
     checked against the likelihood's formulas above and the decoder in test_parity.py."""

@@ -25,11 +25,11 @@ from jaxvi import io, posterior
 from jaxvi._settings import settings
 from jaxvi._version import __version__
 from jaxvi.analysis import de
-from jaxvi.data import backed_cell_data, host_cell_data
+from jaxvi.data import DataSource, make_source
 from jaxvi.data import registry as reglib
 from jaxvi.io import scvi_tools
 from jaxvi.model import scarches
-from jaxvi.model._minify import MINIFY_UNS_KEY, minified_arrays, minified_copy
+from jaxvi.model._minify import MINIFY_UNS_KEY, minified_copy
 from jaxvi.model._parts import (
     ModelParts,
     QueryTraining,
@@ -38,10 +38,10 @@ from jaxvi.model._parts import (
     history_from_json,
     history_to_json,
 )
-from jaxvi.model._training import TrainOutcome, device_data, run_training
-from jaxvi.module import ModelDef
+from jaxvi.model._training import TrainOutcome, run_training
+from jaxvi.module import KL_GLOBAL, KL_LOCAL, RECONSTRUCTION, ModelDef
 from jaxvi.parallel import resolve_devices, to_host
-from jaxvi.train import NonFiniteError, TrainingInterrupted, make_evaluate
+from jaxvi.train import NonFiniteError, TrainingInterrupted
 
 __all__ = ["BaseModel"]
 
@@ -119,9 +119,9 @@ class BaseModel(abc.ABC):
     def _to_state_dict(self, variables: dict) -> dict:
         """A scvi-tools state dict of ``variables``."""
 
-    def _engine_model(self):
-        """What :func:`jaxvi.train.fit` takes to train this model."""
-        return self.module
+    def _engine_model(self) -> ModelDef:
+        """What :func:`jaxvi.train.fit` takes to train this model: its ModelDef."""
+        return self.model_def
 
     # ------------------------------------------------------------- properties
     @property
@@ -311,10 +311,10 @@ class BaseModel(abc.ABC):
         ``softmax(z)`` over ``mc_samples`` draws), one sample with ``give_mean=False``, or
         ``(qz_mean, qz_var)`` with ``return_dist=True``.
         """
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        _, query = self._query(adata, indices, batch_size)
         mode = "dist" if return_dist else ("mean" if give_mean else "sample")
-        program = posterior.latent_program(self.config, mode, int(mc_samples))
-        out = posterior.run_chunked(program, self.variables, data, indices, bs, self._next_key())
+        program = posterior.latent_program(self.module, mode, int(mc_samples))
+        out = posterior.run_query(program, query)
         if return_dist:
             return tuple(np.asarray(a, np.float32) for a in out)
         return np.asarray(out, np.float32)
@@ -341,18 +341,38 @@ class BaseModel(abc.ABC):
         -------
         float64 ``(n_draws,)`` summing to one.
         """
-        return posterior.get_importance_weights(
-            self,
+        return self._importance_weights(
             adata,
             indices,
             zs,
             transform_batch,
-            max_cells,
-            truncation,
-            n_mc_samples,
-            n_mc_samples_per_pass,
             batch_size,
+            None,
+            max_cells=max_cells,
+            truncation=truncation,
+            n_mc_samples=n_mc_samples,
+            n_mc_samples_per_pass=n_mc_samples_per_pass,
         )
+
+    def _importance_weights(
+        self, adata, indices, zs, transform_batch, batch_size, rows, **kwargs
+    ) -> np.ndarray:
+        """:func:`jaxvi.posterior.get_importance_weights` of draws ``zs`` of ``indices``
+        (``rows``: the cell of each draw, when repeated), for :meth:`get_importance_weights`
+        and importance-resampled expression."""
+        if self.minified_data_type is not None:
+            raise ValueError(
+                "Importance weights need the counts of the anchor cells; this model's AnnData "
+                "is minified."
+            )
+        codes = self._batch_codes(transform_batch)
+        if len(codes) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches."
+            )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_importance_weights(query, zs, int(codes[0]), rows=rows, **kwargs)
 
     def differential_expression(
         self,
@@ -423,9 +443,8 @@ class BaseModel(abc.ABC):
         unless ``give_mean``. Works for every likelihood (the reference fails for poisson and
         normal). See :func:`jaxvi.posterior.get_likelihood_parameters`.
         """
-        return posterior.get_likelihood_parameters(
-            self, adata, indices, n_samples, give_mean, batch_size
-        )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_likelihood_parameters(query, n_samples, give_mean)
 
     def posterior_predictive_sample(
         self,
@@ -438,9 +457,10 @@ class BaseModel(abc.ABC):
     ):
         """Counts drawn from p(x | z), z ~ q(z | x): ``sparse.GCXS`` float32 of shape
         ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``."""
-        return posterior.posterior_predictive_sample(
-            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
-        )
+        _, query = self._query(adata, indices, batch_size)
+        genes = posterior.gene_indices(self.registry_["var_names"], gene_list)
+        codes = self._batch_codes(transform_batch)
+        return posterior.posterior_predictive_sample(query, codes, genes, n_samples)
 
     def get_marginal_ll(
         self,
@@ -458,9 +478,8 @@ class BaseModel(abc.ABC):
         float (the mean of per-minibatch means, as scvi-tools), or ``(cells,)`` values.
         """
         self._refuse_if_minified("get_marginal_ll")
-        return posterior.get_marginal_ll(
-            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
-        )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_marginal_ll(query, n_mc_samples, return_mean, n_mc_samples_per_pass)
 
     def get_latent_library_size(
         self,
@@ -472,7 +491,8 @@ class BaseModel(abc.ABC):
         """Library size ``(cells, 1)``: the LogNormal mean of q(l | x) with ``give_mean``
         (latent library models only), else ``exp(library)`` (observed totals or a draw)."""
         self._refuse_if_minified("get_latent_library_size")
-        return posterior.get_latent_library_size(self, adata, indices, give_mean, batch_size)
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_latent_library_size(query, give_mean)
 
     def get_feature_correlation_matrix(
         self,
@@ -485,15 +505,10 @@ class BaseModel(abc.ABC):
         correlation_type: str = "spearman",
     ) -> pd.DataFrame:
         """Gene-gene correlation ``(genes, genes)`` of denoised expression samples."""
+        adata, query = self._query(adata, indices, batch_size)
+        codes = self._batch_codes(transform_batch)
         return posterior.get_feature_correlation_matrix(
-            self,
-            adata,
-            indices,
-            n_samples,
-            batch_size,
-            rna_size_factor,
-            transform_batch,
-            correlation_type,
+            query, adata.var_names, codes, n_samples, rna_size_factor, correlation_type
         )
 
     def get_elbo(
@@ -506,8 +521,8 @@ class BaseModel(abc.ABC):
         float, the mean over cells, or ``(cells,)`` per-cell values with ``return_mean=False``.
         """
         self._refuse_if_minified("get_elbo")
-        rec, kl_z, kl_l = self._elbo_terms(adata, indices, batch_size)
-        elbo = -(rec + kl_z + kl_l)
+        terms = self._elbo_terms(adata, indices, batch_size)
+        elbo = -sum(terms[name] for name in (RECONSTRUCTION, KL_LOCAL, KL_GLOBAL) if name in terms)
         return float(np.mean(elbo)) if return_mean else elbo
 
     def get_reconstruction_error(
@@ -520,7 +535,7 @@ class BaseModel(abc.ABC):
         ``{"reconstruction_loss": float}`` (mean over cells) or ``(cells,)`` values.
         """
         self._refuse_if_minified("get_reconstruction_error")
-        rec, _, _ = self._elbo_terms(adata, indices, batch_size)
+        rec = self._elbo_terms(adata, indices, batch_size)[RECONSTRUCTION]
         return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
 
     # ----------------------------------------------------------- minification
@@ -763,6 +778,10 @@ class BaseModel(abc.ABC):
         self._mesh = mesh
 
     def _query_inputs(self, adata, indices, batch_size):
+        """``(adata, indices, source, batch_size)`` of a query: the model's AnnData and all
+        its cells by default, and where they live for queries (:func:`jaxvi.data.make_source`:
+        a backed AnnData's counts stay on disk, the cells are sharded over the mesh of
+        :meth:`to_device`, or moved in bounded pieces)."""
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("This model has no AnnData; pass `adata=`.")
@@ -776,44 +795,18 @@ class BaseModel(abc.ABC):
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
-        # A backed AnnData's counts stay on disk: run_chunked reads and moves bounded pieces
-        # (sharded over the mesh, if any).
-        data = None
-        if getattr(adata, "isbacked", False) and adata.uns.get(MINIFY_UNS_KEY) is None:
-            data = backed_cell_data(adata, self.registry_)
-        if data is not None:
-            return adata, indices.astype(np.int64), data.replace(mesh=self._mesh), bs
-        if self._mesh is not None:  # sharded over the devices of the mesh
-            return (
-                adata,
-                indices.astype(np.int64),
-                device_data(adata, self.registry_, self._mesh, None),
-                bs,
-            )
-        # Host data: run_chunked moves bounded pieces to the device (any dataset size).
-        arrays = reglib.registry_arrays(adata, self.registry_)
-        data = host_cell_data({**arrays, **minified_arrays(adata)})
-        return adata, indices.astype(np.int64), data, bs
+        source: DataSource = make_source(adata, self.registry_, purpose="query", mesh=self._mesh)
+        return adata, indices.astype(np.int64), source, bs
 
-    def _elbo_terms(self, adata, indices, batch_size):
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        if not hasattr(self, "_evaluate_fn"):
-            self._evaluate_fn = make_evaluate(self.module)
-        out = posterior.run_chunked(
-            self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
-        )
-        return tuple(np.asarray(a, np.float64) for a in out)
+    def _query(self, adata, indices, batch_size) -> tuple:
+        """``(adata, Query)`` of the module with the next key (see :meth:`_query_inputs`)."""
+        adata, indices, source, bs = self._query_inputs(adata, indices, batch_size)
+        key = self._next_key()
+        return adata, posterior.Query(self.module, self.variables, source, indices, key, bs)
+
+    def _elbo_terms(self, adata, indices, batch_size) -> dict:
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_elbo_terms(query.replace(module=self.model_def))
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
-        if transform_batch is None:
-            return np.array([-1])
-        cats = [str(c) for c in self.registry_["batch_categories"]]
-        values = (
-            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
-        )
-        codes = []
-        for v in values:
-            if str(v) not in cats:
-                raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
-            codes.append(cats.index(str(v)))
-        return np.asarray(codes)
+        return posterior.batch_codes(self.registry_["batch_categories"], transform_batch)

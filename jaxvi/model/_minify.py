@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from jaxvi.data import LIB_KEY, MINIFY_UNS_KEY, QZM_KEY, QZV_KEY
 from jaxvi.data import registry as reglib
 
 __all__ = [
@@ -19,31 +20,16 @@ __all__ = [
     "MINIFY_UNS_KEY",
     "QZM_KEY",
     "QZV_KEY",
-    "minified_arrays",
     "minified_copy",
     "minified_type",
 ]
 
 MINIFY_TYPES = ("latent_posterior_parameters", "latent_posterior_parameters_with_counts")
-MINIFY_UNS_KEY = "_scvi_adata_minify_type"
-QZM_KEY, QZV_KEY, LIB_KEY = "scvi_latent_qzm", "scvi_latent_qzv", "observed_lib_size"
 
 
 def minified_type(adata) -> str | None:
     """The minification type of ``adata``, or None (also for no AnnData)."""
     return None if adata is None else adata.uns.get(MINIFY_UNS_KEY)
-
-
-def minified_arrays(adata) -> dict:
-    """The cached posterior of a minified ``adata`` as registry arrays (``qz_m``, ``qz_v``
-    ``(cells, n_latent)``, ``observed_lib_size`` ``(cells,)``); empty for other data."""
-    if minified_type(adata) is None:
-        return {}
-    return {
-        "qz_m": adata.obsm[QZM_KEY],
-        "qz_v": adata.obsm[QZV_KEY],
-        "observed_lib_size": adata.obs[LIB_KEY].to_numpy(),
-    }
 
 
 def minified_copy(

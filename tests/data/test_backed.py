@@ -19,9 +19,9 @@ import pytest
 import scipy.sparse as sp
 
 from jaxvi import SCVI, settings
-from jaxvi import data as streaming
-from jaxvi import posterior as importance
+from jaxvi.data import _streaming as streaming
 from jaxvi.data import registry as registry
+from jaxvi.posterior import _importance as importance
 
 N_GENES = 12
 COUNT_ARRAYS = {"/X", "/X/data", "/X/indices"}
@@ -220,9 +220,9 @@ def test_importance_weights_on_backed_data(tmp_path, monkeypatch, trained, reads
     groups = []
     real_anchor_counts = importance._anchor_counts
 
-    def anchor_spy(data, rows):
+    def anchor_spy(source, rows):
         groups.append(len(rows))
-        return real_anchor_counts(data, rows)
+        return real_anchor_counts(source, rows)
 
     monkeypatch.setattr(importance, "_anchor_counts", anchor_spy)
     cells = np.arange(0, 240, 2)
@@ -245,21 +245,21 @@ def test_importance_weights_on_backed_data(tmp_path, monkeypatch, trained, reads
 
     # All anchors in one group give the same weights. (The anchors' Monte-Carlo log p(x)
     # is held fixed: its keys depend on how its cells are split into device calls.)
-    real_marginal_ll = importance.posterior.get_marginal_ll
+    real_marginal_ll = importance.get_marginal_ll
     fixed = {}
 
     def marginal_ll(*args, **kw):
         fixed.setdefault("log_px", real_marginal_ll(*args, **kw))
         return fixed["log_px"]
 
-    monkeypatch.setattr(importance.posterior, "get_marginal_ll", marginal_ll)
+    monkeypatch.setattr(importance, "get_marginal_ll", marginal_ll)
     groups.clear()
     grouped = weights(mem)
     monkeypatch.setattr(settings, "inference_bytes_per_call", 256 * 2**20)
     one_group = weights(mem)
     assert groups == [16, 16, 16, 64]
     np.testing.assert_allclose(grouped, one_group, rtol=1e-5, atol=1e-9)
-    monkeypatch.setattr(importance.posterior, "get_marginal_ll", real_marginal_ll)
+    monkeypatch.setattr(importance, "get_marginal_ll", real_marginal_ll)
 
     # importance-resampled expression: reads the draws' cells and the anchors only
     monkeypatch.setattr(settings, "inference_bytes_per_call", 16 * N_GENES * 4)

@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 from scipy import special
 
-from jaxvi import SCVI, settings
-from jaxvi import data as streaming
+from jaxvi import SCVI, data, settings
+from jaxvi.data import _streaming as streaming
 from jaxvi.data.registry import get_registry as reglib_get
 
 
@@ -124,7 +124,7 @@ def test_streaming_needs_a_block(tmp_path):
     backed = anndata.read_h5ad(path, backed="r")
     SCVI.setup_anndata(backed, batch_key="batch")
     with pytest.raises(ValueError, match="chunk_cells"):
-        streaming.StreamingData(backed, reglib_get(backed), np.arange(40), [], chunk_cells=0)
+        data.StreamingSource(backed, reglib_get(backed), chunk_cells=0)
 
 
 def test_bounded_runs():
@@ -133,11 +133,11 @@ def test_bounded_runs():
     rng = np.random.default_rng(0)
     for n in (1, 2, 50, 400):
         rows = np.sort(rng.choice(5000, n, replace=False))
-        runs = streaming.bounded_runs(rows)
+        runs = data.bounded_runs(rows)
         np.testing.assert_array_equal(np.concatenate(runs), rows)
         spans = sum(int(r[-1] - r[0] + 1) for r in runs)
         assert spans <= 2 * n
-    runs = streaming.bounded_runs(np.array([3, 4, 5, 6, 1000, 1001]))
+    runs = data.bounded_runs(np.array([3, 4, 5, 6, 1000, 1001]))
     assert [list(r) for r in runs] == [[3, 4, 5, 6], [1000, 1001]]
 
 
@@ -222,9 +222,7 @@ def test_a_process_holding_only_padding_reads_no_rows(tmp_path, monkeypatch):
     write_h5ad(path, n_cells=50)
     backed = anndata.read_h5ad(path, backed="r")
     SCVI.setup_anndata(backed, batch_key="batch")
-    data = streaming.StreamingData(
-        backed, reglib_get(backed), np.arange(40), [], chunk_cells=8, mesh=data_mesh()
-    )
+    source = data.StreamingSource(backed, reglib_get(backed), chunk_cells=8, mesh=data_mesh())
     cells = np.array([3, 7, 8, 20, 31])
     reads = []
     real_read = streaming._Reader.read
@@ -235,12 +233,12 @@ def test_a_process_holding_only_padding_reads_no_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(streaming._Reader, "read", spy)
     monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (2, 4))
-    np.testing.assert_array_equal(data.local_rows(cells), [8, 20])
-    part = data._read(cells)
+    np.testing.assert_array_equal(source.local_rows(cells), [8, 20])
+    part = source._read(cells)
     assert part["X"].shape == (2, 30)
     monkeypatch.setattr(streaming, "local_cell_range", lambda n, mesh: (6, 8))
-    assert len(data.local_rows(cells)) == 0
-    empty = data._read(cells)
+    assert len(source.local_rows(cells)) == 0
+    empty = source._read(cells)
     assert empty["X"].shape == (0, 30)
     assert empty["batch_index"].shape == (0,)
     assert set(empty) == set(part)

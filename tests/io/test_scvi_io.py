@@ -21,13 +21,11 @@ import zipfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
 
 from jaxvi import SCVI
-from jaxvi.data import gather
 from jaxvi.io import torchfile as torchfile
 from jaxvi.io.scvi_tools import registry_from_scvi, registry_to_scvi
 from jaxvi.io.torchfile import UnsafePickleError
@@ -75,8 +73,8 @@ CASES = {
 
 def jaxvi_outputs(model: SCVI, adata) -> dict[str, np.ndarray]:
     """q(z | x) and the decoder's outputs at the posterior mean (z and library)."""
-    _, idx, data, _ = model._query_inputs(adata, None, None)
-    batch = gather(data, jnp.asarray(idx))
+    _, idx, source, _ = model._query_inputs(adata, None, None)
+    batch = source.minibatch(idx)
 
     def fwd(m):
         inf = m.inference(batch, key=None)

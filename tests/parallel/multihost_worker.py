@@ -16,6 +16,7 @@ from sharded_worker import make_adata
 
 def main(rank: int, n_proc: int, port: int, out_dir: str, stream: bool = False) -> None:
     from jaxvi import SCVI
+    from jaxvi.data import make_source
     from jaxvi.parallel import distributed as distributed
 
     if n_proc:
@@ -40,7 +41,7 @@ def main(rank: int, n_proc: int, port: int, out_dir: str, stream: bool = False) 
     }
     rows = 0
     if n_proc and not stream:
-        data = model._device_data(adata, None)
+        data = make_source(adata, model.registry_, purpose="train", mesh=model._mesh).data
         rows = sum(int(s.data.shape[0]) for s in data.x.addressable_shards)
     if stream:
         rows = np.asarray(reads)  # training only; queries then read from disk, on the mesh
@@ -61,8 +62,8 @@ def backed_copy(adata, path: str, reads: list):
     import anndata
     import scipy.sparse as sp
 
-    from jaxvi import data as streaming
     from jaxvi import settings
+    from jaxvi.data import _streaming as streaming
 
     adata.X = sp.csr_matrix(adata.X)
     adata.write_h5ad(path)

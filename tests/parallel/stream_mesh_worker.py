@@ -14,8 +14,8 @@ import scipy.sparse as sp
 from sharded_worker import make_adata, max_rel
 
 from jaxvi import SCVI, settings
-from jaxvi import data as streaming
-from jaxvi import posterior as inference
+from jaxvi.data import _source
+from jaxvi.data import _streaming as streaming
 
 
 def main(out_dir: str) -> None:
@@ -28,7 +28,7 @@ def main(out_dir: str) -> None:
     settings.stream_max_host_bytes = 2 * 256 * 30 * 4  # blocks of 4 chunks: 256 cells
 
     reads, shards = [], []
-    real_read, real_place = streaming._Reader.read, streaming.StreamingData._place
+    real_read, real_place = streaming._Reader.read, streaming.StreamingSource._place
 
     def spy_read(self, rows, max_gap=4096, **kwargs):
         reads.append(len(rows))
@@ -41,7 +41,7 @@ def main(out_dir: str) -> None:
         return data
 
     streaming._Reader.read = spy_read
-    streaming.StreamingData._place = spy_place
+    streaming.StreamingSource._place = spy_place
 
     kwargs = {
         "max_epochs": 2,
@@ -77,14 +77,14 @@ def main(out_dir: str) -> None:
     backed = mesh.adata
     reads.clear()
     query_shards = []
-    real_shard = inference.shard_host_data
+    real_shard = _source.shard_host_data
 
     def spy_shard(host, n_cells, mesh):
         data = real_shard(host, n_cells, mesh)
         query_shards.append(len({s.device for s in data.x.addressable_shards}))
         return data
 
-    inference.shard_host_data = spy_shard
+    _source.shard_host_data = spy_shard
     latent_mesh = mesh.get_latent_representation(backed, batch_size=32)
     out["query_max_read"] = max(reads)
     out["query_cells_read"] = sum(reads)

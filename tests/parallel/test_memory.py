@@ -10,8 +10,8 @@ import jax
 import pytest
 
 from jaxvi import SCVI
-from jaxvi import data as dataset_module
 from jaxvi import data as datasets
+from jaxvi.data import _cells as dataset_module
 from jaxvi.model import _training as model_module
 from jaxvi.parallel import memory as memory
 

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvi import posterior
+from jaxvi import SCVI
 from jaxvi import posterior as importance
-from jaxvi.data import gather
 from jaxvi.module import VAE
-from jaxvi.posterior import _predictive, expression_and_latent_program, run_chunked
+from jaxvi.posterior import Query, _importance, expression_and_latent_program, run_query
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +61,9 @@ def test_weights_favour_draws_that_explain_the_anchors(trained):
     """A draw at a cell's posterior mean explains the cells better than one far in the tail
     of the prior: it gets almost all the weight; truncation floors the small weights at the
     mean weight."""
-    _, idx, data, _ = trained._query_inputs(None, np.arange(10), None)
+    _, idx, source, _ = trained._query_inputs(None, np.arange(10), None)
     inf = trained.module.apply(
-        trained.variables, gather(data, jnp.asarray(idx)), key=None, method=VAE.inference
+        trained.variables, source.minibatch(idx), key=None, method=VAE.inference
     )
     good = np.asarray(inf.qz_m)
     zs = np.stack([good, good + 8.0])  # (2, 10, L)
@@ -96,17 +95,16 @@ def test_draws_are_aligned_with_expression(jaxvi_model, adata, latent):
     """The latent draw returned with each expression row decodes to that row (so the weights
     are computed for the draws that are resampled)."""
     model = jaxvi_model(adata, latent_distribution=latent, use_observed_lib_size=False)
-    _, idx, data, bs = model._query_inputs(None, None, 16)
+    _, idx, source, bs = model._query_inputs(None, None, 16)
     rows = np.repeat(idx, 3)
-    program = expression_and_latent_program(model.config, False)
+    program = expression_and_latent_program(model.module, False)
     genes = jnp.arange(adata.n_vars, dtype=jnp.int32)
-    expr, u = run_chunked(
-        program, model.variables, data, rows, bs, jax.random.key(1), jnp.int32(-1), genes, 1.0
-    )
+    query = Query(model.module, model.variables, source, rows, jax.random.key(1), bs)
+    expr, u = run_query(program, query, jnp.int32(-1), genes, 1.0)
     assert expr.shape == (120, adata.n_vars)
     assert u.shape == (120, model.config.n_latent)
     assert not np.allclose(u[0], u[1])  # each row its own draw
-    batch = gather(data, jnp.asarray(rows))
+    batch = source.minibatch(rows)
     z = jax.nn.softmax(u, -1) if latent == "ln" else u
     gen = model.module.apply(
         model.variables,
@@ -129,7 +127,7 @@ def test_expression_resamples_with_the_weights(trained, monkeypatch):
         p[5] = 1.0
         return p
 
-    monkeypatch.setattr(posterior, "get_importance_weights", one_hot)
+    monkeypatch.setattr(SCVI, "_importance_weights", one_hot)
     out = trained.get_normalized_expression(
         indices=np.arange(8),
         n_samples_overall=50,
@@ -214,15 +212,14 @@ def test_weights_match_scvi(trained, adata, monkeypatch, truncation):
     cells = np.arange(5, 35)
     rng = np.random.default_rng(0)
     log_px = trained.get_marginal_ll(indices=cells, n_mc_samples=50, return_mean=False)
-    # importance weights read the anchors' log p(x) from the marginal-LL query
-    monkeypatch.setattr(_predictive, "get_marginal_ll", lambda *a, **k: log_px)
+    monkeypatch.setattr(_importance, "get_marginal_ll", lambda *a, **k: log_px)
     monkeypatch.setattr(
         sm, "get_marginal_ll", lambda *a, **k: torch.tensor(log_px, dtype=torch.float32)
     )
     # z draws near the cells' posteriors: (3 samples, 30 cells, 4)
-    _, idx, data, _ = trained._query_inputs(None, cells, None)
+    _, idx, source, _ = trained._query_inputs(None, cells, None)
     inf = trained.module.apply(
-        trained.variables, gather(data, jnp.asarray(idx)), key=None, method=VAE.inference
+        trained.variables, source.minibatch(idx), key=None, method=VAE.inference
     )
     zs = np.asarray(inf.qz_m) + np.sqrt(np.asarray(inf.qz_v)) * rng.normal(size=(3, 30, 4))
     zs = zs.astype(np.float32)

@@ -40,7 +40,7 @@ def test_queries_move_bounded_pieces_to_the_device(small_budget, monkeypatch, fm
         return out
 
     baseline = sum(a.nbytes for a in jax.live_arrays())
-    monkeypatch.setattr(inference.jax, "device_put", tracking_put)
+    monkeypatch.setattr(jax, "device_put", tracking_put)
     latent = model.get_latent_representation(batch_size=BS)
     stats = dict(inference.last_run)
     assert stats["max_cells_per_call"] == small_budget  # 2 chunks of 32 cells

@@ -17,18 +17,17 @@ import pytest
 
 from jaxvi import SCVI
 from jaxvi import posterior as post
-from jaxvi.data import gather
 from jaxvi.likelihoods import get_likelihood
 from jaxvi.module import VAE, vae_loss
-from jaxvi.posterior import run_chunked
+from jaxvi.posterior import Query, run_query
 
 N_GENES = 24  # the default width of conftest's make_adata
 
 
 def px_at_posterior_mean(model: SCVI, indices):
     """Likelihood parameters decoded at the posterior mean of z (and l) of ``indices``."""
-    _, idx, data, _ = model._query_inputs(None, indices, None)
-    batch = gather(data, jnp.asarray(idx))
+    _, idx, source, _ = model._query_inputs(None, indices, None)
+    batch = source.minibatch(idx)
 
     def fwd(m: VAE):
         inf = m.inference(batch, key=None)
@@ -74,7 +73,7 @@ def zinb_model(jaxvi_model, adata):
 )
 def test_likelihood_parameters_keys_and_shapes(jaxvi_model, adata, likelihood, keys):
     model = jaxvi_model(adata, gene_likelihood=likelihood)
-    one = post.get_likelihood_parameters(model)
+    one = model.get_likelihood_parameters()
     assert list(one) == keys
     for value in one.values():
         assert value.shape == (40, N_GENES)
@@ -93,16 +92,16 @@ def test_likelihood_parameters_samples_and_reproducibility(zinb_model):
     the same draws and the next call new ones."""
     kwargs = {"indices": [3, 1, 7], "n_samples": 5}
     n_calls = zinb_model._n_calls
-    a = post.get_likelihood_parameters(zinb_model, **kwargs)
+    a = zinb_model.get_likelihood_parameters(**kwargs)
     assert all(v.shape == (5, 3, N_GENES) for v in a.values())
     zinb_model._n_calls = n_calls
-    b = post.get_likelihood_parameters(zinb_model, **kwargs)
+    b = zinb_model.get_likelihood_parameters(**kwargs)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    c = post.get_likelihood_parameters(zinb_model, **kwargs)
+    c = zinb_model.get_likelihood_parameters(**kwargs)
     assert not np.array_equal(a["mean"], c["mean"])  # z is sampled
     zinb_model._n_calls = n_calls
-    mean = post.get_likelihood_parameters(zinb_model, give_mean=True, **kwargs)
+    mean = zinb_model.get_likelihood_parameters(give_mean=True, **kwargs)
     for k in a:
         assert mean[k].shape == (3, N_GENES)
         np.testing.assert_allclose(mean[k], a[k].mean(0), rtol=1e-6)
@@ -112,14 +111,13 @@ def test_likelihood_parameters_samples_and_reproducibility(zinb_model):
 def test_posterior_predictive_types_and_shapes(jaxvi_model, adata):
     sparse = pytest.importorskip("sparse")
     model = jaxvi_model(adata, gene_likelihood="poisson")  # the cheapest sampler to compile
-    one = post.posterior_predictive_sample(model)
+    one = model.posterior_predictive_sample()
     assert isinstance(one, sparse.GCXS)
     assert one.shape == (40, N_GENES)
     assert one.dtype == np.float32
     dense = one.todense()
     np.testing.assert_array_equal(dense, np.round(dense))  # counts
-    three = post.posterior_predictive_sample(
-        model,
+    three = model.posterior_predictive_sample(
         indices=[5, 2],
         n_samples=3,
         gene_list=["gene9", "gene2", "unknown"],
@@ -130,11 +128,11 @@ def test_posterior_predictive_types_and_shapes(jaxvi_model, adata):
     averaged = three.todense()  # the mean of one draw decoded in each of the two batches
     np.testing.assert_array_equal(2 * averaged, np.round(2 * averaged))
     with pytest.raises(ValueError, match="None of the provided genes"):
-        post.posterior_predictive_sample(model, gene_list=["nope"])
+        model.posterior_predictive_sample(gene_list=["nope"])
     with pytest.raises(ValueError, match="not a batch category"):
-        post.posterior_predictive_sample(model, transform_batch="b7")
+        model.posterior_predictive_sample(transform_batch="b7")
     with pytest.raises(ValueError, match="n_samples"):
-        post.posterior_predictive_sample(model, n_samples=0)
+        model.posterior_predictive_sample(n_samples=0)
 
 
 @pytest.mark.parametrize(
@@ -152,8 +150,8 @@ def test_posterior_predictive_moments(jaxvi_model, tighten_posterior, adata, lik
     model = jaxvi_model(adata, gene_likelihood=likelihood, **options)
     tighten_posterior(model)
     cells, n = [0, 11, 23, 38], 3000
-    draws = post.posterior_predictive_sample(
-        model, indices=cells, n_samples=n, batch_size=len(cells)
+    draws = model.posterior_predictive_sample(
+        indices=cells, n_samples=n, batch_size=len(cells)
     ).todense()
     px = px_at_posterior_mean(model, cells)
     lik = get_likelihood(likelihood)
@@ -177,12 +175,10 @@ def test_denoised_draws_are_gamma_with_mean_size_factor_times_scale(
     model = jaxvi_model(adata, gene_likelihood="nb")
     tighten_posterior(model)
     cells, n = [4, 17], 4000
-    _, idx, data, _ = model._query_inputs(None, cells, None)
-    program = post._denoised_program(model.config, n)
-    draws = run_chunked(
-        program, model.variables, data, idx, 8, jax.random.key(1), jnp.int32(-1),
-        jnp.float32(1000.0), cell_axis=1,
-    )  # fmt: skip
+    _, idx, source, _ = model._query_inputs(None, cells, None)
+    program = post.denoised_program(model.module, n)
+    query = Query(model.module, model.variables, source, idx, jax.random.key(1), 8)
+    draws = run_query(program, query, jnp.int32(-1), jnp.float32(1000.0), cell_axis=1)
     draws = np.moveaxis(np.asarray(draws, np.float64), 0, -1)  # (cells, genes, n)
     px = px_at_posterior_mean(model, cells)
     rate = 1000.0 * np.asarray(px.mu, np.float64) / np.asarray(px.mu).sum(-1, keepdims=True)
@@ -195,21 +191,21 @@ def test_denoised_draws_are_gamma_with_mean_size_factor_times_scale(
 # -------------------------------------------------------------------- latent library size
 def test_latent_library_size(jaxvi_model, adata, zinb_model):
     totals = np.asarray(adata.X.sum(1)).reshape(-1, 1)
-    observed = post.get_latent_library_size(zinb_model, give_mean=False, batch_size=16)
+    observed = zinb_model.get_latent_library_size(give_mean=False, batch_size=16)
     assert observed.shape == (40, 1)
     assert observed.dtype == np.float32
     np.testing.assert_allclose(observed, totals, rtol=1e-5)
     with pytest.raises(RuntimeError, match="does not compute the posterior distribution"):
-        post.get_latent_library_size(zinb_model)
+        zinb_model.get_latent_library_size()
 
     model = jaxvi_model(adata, use_observed_lib_size=False)
-    _, idx, data, _ = model._query_inputs(None, None, None)
+    _, idx, source, _ = model._query_inputs(None, None, None)
     inf = model.module.apply(
-        model.variables, gather(data, jnp.asarray(idx)), key=None, method=VAE.inference
+        model.variables, source.minibatch(idx), key=None, method=VAE.inference
     )
     expected = np.exp(np.asarray(inf.ql_m, np.float64) + 0.5 * np.asarray(inf.ql_v, np.float64))
-    np.testing.assert_allclose(post.get_latent_library_size(model), expected, rtol=1e-5)
-    draws = post.get_latent_library_size(model, give_mean=False)
+    np.testing.assert_allclose(model.get_latent_library_size(), expected, rtol=1e-5)
+    draws = model.get_latent_library_size(give_mean=False)
     assert draws.shape == (40, 1)
     assert not np.allclose(draws, expected)
 
@@ -233,22 +229,20 @@ def test_marginal_ll_exact_when_q_is_the_prior_and_decoder_ignores_z(
         ("decoder", "px_decoder", "layer0_dense", "kernel"),
         lambda k: np.concatenate([np.zeros_like(k[:n_latent]), k[n_latent:]]),
     )
-    _, idx, data, _ = model._query_inputs(None, None, None)
+    _, idx, source, _ = model._query_inputs(None, None, None)
     out, _ = vae_loss(
-        model.module, model.variables, gather(data, jnp.asarray(idx)), key=None, training=False
+        model.module, model.variables, source.minibatch(idx), key=None, training=False
     )
     log_px = -np.asarray(out.reconstruction_loss, np.float64)
     kwargs = {"batch_size": 16, "return_mean": False}
     for n_mc in (3, 10, 11):  # 1, 4 and 4 passes of 3 draws; one compilation
-        per_cell = post.get_marginal_ll(
-            model, n_mc_samples=n_mc, n_mc_samples_per_pass=3, **kwargs
-        )
+        per_cell = model.get_marginal_ll(n_mc_samples=n_mc, n_mc_samples_per_pass=3, **kwargs)
         assert per_cell.shape == (40,)
         np.testing.assert_allclose(per_cell, log_px, rtol=2e-6, atol=1e-4)
     with pytest.warns(RuntimeWarning, match="larger than the total number of samples"):
-        per_cell = post.get_marginal_ll(model, n_mc_samples=3, n_mc_samples_per_pass=6, **kwargs)
+        per_cell = model.get_marginal_ll(n_mc_samples=3, n_mc_samples_per_pass=6, **kwargs)
     np.testing.assert_allclose(per_cell, log_px, rtol=2e-6, atol=1e-4)
-    summary = post.get_marginal_ll(model, n_mc_samples=5, n_mc_samples_per_pass=3, batch_size=16)
+    summary = model.get_marginal_ll(n_mc_samples=5, n_mc_samples_per_pass=3, batch_size=16)
     chunk_means = [log_px[:16].mean(), log_px[16:32].mean(), log_px[32:].mean()]
     np.testing.assert_allclose(summary, np.mean(chunk_means), rtol=1e-6)
     assert abs(np.mean(chunk_means) - log_px.mean()) > 1e-3  # the two summaries differ here
@@ -257,9 +251,9 @@ def test_marginal_ll_exact_when_q_is_the_prior_and_decoder_ignores_z(
 # ------------------------------------------------------------------- feature correlations
 def test_feature_correlation_matrix(zinb_model):
     names = [f"gene{j}" for j in range(N_GENES)]
-    spearman = post.get_feature_correlation_matrix(zinb_model, n_samples=3)
-    pearson = post.get_feature_correlation_matrix(
-        zinb_model, n_samples=3, correlation_type="pearson", transform_batch=["b0", "b1"]
+    spearman = zinb_model.get_feature_correlation_matrix(n_samples=3)
+    pearson = zinb_model.get_feature_correlation_matrix(
+        n_samples=3, correlation_type="pearson", transform_batch=["b0", "b1"]
     )
     for corr in (spearman, pearson):
         assert isinstance(corr, pd.DataFrame)
@@ -271,7 +265,7 @@ def test_feature_correlation_matrix(zinb_model):
         assert np.all(np.abs(corr.values) <= 1.0 + 1e-12)
     assert not np.allclose(spearman.values, pearson.values)
     with pytest.raises(ValueError, match="Unknown correlation type"):
-        post.get_feature_correlation_matrix(zinb_model, correlation_type="kendall")
+        zinb_model.get_feature_correlation_matrix(correlation_type="kendall")
 
 
 # ===================================================== parity with scvi-tools (same weights)
@@ -341,7 +335,7 @@ def test_likelihood_parameters_match_scvi(parity):
     cells, n = np.arange(40), 300
     for give_mean in (True, False):
         ref = sm.get_likelihood_parameters(indices=cells, n_samples=n, give_mean=give_mean)
-        ours = post.get_likelihood_parameters(jm, indices=cells, n_samples=n, give_mean=give_mean)
+        ours = jm.get_likelihood_parameters(indices=cells, n_samples=n, give_mean=give_mean)
         assert list(ours) == list(ref)
         for k in ref:
             assert ours[k].shape == ref[k].shape, k
@@ -357,11 +351,11 @@ def test_likelihood_parameters_match_scvi(parity):
 def test_latent_library_size_matches_scvi(parity):
     jm, sm = parity["latent"]
     np.testing.assert_allclose(
-        post.get_latent_library_size(jm), sm.get_latent_library_size(), rtol=1e-5
+        jm.get_latent_library_size(), sm.get_latent_library_size(), rtol=1e-5
     )
     jm, sm = parity["observed"]
     np.testing.assert_allclose(
-        post.get_latent_library_size(jm, give_mean=False),
+        jm.get_latent_library_size(give_mean=False),
         sm.get_latent_library_size(give_mean=False),
         rtol=1e-5,
     )
@@ -381,7 +375,7 @@ def test_marginal_ll_matches_scvi(parity, library, n_cells, n_mc):
     jm, sm = parity[library]
     kwargs = {"indices": np.arange(n_cells), "n_mc_samples": n_mc, "n_mc_samples_per_pass": 250}
     ref = sm.get_marginal_ll(**kwargs)
-    ours = post.get_marginal_ll(jm, **kwargs)
+    ours = jm.get_marginal_ll(**kwargs)
     assert isinstance(ours, float)
     assert abs(ours - ref) / abs(ref) < 1e-3
 
@@ -414,7 +408,7 @@ def test_posterior_predictive_layout_matches_scvi(jaxvi_model, adata, scvi_ref):
         },
     ):
         ref = sm.posterior_predictive_sample(**kwargs)
-        ours = post.posterior_predictive_sample(model, **kwargs)
+        ours = model.posterior_predictive_sample(**kwargs)
         assert type(ours) is type(ref)
         assert ours.shape == ref.shape
         assert ours.dtype == ref.dtype

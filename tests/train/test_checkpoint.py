@@ -18,7 +18,7 @@ import pytest
 
 from jaxvi import SCVI
 from jaxvi.data import to_device
-from jaxvi.module import VAE, VAEConfig, init_variables
+from jaxvi.module import VAEConfig, init_variables, vae_model_def
 from jaxvi.train import (
     NonFiniteError,
     PlanConfig,
@@ -81,7 +81,7 @@ def test_resume_is_bit_identical_and_keeps_last_k(tmp_path):
     assert meta["plan"]["reduce_lr_on_plateau"] is True
     # The plateau cut the learning rate after epochs 1 and 2: the optimizer state has it.
     template, _ = init_train_state(
-        resumed.module, resumed.variables, PlanConfig(**TRAIN["plan_kwargs"])
+        resumed.model_def, resumed.variables, PlanConfig(**TRAIN["plan_kwargs"])
     )
     restored = ckpt.restore_state(template, meta, ckpt.read_checkpoint(str(tmp_path / "part"))[1])
     np.testing.assert_allclose(
@@ -101,7 +101,7 @@ def test_resume_refuses_other_settings_and_architectures(tmp_path):
         _model(adata).train(max_epochs=2, resume=str(tmp_path / "nothing"), **TRAIN)
     # A checkpoint whose optimizer layout does not match the plan is refused by name.
     meta, arrays = ckpt.read_checkpoint(str(tmp_path))
-    template, _ = init_train_state(m.module, m.variables, PlanConfig(optimizer="AdamW"))
+    template, _ = init_train_state(m.model_def, m.variables, PlanConfig(optimizer="AdamW"))
     with pytest.raises(ValueError, match="optimizer state does not match"):
         ckpt.restore_state(template, meta, arrays)
 
@@ -123,9 +123,10 @@ def _arrays(n=90, g=30, seed=0):
 
 
 def _fit(plan, arrays=None, max_epochs=3, batch_size=18, **kw):
-    state = init_train_state(VAE(CONFIG), init_variables(CONFIG, jax.random.key(0)), plan)[0]
+    variables = init_variables(CONFIG, jax.random.key(0))
+    state = init_train_state(vae_model_def(CONFIG), variables, plan)[0]
     return fit(
-        VAE(CONFIG),
+        vae_model_def(CONFIG),
         state,
         to_device(arrays or _arrays()),
         train_idx=np.arange(90),

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxvi.data import gather, to_device, with_log_factorial
-from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss
+from jaxvi.module import VAE, VAEConfig, init_variables, vae_loss, vae_model_def
 from jaxvi.train import (
     PlanConfig,
     compute_kl_weight,
@@ -35,7 +35,8 @@ def _arrays(n=90, g=30, seed=0):
 
 
 def _state(config, plan, seed=0):
-    return init_train_state(VAE(config), init_variables(config, jax.random.key(seed)), plan)[0]
+    variables = init_variables(config, jax.random.key(seed))
+    return init_train_state(vae_model_def(config), variables, plan)[0]
 
 
 CONFIG = VAEConfig(n_input=30, n_batch=2, n_hidden=16, n_latent=4)
@@ -46,7 +47,7 @@ def _fit(plan=None, n_train=90, n_val=0, max_epochs=2, **kwargs):
     validate."""
     plan = plan or PlanConfig()
     return fit(
-        VAE(CONFIG),
+        vae_model_def(CONFIG),
         _state(CONFIG, plan),
         to_device(_arrays()),
         train_idx=np.arange(n_train),

@@ -295,8 +295,10 @@ def normal_log_prob(x: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
     """Elementwise ``log N(x; mean, var)``, written as ``torch.distributions.Normal`` does
     with ``scale = sqrt(var)``."""
     scale = jnp.sqrt(var)
-    return -jnp.square(x - mean) / (2.0 * jnp.square(scale)) - jnp.log(scale) - 0.5 * np.log(
-        2.0 * np.pi
+    return (
+        -jnp.square(x - mean) / (2.0 * jnp.square(scale))
+        - jnp.log(scale)
+        - 0.5 * np.log(2.0 * np.pi)
     )
 
 
@@ -375,9 +377,7 @@ def init_scanvae_variables(
     As :func:`~jaxvi.module.init_variables` (same laws, same library prior arguments), plus
     the classifier, the hierarchy and ``buffers/y_prior`` ``(1, n_labels)``.
     """
-    return init_variables(
-        config, key, library_log_means, library_log_vars, module_cls=SCANVAE
-    )
+    return init_variables(config, key, library_log_means, library_log_vars, module_cls=SCANVAE)
 
 
 def scanvae_loss(

@@ -9,6 +9,7 @@ from jaxvi.module._scanvae import (
     SCANVAETerms,
     classification_metrics,
     init_scanvae_variables,
+    scanvae_elbo,
     scanvae_loss,
     scanvae_model_def,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "masked_mean",
     "negative_log_likelihood",
     "normal_kl",
+    "scanvae_elbo",
     "scanvae_loss",
     "scanvae_model_def",
     "trainable_mask",

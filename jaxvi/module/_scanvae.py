@@ -44,6 +44,7 @@ __all__ = [
     "classification_metrics",
     "init_scanvae_variables",
     "normal_log_prob",
+    "scanvae_elbo",
     "scanvae_loss",
     "scanvae_model_def",
 ]
@@ -258,6 +259,33 @@ class SCANVAE(VAE):
                 z = nn.softmax(z, axis=-1)
         return self.classifier(z, training=training, mask=batch.mask)
 
+    def z2_posterior(
+        self, z1: jax.Array, *, training: bool = False, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``q(z2 | z1, y)`` for every label: mean and variance, each
+        ``(n_labels, cells, n_latent)`` (row ``y`` conditioned on label ``y``).
+
+        ``z1`` is ``(cells, n_latent)``, scVI's ``z`` (one sample). Batch-norm statistics are
+        taken over all ``n_labels * cells`` rows (padding cells, ``mask == 0``, excluded), as
+        scvi-tools does on its repeated minibatch.
+        """
+        if z1.ndim != 2:
+            raise ValueError(f"z1 must be (cells, n_latent), got shape {z1.shape}.")
+        z1s = jnp.broadcast_to(z1, (self.config.n_labels, *z1.shape))
+        return self.encoder_z2_z1(z1s, (self._label_rows(z1s),), training=training, mask=mask)
+
+    def z1_prior(
+        self, z2: jax.Array, *, training: bool = False, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """``p(z1 | z2, y)``: mean and variance from ``z2`` ``(n_labels, cells, n_latent)``
+        (row ``y`` conditioned on label ``y``), each of that shape."""
+        return self.decoder_z1_z2(z2, (self._label_rows(z2),), training=training, mask=mask)
+
+    def _label_rows(self, x: jax.Array) -> jax.Array:
+        """Label codes ``(n_labels, cells)``: row ``y`` is all ``y``."""
+        codes = jnp.arange(self.config.n_labels, dtype=jnp.int32)[:, None]
+        return jnp.broadcast_to(codes, x.shape[:-1])
+
     def label_hierarchy(
         self,
         z1: jax.Array,
@@ -266,28 +294,13 @@ class SCANVAE(VAE):
         training: bool = False,
         mask: jax.Array | None = None,
     ) -> HierarchyOutputs:
-        """``q(z2 | z1, y)``, a ``z2`` and ``p(z1 | z2, y)`` for every label ``y``.
-
-        Parameters
-        ----------
-        z1
-            ``(cells, n_latent)``, scVI's ``z`` (one sample).
-        key
-            Draws ``z2``; None takes the mean of ``q(z2 | z1, y)``.
-        mask
-            ``(cells,)``; padding cells are left out of the batch-norm statistics, which are
-            taken over all ``n_labels * cells`` rows as in scvi-tools.
-        """
-        if z1.ndim != 2:
-            raise ValueError(f"z1 must be (cells, n_latent), got shape {z1.shape}.")
-        n_labels = self.config.n_labels
-        z1s = jnp.broadcast_to(z1, (n_labels, *z1.shape))
-        ys = jnp.broadcast_to(jnp.arange(n_labels, dtype=jnp.int32)[:, None], z1s.shape[:-1])
-        qz2_m, qz2_v = self.encoder_z2_z1(z1s, (ys,), training=training, mask=mask)
+        """:meth:`z2_posterior`, a ``z2`` drawn from it with ``key`` (its mean with None), and
+        :meth:`z1_prior` of that ``z2``."""
+        qz2_m, qz2_v = self.z2_posterior(z1, training=training, mask=mask)
         z2 = qz2_m
         if key is not None:
             z2 = qz2_m + jnp.sqrt(qz2_v) * jax.random.normal(key, qz2_m.shape, qz2_m.dtype)
-        pz1_m, pz1_v = self.decoder_z1_z2(z2, (ys,), training=training, mask=mask)
+        pz1_m, pz1_v = self.z1_prior(z2, training=training, mask=mask)
         return HierarchyOutputs(qz2_m, qz2_v, z2, pz1_m, pz1_v)
 
 
@@ -364,6 +377,44 @@ def classification_metrics(
     prop = count / jnp.maximum(jnp.sum(count), 1.0)
     calibration = jnp.sum(jnp.abs(acc_bin - conf_bin) * prop)
     return {ACCURACY: accuracy, F1_SCORE: accuracy, CALIBRATION_ERROR: calibration}
+
+
+def scanvae_elbo(
+    z1: jax.Array,
+    qz_m: jax.Array,
+    qz_v: jax.Array,
+    hierarchy: HierarchyOutputs,
+    probs: jax.Array,
+    y_prior: jax.Array,
+    nll_x: jax.Array,
+    kl_l: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """scANVI's per-cell ELBO terms from the networks' outputs (the label enumerated).
+
+    Parameters
+    ----------
+    z1, qz_m, qz_v
+        ``(cells, n_latent)``: scVI's ``z`` and its posterior ``q(z1 | x)``.
+    hierarchy
+        :meth:`SCANVAE.label_hierarchy` of ``z1``.
+    probs
+        ``(cells, n_labels)`` ``q(y | z1)``.
+    y_prior
+        ``(1, n_labels)`` prior class probabilities.
+    nll_x, kl_l
+        ``(cells,)`` ``-log p(x | z1)`` and the library KL (zeros with the observed library).
+
+    Returns
+    -------
+    ``(reconstruction_loss, kl_local)``, each ``(cells,)``: see :class:`SCANVAETerms`.
+    """
+    z1s = jnp.broadcast_to(z1, hierarchy.pz1_m.shape)
+    nll_z1 = -jnp.sum(normal_log_prob(z1s, hierarchy.pz1_m, hierarchy.pz1_v), axis=-1)
+    kl_z2 = jnp.sum(normal_kl(hierarchy.qz2_m, hierarchy.qz2_v, 0.0, 1.0), axis=-1)
+    log_qz1 = jnp.sum(normal_log_prob(z1, qz_m, qz_v), axis=-1)
+    rec = nll_x + log_qz1 + jnp.sum(probs * nll_z1.T, axis=-1)
+    kl = jnp.sum(probs * kl_z2.T, axis=-1) + categorical_kl(probs, y_prior) + kl_l
+    return rec, kl
 
 
 def init_scanvae_variables(
@@ -443,13 +494,8 @@ def scanvae_loss(
         forward, module, mutable=["batch_stats"]
     )(variables, rngs=rngs)
     probs = nn.softmax(out, axis=-1) if config.classifier_logits else out
-    z1s = jnp.broadcast_to(inf.z, hier.pz1_m.shape)
-    nll_z1 = -jnp.sum(normal_log_prob(z1s, hier.pz1_m, hier.pz1_v), axis=-1)  # (y, cells)
-    kl_z2 = jnp.sum(normal_kl(hier.qz2_m, hier.qz2_v, 0.0, 1.0), axis=-1)  # (y, cells)
-    log_qz1 = jnp.sum(normal_log_prob(inf.z, inf.qz_m, inf.qz_v), axis=-1)
-    rec = negative_log_likelihood(config, batch, gen) + log_qz1
-    rec = rec + jnp.sum(probs * nll_z1.T, axis=-1)
-    kl = jnp.sum(probs * kl_z2.T, axis=-1) + categorical_kl(probs, y_prior) + kl_l
+    nll_x = negative_log_likelihood(config, batch, gen)
+    rec, kl = scanvae_elbo(inf.z, inf.qz_m, inf.qz_v, hier, probs, y_prior, nll_x, kl_l)
     loss = masked_mean(rec + kl_weight * kl, batch.mask)
     ce = true_labels = None
     if labelled is not None:

@@ -12,6 +12,7 @@ from jaxvi.module._scanvae import (
     scanvae_elbo,
     scanvae_loss,
     scanvae_model_def,
+    with_vae_weights,
 )
 from jaxvi.module._vae import (
     VAE,
@@ -55,4 +56,5 @@ __all__ = [
     "trainable_mask",
     "vae_loss",
     "vae_model_def",
+    "with_vae_weights",
 ]

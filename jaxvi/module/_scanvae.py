@@ -47,6 +47,7 @@ __all__ = [
     "scanvae_elbo",
     "scanvae_loss",
     "scanvae_model_def",
+    "with_vae_weights",
 ]
 
 # scvi-tools' METRIC_KEYS: the loss term and the three metrics its training plan logs.
@@ -113,7 +114,8 @@ class SCANVAEConfig(VAEConfig):
                 raise ValueError(
                     f"`y_prior` must be finite, non-negative and not all 0, got {prior}."
                 )
-            object.__setattr__(self, "y_prior", tuple(float(p) for p in prior))
+            # float32 values, as the buffer holds them: a prior read back from torch is equal.
+            object.__setattr__(self, "y_prior", tuple(float(p) for p in prior.astype(np.float32)))
 
     @property
     def classifier_hidden(self) -> int:
@@ -429,6 +431,45 @@ def init_scanvae_variables(
     the classifier, the hierarchy and ``buffers/y_prior`` ``(1, n_labels)``.
     """
     return init_variables(config, key, library_log_means, library_log_vars, module_cls=SCANVAE)
+
+
+def with_vae_weights(variables: dict, vae_variables: dict) -> dict:
+    """``variables`` of a SCANVAE with its scVI part replaced by ``vae_variables``.
+
+    What ``SCANVI.from_scvi_model`` does with ``load_state_dict(strict=False)``: every
+    parameter, batch-norm statistic and buffer of the scVI model is copied; the classifier,
+    the hierarchy and ``y_prior`` keep their values.
+
+    Parameters
+    ----------
+    variables
+        ``{"params", "batch_stats", "buffers"}`` of a SCANVAE (e.g. freshly initialised).
+    vae_variables
+        Variables of a :class:`~jaxvi.module.VAE` of the same architecture
+        (:meth:`SCANVAEConfig.vae_config`, up to ``n_labels``).
+
+    Raises
+    ------
+    ValueError
+        If a scVI variable has no counterpart of the same shape in ``variables``.
+    """
+    out = {coll: dict(tree) for coll, tree in variables.items()}
+    for coll, tree in vae_variables.items():
+        for name, value in tree.items():
+            target = out.get(coll, {}).get(name)
+            same = target is not None and jax.tree_util.tree_structure(
+                target
+            ) == jax.tree_util.tree_structure(value)
+            if same:
+                shapes = jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, target, value)
+                same = all(jax.tree_util.tree_leaves(shapes))
+            if not same:
+                raise ValueError(
+                    f"scVI variable {coll}/{name} does not match the SCANVAE's (missing, or "
+                    "another structure or shape): the two architectures differ."
+                )
+            out[coll][name] = value
+    return out
 
 
 def scanvae_loss(

@@ -60,6 +60,8 @@ _FIELDS = (
     "extra_categorical_covs",
     "extra_continuous_covs",
 )
+
+
 def is_scvi_tools_dir(dir_path: str, prefix: str | None = None) -> bool:
     """Whether ``dir_path`` holds a scvi-tools ``{prefix}model.pt``."""
     return os.path.isfile(os.path.join(dir_path, f"{prefix or ''}{MODEL_PT}"))

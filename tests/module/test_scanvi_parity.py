@@ -2,7 +2,7 @@
 
 Each case builds a small partly labelled AnnData and an ``scvi.model.SCANVI`` on it (directly
 or through ``SCANVI.from_scvi_model``), gives its batch norms non-trivial statistics, copies
-the weights with :func:`jaxvi.io.bridge.scanvae_state_dict_to_variables` and compares, on a
+the weights with :func:`jaxvi.io.scanvi_bridge.scanvae_state_dict_to_variables` and compares, on a
 minibatch of every cell (and a labelled sub-batch):
 
 * classifier probabilities (``classify``), ``q(z | x)``, ``q(z2 | z1, y)`` and
@@ -29,13 +29,12 @@ import pandas as pd
 import pytest
 
 from jaxvi.data import Minibatch
-from jaxvi.io.bridge import (
-    config_from_scvi,
+from jaxvi.io.bridge import config_from_scvi, state_dict_to_variables
+from jaxvi.io.scanvi_bridge import (
     scanvae_config_from_scvi,
     scanvae_expected_state_dict_shapes,
     scanvae_state_dict_to_variables,
     scanvae_variables_to_state_dict,
-    state_dict_to_variables,
 )
 from jaxvi.module import (
     SCANVAE,

@@ -497,7 +497,10 @@ def evaluate(evaluate_fn, variables, data: CellData, indices: np.ndarray, key, b
 
 @dataclasses.dataclass
 class _Plateau:
-    """``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode min, threshold_mode abs)."""
+    """``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode min, threshold_mode abs).
+
+    As torch, a reduction by no more than ``eps`` (1e-8) is not applied.
+    """
 
     factor: float
     patience: int
@@ -505,6 +508,7 @@ class _Plateau:
     min_lr: float
     best: float = math.inf
     bad_epochs: int = 0
+    eps: float = 1e-8
 
     def update(self, metric: float, lr: float) -> float:
         if metric < self.best - self.threshold:
@@ -513,7 +517,8 @@ class _Plateau:
             self.bad_epochs += 1
         if self.bad_epochs > self.patience:
             self.bad_epochs = 0
-            return max(lr * self.factor, self.min_lr)
+            new_lr = max(lr * self.factor, self.min_lr)
+            return new_lr if lr - new_lr > self.eps else lr
         return lr
 
 

@@ -176,13 +176,14 @@ def run_scvi(max_epochs: int, plan_kwargs: dict | None = None, precision: str = 
     finally:
         torch.distributions.Normal.rsample = original
         torch.set_num_threads(n_threads)
+    final = snapshot(model.module, model.trainer.optimizers[0])
     return {
         "adata": adata,
         "config": config_from_scvi(model),
         "init_state": init_state,
         "train": recorder.train,
         "val": recorder.val,
-        "snapshots": recorder.snapshots,
+        "snapshots": {**recorder.snapshots, "final": final},
         "module_training": recorder.module_training,
         "history": {k: v.iloc[:, 0].to_numpy(np.float64) for k, v in model.history.items()},
         "history_epochs": {k: v.index.to_numpy() for k, v in model.history.items()},
@@ -423,7 +424,7 @@ def compare_snapshot(state, ref_snap: dict, config, *, rtol: float, moment_rtol:
     Tensors are compared relative to their own largest entry. A Linear bias followed by
     training-mode batch norm has a zero gradient in exact arithmetic (the norm removes the
     mean), so its Adam moments are rounding noise on both sides: each moment is therefore
-    compared relative to the larger of its own largest entry and 1e-3 times the largest
+    compared relative to the larger of its own largest entry and 1e-2 times the largest
     moment of the model.
     Returns the largest relative error of each kind.
     """
@@ -446,7 +447,7 @@ def compare_snapshot(state, ref_snap: dict, config, *, rtol: float, moment_rtol:
         for key, value in ref_snap["adam"].items():
             ref = np.asarray(value[i], np.float64)
             err = float(np.max(np.abs(ours[key] - ref)))
-            rel = err / max(float(np.max(np.abs(ref))), 1e-3 * floor)
+            rel = err / max(float(np.max(np.abs(ref))), 1e-2 * floor)
             assert rel <= moment_rtol, f"Adam {name} of {key}: error {rel:.2e} > {moment_rtol:.0e}"
             worst[name] = max(worst[name], rel)
     counts = {int(v[2]) for v in ref_snap["adam"].values()}
@@ -494,31 +495,66 @@ def test_split_and_minibatches(ref32):
     assert ref32["module_training"] == {True}  # a fresh model trains in training mode
 
 
-def test_trajectory_float32_default_plan(ref32, monkeypatch):
-    """Default plan (Adam 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs),
-    float32: per-step loss, KL weight and learning rate; parameters, batch-norm statistics
-    and Adam moments after 1, 10 and 100 steps; the per-epoch metrics."""
-    monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
+def check_float32_default_plan(ref32) -> dict:
+    """The float32 comparisons; returns the largest errors (relative) of each kind."""
     got = replay_scvi(ref32, None, np.float32)
     loss_ref = np.array([r["loss"] for r in ref32["train"]])
     np.testing.assert_allclose(got["loss"], loss_ref, rtol=1e-5)
     # The KL weight is scvi-tools' float32 tensor of the same float64 formula: equal.
     np.testing.assert_array_equal(got["kl_weight"], [r["kl_weight"] for r in ref32["train"]])
     np.testing.assert_allclose(got["lr"], [r["lr"] for r in ref32["train"]], rtol=1e-7)
-    tolerances = {1: 2e-5, 10: 5e-5, 100: 1e-4}
-    for step, rtol in tolerances.items():
-        compare_snapshot(
+    loss_err = np.abs(np.asarray(got["loss"]) / loss_ref - 1.0)
+    measured = {"loss (all steps)": float(loss_err.max())}
+    for step, rtol in {1: 2e-5, 10: 5e-5, 100: 1e-4}.items():
+        worst = compare_snapshot(
             got["snapshots"][step],
             ref32["snapshots"][step],
             ref32["config"],
             rtol=rtol,
             moment_rtol=10 * rtol,
         )
-    compare_history(got, ref32, rtol=1e-5)
+        measured.update({f"{k} after {step}": v for k, v in worst.items()})
+    measured.update(compare_history(got, ref32, rtol=1e-5))
     # scvi-tools logs kl_weight per training step (Lightning's log_every_n_steps, here 1):
     # its history holds the last step's weight of each epoch, which jaxvi records per epoch.
     np.testing.assert_array_equal(ref32["history_epochs"]["kl_weight"], np.arange(DEFAULT_EPOCHS))
     np.testing.assert_allclose(got["history"]["kl_weight"], ref32["history"]["kl_weight"])
+    return measured
+
+
+def test_trajectory_float32_default_plan(ref32, monkeypatch):
+    """Default plan (Adam 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs),
+    float32: per-step loss, KL weight and learning rate; parameters, batch-norm statistics
+    and Adam moments after 1, 10 and 100 steps; the per-epoch metrics."""
+    monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
+    check_float32_default_plan(ref32)
+
+
+def check_float64_schedules() -> dict:
+    """The float64 comparisons; returns the largest errors (relative) of each kind."""
+    ref = run_scvi(SCHEDULE_EPOCHS, SCHEDULE_PLAN, precision="64-true")
+    got = replay_scvi(ref, SCHEDULE_PLAN, np.float64)
+    lrs = np.array([r["lr"] for r in ref["train"]])
+    assert len(np.unique(lrs)) >= 3  # the schedule did act inside the run
+    np.testing.assert_allclose(got["lr"], lrs, rtol=1e-15)
+    kl_ref = [r["kl_weight"] for r in ref["train"]]
+    assert len(np.unique(kl_ref)) == len(kl_ref)  # a new weight every step
+    np.testing.assert_allclose(got["kl_weight"], kl_ref, rtol=1e-15)
+    loss_ref = np.array([r["loss"] for r in ref["train"]])
+    np.testing.assert_allclose(got["loss"], loss_ref, rtol=1e-12)
+    measured = {"loss (all steps)": float(np.max(np.abs(np.asarray(got["loss"]) / loss_ref - 1)))}
+    for step in (1, 10, "final"):
+        worst = compare_snapshot(
+            got["snapshots"][step],
+            ref["snapshots"][step],
+            ref["config"],
+            rtol=1e-11,
+            moment_rtol=1e-8,
+        )
+        measured.update({f"{k} after {step}": v for k, v in worst.items()})
+    # scvi-tools sums its epoch metrics in float32 tensors even here.
+    measured.update(compare_history(got, ref, rtol=1e-6))
+    return measured
 
 
 @pytest.mark.usefixtures("x64")
@@ -527,25 +563,7 @@ def test_trajectory_float64_schedules(monkeypatch):
     falls on plateaus and a KL weight warmed up per step: the trajectories agree to rounding
     (~1e-14), so every float32 difference above is rounding, not a different algorithm."""
     monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
-    ref = run_scvi(SCHEDULE_EPOCHS, SCHEDULE_PLAN, precision="64-true")
-    got = replay_scvi(ref, SCHEDULE_PLAN, np.float64)
-    lrs = np.array([r["lr"] for r in ref["train"]])
-    assert len(np.unique(lrs)) >= 3  # the schedule did act inside the run
-    np.testing.assert_allclose(got["lr"], lrs, rtol=1e-15)
-    np.testing.assert_allclose(
-        got["kl_weight"], [r["kl_weight"] for r in ref["train"]], rtol=1e-15
-    )
-    np.testing.assert_allclose(got["loss"], [r["loss"] for r in ref["train"]], rtol=1e-12)
-    for step in (1, 10):
-        compare_snapshot(
-            got["snapshots"][step],
-            ref["snapshots"][step],
-            ref["config"],
-            rtol=1e-11,
-            moment_rtol=1e-8,
-        )
-    # scvi-tools sums its epoch metrics in float32 tensors even here.
-    compare_history(got, ref, rtol=1e-6)
+    check_float64_schedules()
 
 
 def engine_noise(key, n_latent: int, n_cells: int) -> np.ndarray:
@@ -643,3 +661,15 @@ def test_plateau_matches_torch():
             sched.step(float(m))
             lr = plateau.update(float(m), lr)
             assert lr == opt.param_groups[0]["lr"]
+
+
+if __name__ == "__main__":  # the measured errors quoted in docs/training-parity.md
+    jaxvi_module._draw = _draw_injected
+    for name, check in [
+        ("float32, default plan, 102 steps", lambda: check_float32_default_plan(run_scvi(34))),
+        ("float64, LR plateau + step KL warm-up, 24 steps", check_float64_schedules),
+    ]:
+        with jax.enable_x64("64" in name):
+            print(name)
+            for key, value in check().items():
+                print(f"  {key:40s} {value:.1e}")

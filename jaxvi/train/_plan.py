@@ -249,7 +249,8 @@ def split_indices(
 @dataclasses.dataclass
 class Plateau:
     """The learning-rate schedule of ``reduce_lr_on_plateau``:
-    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode min, threshold_mode abs)."""
+    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode min, threshold_mode abs). As torch,
+    a reduction by no more than ``eps`` (1e-8) is not applied."""
 
     factor: float
     patience: int
@@ -257,6 +258,7 @@ class Plateau:
     min_lr: float
     best: float = math.inf
     bad_epochs: int = 0
+    eps: float = 1e-8
 
     def update(self, metric: float, lr: float) -> float:
         """The learning rate after an epoch whose monitored ``metric`` is given."""
@@ -266,5 +268,6 @@ class Plateau:
             self.bad_epochs += 1
         if self.bad_epochs > self.patience:
             self.bad_epochs = 0
-            return max(lr * self.factor, self.min_lr)
+            new_lr = max(lr * self.factor, self.min_lr)
+            return new_lr if lr - new_lr > self.eps else lr
         return lr

@@ -7,20 +7,22 @@ noise of the reparameterised ``z`` sample, the KL weight, the learning rate and 
 after chosen steps, every parameter, batch-norm running statistic and Adam moment; and the
 validation minibatches with their noise.
 
-jaxvi then starts from the same weights (:mod:`jaxvi.bridge`) and replays that sequence with
-its own pieces: :func:`~jaxvi.train.init_train_state` (the optimizer of
-:func:`~jaxvi.train.make_optimizer`), :func:`~jaxvi.module.vae_loss` in training mode (the
-ragged last minibatch padded and masked as the engine does), :func:`~jaxvi.train.compute_kl_weight`
-and the engine's reduce-on-plateau rule. Only the noise is injected: it is the one place where
-the two random number generators have to be bridged. :func:`test_engine_takes_the_replayed_steps`
-shows that :func:`jaxvi.train.fit` takes exactly the replayed steps (with its own permutation
-and keys), which closes the chain scvi-tools == replay == engine.
+jaxvi then starts from the same weights (:mod:`jaxvi.io.bridge`) and replays that sequence
+with its own pieces: :func:`~jaxvi.train.init_train_state` (the optimizer of
+:func:`~jaxvi.train.make_optimizer`), the engine's step :func:`~jaxvi.train.make_step` on the
+loss of :func:`~jaxvi.module.vae_model_def` in training mode (the ragged last minibatch padded
+and masked as the engine does), :func:`~jaxvi.train.compute_kl_weight` and the engine's
+reduce-on-plateau rule (:class:`~jaxvi.train.Plateau`). Only the noise is injected: it is the
+one place where the two random number generators have to be bridged.
+:func:`test_engine_takes_the_replayed_steps` shows that :func:`jaxvi.train.fit` takes exactly
+the replayed steps (with its own permutation and keys), which closes the chain scvi-tools ==
+replay == engine.
 
 In float64 both sides agree to ~1e-14 (24 steps, both schedules acting): the training
 algorithm is the same. In float32 the two kernel libraries round differently and the
 differences stay at rounding level (1e-6 on the loss, 5e-6 on the parameters after 100
 steps); the tolerances and the measured errors are in ``docs/training-parity.md``
-(``python tests/test_trajectory.py`` prints them). The file also checks the initialisation
+(``python tests/train/test_trajectory.py`` prints them). The file also checks the initialisation
 laws, dropout, the plateau rule and the network mode of continued training.
 """
 
@@ -33,16 +35,17 @@ import optax
 import pandas as pd
 import pytest
 
-import jaxvi.module as jaxvi_module
-from jaxvi.bridge import _expected_layout, config_from_scvi, state_dict_to_variables
-from jaxvi.dataset import gather, pad_indices, to_device
-from jaxvi.module import VAE, vae_loss
+import jaxvi.module._vae as vae_impl
+from jaxvi.data import gather, pad_indices, to_device
+from jaxvi.io.bridge import _expected_layout, config_from_scvi, state_dict_to_variables
+from jaxvi.module import vae_model_def
 from jaxvi.train import (
     PlanConfig,
-    _Plateau,
+    Plateau,
     compute_kl_weight,
     fit,
     init_train_state,
+    make_step,
     split_indices,
 )
 
@@ -196,16 +199,26 @@ def run_scvi(max_epochs: int, plan_kwargs: dict | None = None, precision: str = 
 
 
 # ---------------------------------------------------------------- the jaxvi replay
+# The noise of z is injected by patching the VAE's private draw, ``jaxvi.module._vae._draw``
+# (the old flat ``jaxvi.module._draw``): no public seam reaches the standard-normal draw inside
+# ``VAE.inference``, and wrapping the ModelDef's loss instead would replace jaxvi's loss by a
+# copy of it. Everything else the replay runs is public: ``vae_model_def``'s loss,
+# ``make_step`` (the engine's step) and ``init_train_state`` / ``make_optimizer``.
 _EPS: dict = {}
-_ORIGINAL_DRAW = jaxvi_module._draw
+_ORIGINAL_DRAW = vae_impl._draw
 
 
 def _draw_injected(key, mean, var, n_samples):
-    """``jaxvi.module._draw`` drawing ``mean + sqrt(var) * eps`` with scvi-tools' ``eps``
+    """``jaxvi.module._vae._draw`` drawing ``mean + sqrt(var) * eps`` with scvi-tools' ``eps``
     while a replay step is traced, and the usual draw otherwise."""
     if "eps" not in _EPS:
         return _ORIGINAL_DRAW(key, mean, var, n_samples)
     return mean + jnp.sqrt(var) * _EPS["eps"]
+
+
+def inject_noise(monkeypatch):
+    """Route the VAE's draw of ``z`` through :func:`_draw_injected` for one test."""
+    monkeypatch.setattr(vae_impl, "_draw", _draw_injected)
 
 
 def device_data(adata, dtype):
@@ -236,18 +249,21 @@ def compiled_steps(config, plan: PlanConfig, dtype):
     """``(train_step, val_step)`` for ``config``, jitted once per config, precision and
     optimizer (tests share them: compiling dominates the runtime).
 
-    ``train_step(state, data, idx, mask, kl_weight, eps) -> (state, loss, rec_sum, kl_sum)``
-    is one step of jaxvi's loss (training mode) and optimizer; ``val_step(variables, data,
-    idx, mask, eps) -> (rec, kl_local)`` the evaluation-mode terms per cell. ``eps`` is the
-    ``(BATCH_SIZE, n_latent)`` standard-normal draw of ``z``.
+    ``train_step(state, data, idx, mask, kl_weight, eps) -> (state, StepInfo)`` is the
+    engine's step (:func:`jaxvi.train.make_step`, unguarded: no step of the replay is
+    non-finite) on the minibatch ``idx``; ``val_step(variables, data, idx, mask, eps) -> (rec,
+    kl_local)`` the evaluation-mode terms per cell of the model's loss, as
+    :func:`jaxvi.train.make_evaluate` computes them. ``eps`` is the ``(BATCH_SIZE, n_latent)``
+    standard-normal draw of ``z``.
     """
     optimizer = (plan.optimizer, plan.lr, plan.weight_decay, plan.eps, plan.gradient_clip_val)
     cache_key = (config, np.dtype(dtype).name, optimizer)
     if cache_key in _STEPS:
         return _STEPS[cache_key]
-    module = VAE(config)
+    model_def = vae_model_def(config)
     # The optimizer as init_train_state builds it (the learning rate lives in the state).
-    _, tx = init_train_state(module, init_shapes(config), plan)
+    _, tx = init_train_state(model_def, init_shapes(config), plan)
+    step = make_step(model_def, tx, guard=False)
 
     def injected(eps, fn):
         _EPS["eps"] = eps
@@ -259,27 +275,15 @@ def compiled_steps(config, plan: PlanConfig, dtype):
     @jax.jit
     def train_step(state, data, idx, mask, kl_weight, eps):
         batch = gather(data, idx, mask)
-
-        def loss_fn(params, key):
-            v = {"params": params, "batch_stats": state.batch_stats}
-            out, stats = vae_loss(module, v, batch, key=key, training=True, kl_weight=kl_weight)
-            return out.loss, (out, stats)
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (out, stats)), grads = injected(eps, lambda k: grad_fn(state.params, k))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state._replace(
-            params=params, batch_stats=stats, opt_state=opt_state, step=state.step + 1
-        )
-        rec, kl = jnp.sum(out.reconstruction_loss * mask), jnp.sum((out.kl_z + out.kl_l) * mask)
-        return new, loss, rec, kl
+        return injected(eps, lambda k: step(k, state, batch, kl_weight))
 
     @jax.jit
     def val_step(variables, data, idx, mask, eps):
         batch = gather(data, idx, mask)
-        out, _ = injected(eps, lambda k: vae_loss(module, variables, batch, key=k, training=False))
-        return out.reconstruction_loss, out.kl_z + out.kl_l
+        out, _ = injected(
+            eps, lambda k: model_def.loss(k, variables, batch, training=False, kl_weight=1.0)
+        )
+        return out.terms["reconstruction_loss"], out.terms["kl_local"]
 
     _STEPS[cache_key] = (train_step, val_step)
     return _STEPS[cache_key]
@@ -305,7 +309,7 @@ def replay(config, variables, data, plan: PlanConfig, epochs: list, dtype=np.flo
     engine aggregates them.
     """
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
-    state, _ = init_train_state(VAE(config), variables, plan)
+    state, _ = init_train_state(vae_model_def(config), variables, plan)
     train_step, val_step = compiled_steps(config, plan, dtype)
 
     def padded(rows, eps):
@@ -329,7 +333,7 @@ def replay(config, variables, data, plan: PlanConfig, epochs: list, dtype=np.flo
             "kl_local_validation",
         )
     }
-    plateau = _Plateau(plan.lr_factor, plan.lr_patience, plan.lr_threshold, plan.lr_min)
+    plateau = Plateau(plan.lr_factor, plan.lr_patience, plan.lr_threshold, plan.lr_min)
     step = 0
     for epoch, spec in enumerate(epochs):
         kl_w = compute_kl_weight(plan, epoch, np.arange(step, step + len(spec["train"])))
@@ -337,7 +341,11 @@ def replay(config, variables, data, plan: PlanConfig, epochs: list, dtype=np.flo
         for (rows, noise), w in zip(spec["train"], kl_w, strict=True):
             idx, mask, noise = padded(rows, noise)
             res["lr"].append(float(state.opt_state.hyperparams["learning_rate"]))
-            state, loss, rec, kl = train_step(state, data, idx, mask, dtype(w), noise)
+            state, info = train_step(state, data, idx, mask, dtype(w), noise)
+            # The step reports the loss times the minibatch's real cells (the epoch sums it).
+            loss = float(info.loss_sum) / float(info.n_obs)
+            rec = info.terms["reconstruction_loss"]
+            kl = info.terms["kl_local"]
             step += 1
             n_obs += len(rows)
             loss_sum += float(loss) * len(rows)
@@ -529,7 +537,7 @@ def test_trajectory_float32_default_plan(ref32, monkeypatch):
     """Default plan (Adam 1e-3, eps 0.01, weight decay 1e-6, KL warm-up over 400 epochs),
     float32: per-step loss, KL weight and learning rate; parameters, batch-norm statistics
     and Adam moments after 1, 10 and 100 steps; the per-epoch metrics."""
-    monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
+    inject_noise(monkeypatch)
     check_float32_default_plan(ref32)
 
 
@@ -565,7 +573,7 @@ def test_trajectory_float64_schedules(monkeypatch):
     """float64 on both sides (Lightning ``precision="64-true"``), with a learning rate that
     falls on plateaus and a KL weight warmed up per step: the trajectories agree to rounding
     (~1e-14), so every float32 difference above is rounding, not a different algorithm."""
-    monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
+    inject_noise(monkeypatch)
     check_float64_schedules()
 
 
@@ -584,16 +592,16 @@ def test_engine_takes_the_replayed_steps(ref32, monkeypatch):
     :func:`replay` fed with the engine's own permutation and keys: the same parameters,
     statistics, moments and per-epoch metrics. Here with the schedules of
     :data:`SCHEDULE_PLAN` and another seed."""
-    monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)  # the engine's draw unchanged
+    inject_noise(monkeypatch)  # the engine's draw unchanged
     config = ref32["config"]
     variables = state_dict_to_variables(ref32["init_state"], config)
     data = device_data(ref32["adata"], np.float32)
     plan = PlanConfig(**SCHEDULE_PLAN)
     n_epochs, seed = 4, 11
     train_idx, val_idx, _ = split_indices(N_CELLS, batch_size=BATCH_SIZE, seed=seed)
-    state, _ = init_train_state(VAE(config), variables, plan)
+    state, _ = init_train_state(vae_model_def(config), variables, plan)
     state, history, _ = fit(
-        VAE(config),
+        vae_model_def(config),
         state,
         data,
         train_idx=train_idx,
@@ -658,7 +666,7 @@ def test_plateau_matches_torch():
             threshold_mode="abs",
             min_lr=min_lr,
         )
-        plateau = _Plateau(factor, patience, threshold, min_lr)
+        plateau = Plateau(factor, patience, threshold, min_lr)
         lr = 1e-3
         for m in metrics:
             sched.step(float(m))
@@ -752,6 +760,7 @@ def test_continued_training_mode(ref32, tmp_path, monkeypatch):
     import warnings
 
     import jaxvi
+    from jaxvi.model import _training as model_training
 
     adata = make_adata()
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
@@ -789,11 +798,12 @@ def test_continued_training_mode(ref32, tmp_path, monkeypatch):
     # scArches query model trains in evaluation mode, as in scvi-tools).
     calls = []
 
-    def spy(module, state, data, **kw):
+    def spy(model_def, state, source, **kw):
         calls.append(kw.get("network_training", True))
         return state, {}, None
 
-    monkeypatch.setattr(jaxvi.model, "fit", spy)
+    # SCVI.train reaches the engine through jaxvi.model._training (as in test_precision.py).
+    monkeypatch.setattr(model_training, "fit", spy)
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
     ours = jaxvi.SCVI(adata, dropout_rate=0.0)  # ref32's config: its initialiser is compiled
     ours.train(max_epochs=1, enable_progress_bar=False)
@@ -805,7 +815,7 @@ def test_continued_training_mode(ref32, tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":  # the measured errors quoted in docs/training-parity.md
-    jaxvi_module._draw = _draw_injected
+    vae_impl._draw = _draw_injected
     for name, check in [
         ("float32, default plan, 102 steps", lambda: check_float32_default_plan(run_scvi(34))),
         ("float64, LR plateau + step KL warm-up, 24 steps", check_float64_schedules),

@@ -26,6 +26,9 @@ laws, dropout, the plateau rule and the network mode of continued training.
 
 from __future__ import annotations
 
+import dataclasses
+
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,12 +56,12 @@ pl = pytest.importorskip("lightning.pytorch")
 N_CELLS, N_GENES, BATCH_SIZE = 300, 100, 128  # 270 training cells: minibatches 128, 128, 14
 SNAPSHOT_STEPS = (1, 10, 100)
 DEFAULT_EPOCHS = 34  # 102 steps
-# A plan whose learning rate falls every other epoch (no epoch improves by 10 nats) and whose
-# KL weight grows per step, so both schedules change inside the recorded run.
+# A plan whose learning rate falls every other epoch (no epoch improves by 1e9) and whose KL
+# weight grows per step, so both schedules change inside the recorded run.
 SCHEDULE_PLAN = {
     "reduce_lr_on_plateau": True,
     "lr_patience": 1,
-    "lr_threshold": 10.0,
+    "lr_threshold": 1e9,
     "lr_factor": 0.5,
     "n_epochs_kl_warmup": None,
     "n_steps_kl_warmup": 50,
@@ -101,9 +104,9 @@ def snapshot(module, optimizer) -> dict:
 class Recorder(pl.Callback):
     """What every training and validation step of scvi-tools did."""
 
-    def __init__(self, x, eps_log):
+    def __init__(self, x, eps_log, keep_log=None):
         self.row_of = {row.tobytes(): i for i, row in enumerate(np.asarray(x, np.float32))}
-        self.eps_log = eps_log
+        self.eps_log, self.keep_log = eps_log, keep_log if keep_log is not None else []
         self.train, self.val, self.snapshots = [], [], {}
         self.lr_before = None
         self.module_training = set()
@@ -115,7 +118,12 @@ class Recorder(pl.Callback):
     def _noise(self):
         (eps,) = self.eps_log  # exactly one z sample per step
         self.eps_log.clear()
-        return eps.numpy()
+        keep = None
+        if self.keep_log:  # one dropout layer runs in training (the z encoder's)
+            (keep,) = self.keep_log
+            keep = keep.numpy()
+            self.keep_log.clear()
+        return eps.numpy(), keep
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lr_before = trainer.optimizers[0].param_groups[0]["lr"]
@@ -126,7 +134,7 @@ class Recorder(pl.Callback):
             {
                 "epoch": trainer.current_epoch,
                 "rows": self._rows(batch),
-                "eps": self._noise(),
+                "noise": self._noise(),
                 "loss": float(outputs["loss"]),
                 "kl_weight": float(pl_module.loss_kwargs["kl_weight"]),
                 "lr": self.lr_before,
@@ -137,20 +145,30 @@ class Recorder(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
         self.val.append(
-            {"epoch": trainer.current_epoch, "rows": self._rows(batch), "eps": self._noise()}
+            {"epoch": trainer.current_epoch, "rows": self._rows(batch), "noise": self._noise()}
         )
 
 
 def run_scvi(max_epochs: int, plan_kwargs: dict | None = None, precision: str = "32-true"):
-    """scvi-tools' own training of a fresh model (dropout 0), recorded step by step."""
+    """scvi-tools' own training of a fresh default model (dropout 0.1), recorded step by step."""
     adata = make_adata()
     scvi.settings.seed = 0
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.SCVI(adata, dropout_rate=0.0)
+    model = scvi.model.SCVI(adata)
     init_state = {k: v.detach().numpy().copy() for k, v in model.module.state_dict().items()}
     eps_log: list = []
-    recorder = Recorder(adata.X, eps_log)
+    keep_log: list = []
+    recorder = Recorder(adata.X, eps_log, keep_log)
     original = torch.distributions.Normal.rsample
+    original_dropout = torch.nn.Dropout.forward
+
+    def dropout(self, x):
+        # torch's inverted dropout, keeping the mask of kept units.
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1 - self.p)
+        keep_log.append(keep.clone())
+        return x * keep / (1 - self.p)
 
     def rsample(self, sample_shape=torch.Size()):  # noqa: B008 - torch's own signature
         # torch's Normal.rsample, keeping the standard-normal draw.
@@ -160,6 +178,7 @@ def run_scvi(max_epochs: int, plan_kwargs: dict | None = None, precision: str = 
         return self.loc + eps * self.scale
 
     torch.distributions.Normal.rsample = rsample
+    torch.nn.Dropout.forward = dropout
     # One thread: the matmuls are tiny, and OpenMP spin-waiting on a shared CPU costs 40x.
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -178,6 +197,7 @@ def run_scvi(max_epochs: int, plan_kwargs: dict | None = None, precision: str = 
         )
     finally:
         torch.distributions.Normal.rsample = original
+        torch.nn.Dropout.forward = original_dropout
         torch.set_num_threads(n_threads)
     final = snapshot(model.module, model.trainer.optimizers[0])
     return {
@@ -206,6 +226,19 @@ def _draw_injected(key, mean, var, n_samples):
     if "eps" not in _EPS:
         return _ORIGINAL_DRAW(key, mean, var, n_samples)
     return mean + jnp.sqrt(var) * _EPS["eps"]
+
+
+class InjectedDropout(flax.linen.Dropout):
+    """flax's ``Dropout`` (the same arithmetic) with scvi-tools' mask of kept units, set by a
+    replay step while it is traced; patched in for ``flax.linen.Dropout``."""
+
+    @flax.linen.compact
+    def __call__(self, inputs, deterministic=None, rng=None):
+        deterministic = flax.linen.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        keep = _EPS["keep"][..., : inputs.shape[-1]]
+        return jax.lax.select(keep > 0, inputs / (1.0 - self.rate), jnp.zeros_like(inputs))
 
 
 def device_data(adata, dtype):
@@ -249,15 +282,15 @@ def compiled_steps(config, plan: PlanConfig, dtype):
     # The optimizer as init_train_state builds it (the learning rate lives in the state).
     _, tx = init_train_state(module, init_shapes(config), plan)
 
-    def injected(eps, fn):
-        _EPS["eps"] = eps
+    def injected(noise, fn):
+        _EPS["eps"], _EPS["keep"] = noise
         try:
-            return fn(jax.random.key(0))  # the key is unused: no dropout, z from eps
+            return fn(jax.random.key(0))  # the key is unused: z and dropout are injected
         finally:
             _EPS.clear()
 
     @jax.jit
-    def train_step(state, data, idx, mask, kl_weight, eps):
+    def train_step(state, data, idx, mask, kl_weight, noise):
         batch = gather(data, idx, mask)
 
         def loss_fn(params, key):
@@ -266,7 +299,7 @@ def compiled_steps(config, plan: PlanConfig, dtype):
             return out.loss, (out, stats)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (out, stats)), grads = injected(eps, lambda k: grad_fn(state.params, k))
+        (loss, (out, stats)), grads = injected(noise, lambda k: grad_fn(state.params, k))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state._replace(
@@ -276,9 +309,11 @@ def compiled_steps(config, plan: PlanConfig, dtype):
         return new, loss, rec, kl
 
     @jax.jit
-    def val_step(variables, data, idx, mask, eps):
+    def val_step(variables, data, idx, mask, noise):
         batch = gather(data, idx, mask)
-        out, _ = injected(eps, lambda k: vae_loss(module, variables, batch, key=k, training=False))
+        out, _ = injected(
+            noise, lambda k: vae_loss(module, variables, batch, key=k, training=False)
+        )
         return out.reconstruction_loss, out.kl_z + out.kl_l
 
     _STEPS[cache_key] = (train_step, val_step)
@@ -308,11 +343,15 @@ def replay(config, variables, data, plan: PlanConfig, epochs: list, dtype=np.flo
     state, _ = init_train_state(VAE(config), variables, plan)
     train_step, val_step = compiled_steps(config, plan, dtype)
 
-    def padded(rows, eps):
+    def padded(rows, noise):
+        eps, keep = noise
         idx, mask = pad_indices(rows, BATCH_SIZE)
         e = np.zeros((BATCH_SIZE, config.n_latent), dtype)
         e[: len(rows)] = eps
-        return jnp.asarray(idx[0]), jnp.asarray(mask[0]), jnp.asarray(e)
+        k = np.ones((BATCH_SIZE, config.n_hidden), dtype)
+        if keep is not None:
+            k[: len(rows)] = keep
+        return jnp.asarray(idx[0]), jnp.asarray(mask[0]), (jnp.asarray(e), jnp.asarray(k))
 
     res = {"loss": [], "kl_weight": [], "lr": [], "snapshots": {}}
     hist = {
@@ -380,8 +419,8 @@ def scvi_epochs(ref: dict) -> list:
     n_epochs = max(r["epoch"] for r in ref["train"]) + 1
     return [
         {
-            "train": [(r["rows"], r["eps"]) for r in ref["train"] if r["epoch"] == e],
-            "val": [(r["rows"], r["eps"]) for r in ref["val"] if r["epoch"] == e],
+            "train": [(r["rows"], r["noise"]) for r in ref["train"] if r["epoch"] == e],
+            "val": [(r["rows"], r["noise"]) for r in ref["val"] if r["epoch"] == e],
         }
         for e in range(n_epochs)
     ]
@@ -517,6 +556,15 @@ def check_float32_default_plan(ref32) -> dict:
             moment_rtol=10 * rtol,
         )
         measured.update({f"{k} after {step}": v for k, v in worst.items()})
+    # After the last step (102) only loosely: float32 differences drift (docs/training-parity.md).
+    worst = compare_snapshot(
+        got["snapshots"]["final"],
+        ref32["snapshots"]["final"],
+        ref32["config"],
+        rtol=1e-3,
+        moment_rtol=1e-2,
+    )
+    measured.update({f"{k} after final (102)": v for k, v in worst.items()})
     measured.update(compare_history(got, ref32, rtol=1e-5))
     # scvi-tools logs kl_weight per training step (Lightning's log_every_n_steps, here 1):
     # its history holds the last step's weight of each epoch, which jaxvi records per epoch.
@@ -530,6 +578,7 @@ def test_trajectory_float32_default_plan(ref32, monkeypatch):
     float32: per-step loss, KL weight and learning rate; parameters, batch-norm statistics
     and Adam moments after 1, 10 and 100 steps; the per-epoch metrics."""
     monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
+    monkeypatch.setattr(flax.linen, "Dropout", InjectedDropout)
     check_float32_default_plan(ref32)
 
 
@@ -566,16 +615,17 @@ def test_trajectory_float64_schedules(monkeypatch):
     falls on plateaus and a KL weight warmed up per step: the trajectories agree to rounding
     (~1e-14), so every float32 difference above is rounding, not a different algorithm."""
     monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)
+    monkeypatch.setattr(flax.linen, "Dropout", InjectedDropout)
     check_float64_schedules()
 
 
-def engine_noise(key, n_latent: int, n_cells: int) -> np.ndarray:
+def engine_noise(key, config, n_cells: int) -> np.ndarray:
     """The standard-normal draw of ``z`` that the engine makes for a step with ``key``: the
     splits of :func:`jaxvi.module.vae_loss` and ``VAE.inference``, then ``_draw``'s normal
     for the whole (padded) minibatch; the first ``n_cells`` rows are the real cells'."""
     k_inf, _ = jax.random.split(key)
     k_z, _ = jax.random.split(k_inf)
-    return np.asarray(jax.random.normal(k_z, (BATCH_SIZE, n_latent)))[:n_cells]
+    return np.asarray(jax.random.normal(k_z, (BATCH_SIZE, config.n_latent)))[:n_cells]
 
 
 def test_engine_takes_the_replayed_steps(ref32, monkeypatch):
@@ -585,7 +635,8 @@ def test_engine_takes_the_replayed_steps(ref32, monkeypatch):
     statistics, moments and per-epoch metrics. Here with the schedules of
     :data:`SCHEDULE_PLAN` and another seed."""
     monkeypatch.setattr(jaxvi_module, "_draw", _draw_injected)  # the engine's draw unchanged
-    config = ref32["config"]
+    # Dropout 0 here: the engine's masks come from flax's own key derivation.
+    config = dataclasses.replace(ref32["config"], dropout_rate=0.0)
     variables = state_dict_to_variables(ref32["init_state"], config)
     data = device_data(ref32["adata"], np.float32)
     plan = PlanConfig(**SCHEDULE_PLAN)
@@ -618,11 +669,11 @@ def test_engine_takes_the_replayed_steps(ref32, monkeypatch):
         epochs.append(
             {
                 "train": [
-                    (r, engine_noise(jax.random.fold_in(k_steps, i), config.n_latent, len(r)))
+                    (r, (engine_noise(jax.random.fold_in(k_steps, i), config, len(r)), None))
                     for i, r in enumerate(train)
                 ],
                 "val": [
-                    (r, engine_noise(jax.random.fold_in(k_epoch, i), config.n_latent, len(r)))
+                    (r, (engine_noise(jax.random.fold_in(k_epoch, i), config, len(r)), None))
                     for i, r in enumerate(val)
                 ],
             }
@@ -755,7 +806,7 @@ def test_continued_training_mode(ref32, tmp_path, monkeypatch):
 
     adata = make_adata()
     scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
-    model = scvi.model.SCVI(adata, dropout_rate=0.0)
+    model = scvi.model.SCVI(adata)
     kwargs = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False}
     modes = []
     recorder = Recorder(adata.X, [])
@@ -795,7 +846,7 @@ def test_continued_training_mode(ref32, tmp_path, monkeypatch):
 
     monkeypatch.setattr(jaxvi.model, "fit", spy)
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
-    ours = jaxvi.SCVI(adata, dropout_rate=0.0)  # ref32's config: its initialiser is compiled
+    ours = jaxvi.SCVI(adata)  # ref32's config: its initialiser is compiled already
     ours.train(max_epochs=1, enable_progress_bar=False)
     ours.train(max_epochs=1, enable_progress_bar=False)
     ours.save(str(tmp_path / "jaxvi"), overwrite=True)
@@ -806,6 +857,7 @@ def test_continued_training_mode(ref32, tmp_path, monkeypatch):
 
 if __name__ == "__main__":  # the measured errors quoted in docs/training-parity.md
     jaxvi_module._draw = _draw_injected
+    flax.linen.Dropout = InjectedDropout
     for name, check in [
         ("float32, default plan, 102 steps", lambda: check_float32_default_plan(run_scvi(34))),
         ("float64, LR plateau + step KL warm-up, 24 steps", check_float64_schedules),

@@ -21,23 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi import io, posterior
+from jaxvi import posterior
 from jaxvi._settings import settings
-from jaxvi._version import __version__
 from jaxvi.data import backed_cell_data, host_cell_data
 from jaxvi.data import registry as reglib
-from jaxvi.io import scvi_tools
-from jaxvi.model import scarches
+from jaxvi.model import _compat, _saveload, scarches
+from jaxvi.model._manager import RegistryView, hybridmethod, view_setup
 from jaxvi.model._minify import MINIFY_UNS_KEY, minified_arrays, minified_copy
-from jaxvi.model._parts import (
-    ModelParts,
-    QueryTraining,
-    check_accelerator,
-    check_variables,
-    history_from_json,
-    history_to_json,
-)
+from jaxvi.model._parts import ModelParts, check_accelerator, check_variables
+from jaxvi.model._queries import QueryMethods
 from jaxvi.model._training import TrainOutcome, device_data, run_training
+from jaxvi.model.callbacks import epoch_hooks
 from jaxvi.module import ModelDef
 from jaxvi.parallel import resolve_devices, to_host
 from jaxvi.train import NonFiniteError, TrainingInterrupted, make_evaluate
@@ -45,8 +39,9 @@ from jaxvi.train import NonFiniteError, TrainingInterrupted, make_evaluate
 __all__ = ["BaseModel"]
 
 
-class BaseModel(abc.ABC):
-    """Abstract base of jaxvi's models (scvi-tools' ``BaseModelClass`` and mixins, flat).
+class BaseModel(QueryMethods, abc.ABC):
+    """Abstract base of jaxvi's models (scvi-tools' ``BaseModelClass`` and mixins; the
+    queries every model answers are in :class:`~jaxvi.model._queries.QueryMethods`).
 
     Subclasses set ``_model_name``, ``_non_kwargs`` (named constructor arguments, as
     scvi-tools saves them) and ``_model_kwargs`` (accepted ``**kwargs``), and implement the
@@ -74,7 +69,7 @@ class BaseModel(abc.ABC):
     def _init_from_parts(self, parts: ModelParts) -> None:
         """Set every attribute of the model from ``parts``: the one place a model is made."""
         self.registry_ = parts.registry
-        self.adata = parts.adata
+        self._adata = parts.adata
         self.init_params_ = dict(parts.init_params)
         self.config = parts.config or self._make_config(self.registry_, self.init_params_)
         self.module = self._make_module(self.config)
@@ -123,6 +118,62 @@ class BaseModel(abc.ABC):
         return self.module
 
     # ------------------------------------------------------------- properties
+    @property
+    def adata(self):
+        """The AnnData the model works on (None when loaded without data).
+
+        Setting it checks the new AnnData against the registry (genes, registered columns,
+        known categories), as scvi-tools does, and raises ``KeyError`` (also a
+        ``ValueError``) for a missing column, ``ValueError`` otherwise.
+        """
+        return self._adata
+
+    @adata.setter
+    def adata(self, adata) -> None:
+        if adata is None:
+            raise ValueError("adata cannot be None.")
+        if adata.uns.get(MINIFY_UNS_KEY) is None or reglib.UNS_KEY not in adata.uns:
+            reglib.registry_arrays(adata, self.registry_, counts=False)
+            adata.uns[reglib.UNS_KEY] = self.registry_
+        self._adata = adata
+
+    @property
+    def adata_manager(self) -> RegistryView | None:
+        """A read-only view of the registry and AnnData in scvi-tools' ``AnnDataManager``
+        shape (``registry``, ``data_registry``, ``summary_stats``, ``get_from_registry``,
+        ``get_state_registry``, ``view_registry``); None without an AnnData."""
+        return None if self._adata is None else RegistryView(self.registry_, self._adata)
+
+    def get_anndata_manager(self, adata, required: bool = False) -> RegistryView | None:
+        """The registry view of ``adata``: the model's own for ``self.adata``, else the
+        registry ``adata`` was set up with. None (``ValueError`` if ``required``) when
+        ``adata`` was never set up."""
+        if adata is self._adata and adata is not None:
+            return self.adata_manager
+        registry = adata.uns.get(reglib.UNS_KEY)
+        if registry is None:
+            if required:
+                raise ValueError("Please set up your AnnData with SCVI.setup_anndata first.")
+            return None
+        return RegistryView(registry, adata)
+
+    @hybridmethod
+    def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
+        """Print how an AnnData is set up: arguments, summary statistics, fields, categories.
+
+        Works on a model (its AnnData by default) and on the class
+        (``SCVI.view_anndata_setup(adata)``, which scvi-tools 1.4.2 refuses).
+        """
+        view_setup(self, adata, hide_state_registries)
+
+    @staticmethod
+    def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
+        """Print the ``setup_anndata`` arguments of a saved jaxvi or scvi-tools model."""
+        registry = _saveload.saved_registry(dir_path, prefix)
+        print("Setup via `SCVI.setup_anndata` with arguments:")
+        for k, v in registry["setup_args"].items():
+            print(f"  {k}: {v!r}")
+
     @property
     def history(self) -> dict[str, pd.DataFrame]:
         """Per-epoch metrics, one DataFrame per key, indexed by ``epoch``."""
@@ -186,6 +237,8 @@ class BaseModel(abc.ABC):
         checkpoint_every_n_epochs: int = 1,
         checkpoint_keep: int = 2,
         resume: str | None = None,
+        callbacks: list | None = None,
+        logger=None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -212,11 +265,15 @@ class BaseModel(abc.ABC):
         early_stopping
             Stop when ``elbo_validation`` has not improved for 45 epochs.
         datasplitter_kwargs
-            ``{"drop_last": bool}`` (drop the ragged last minibatch instead of masking it).
+            ``{"drop_last": bool}`` (drop the ragged last minibatch instead of masking it),
+            ``{"external_indexing": [train, validation, test]}`` (index arrays; missing
+            ones are empty, as scvi-tools).
         plan_config, plan_kwargs
             Training-plan options with scvi-tools' names (``lr``, ``weight_decay``, ``eps``,
             ``optimizer``, ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``,
             ``reduce_lr_on_plateau``, ...); ``plan_kwargs`` override ``plan_config``.
+            ``on_step=True`` (with ``on_epoch=True``) names the per-epoch history entries
+            ``<name>_epoch`` as scvi-tools; jaxvi keeps no per-step values.
         check_val_every_n_epoch
             Compute validation metrics every this many epochs (never by default).
         enable_progress_bar
@@ -236,9 +293,15 @@ class BaseModel(abc.ABC):
             A checkpoint (or a ``checkpoint_dir``: its newest) to continue from. The run goes
             on to ``max_epochs`` in total, bit-identical to an uninterrupted one; the split,
             seed and earlier history come from the checkpoint, and other settings must match.
+        callbacks, logger
+            :mod:`jaxvi.model.callbacks`: objects called at each epoch end (with the model
+            and the epoch's history row; they can stop training), and loggers (one or a
+            list; ``log_metrics(metrics, step)``, e.g. :class:`~jaxvi.model.callbacks.CSVLogger`
+            or a Lightning logger).
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
+            ``early_stopping_warmup_epochs`` (0: checks of the monitor ignored at first),
             ``gradient_clip_val``, ``precision`` (Lightning's names: ``"32-true"`` exact
             float32 matmuls, ``"bf16-mixed"`` bfloat16 matmul inputs with float32
             accumulation, ``"tf32"``; default JAX's, which is TF32 on recent NVIDIA GPUs).
@@ -260,6 +323,12 @@ class BaseModel(abc.ABC):
         check_accelerator(accelerator)
         options = {k: v for k, v in locals().items() if k not in ("self", "accelerator")}
         options.update(options.pop("trainer_kwargs"))
+        hparams = {**self.init_params_, "max_epochs": max_epochs, "batch_size": batch_size}
+        start, epoch_end, end = epoch_hooks(
+            self, options.pop("callbacks"), options.pop("logger"), hparams
+        )
+        if start is not None:
+            start()
         try:
             outcome = run_training(
                 self._engine_model(),
@@ -269,13 +338,18 @@ class BaseModel(abc.ABC):
                 config_json=dataclasses.asdict(self.config),
                 history=self.history_,
                 query_training=self._query_training,
+                epoch_callback=epoch_end,
                 **options,
             )
         except (TrainingInterrupted, NonFiniteError) as err:
             self._set_trained(err.outcome)
+            if end is not None:
+                end("failed")
             raise
         self._epoch_fn = outcome.epoch_fn
         self._set_trained(outcome)
+        if end is not None:
+            end("success")
 
     def _set_trained(self, outcome: TrainOutcome) -> None:
         state = outcome.state
@@ -291,238 +365,6 @@ class BaseModel(abc.ABC):
         self.train_indices_, self.validation_indices_, self.test_indices_ = (
             np.asarray(a) for a in outcome.indices
         )
-
-    # ---------------------------------------------------------------- queries
-    def get_latent_representation(
-        self,
-        adata=None,
-        indices=None,
-        give_mean: bool = True,
-        mc_samples: int = 5000,
-        batch_size: int | None = None,
-        return_dist: bool = False,
-    ):
-        """Latent coordinates of each cell.
-
-        Returns
-        -------
-        ``(cells, n_latent)`` float32: the posterior mean (for ``"ln"`` the Monte-Carlo mean of
-        ``softmax(z)`` over ``mc_samples`` draws), one sample with ``give_mean=False``, or
-        ``(qz_mean, qz_var)`` with ``return_dist=True``.
-        """
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        mode = "dist" if return_dist else ("mean" if give_mean else "sample")
-        program = posterior.latent_program(self.config, mode, int(mc_samples))
-        out = posterior.run_chunked(program, self.variables, data, indices, bs, self._next_key())
-        if return_dist:
-            return tuple(np.asarray(a, np.float32) for a in out)
-        return np.asarray(out, np.float32)
-
-    def get_importance_weights(
-        self,
-        adata=None,
-        indices=None,
-        zs=None,
-        transform_batch=None,
-        max_cells: int = 1024,
-        truncation: bool = False,
-        n_mc_samples: int = 500,
-        n_mc_samples_per_pass: int = 250,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Normalised importance weights of latent draws ``zs`` of the cells ``indices``.
-
-        ``zs`` is ``(cells, n_latent)`` or ``(n_samples, cells, n_latent)`` (pre-softmax for
-        ``"ln"``); the likelihoods of the draws are recomputed from the model. See
-        :func:`jaxvi.posterior.get_importance_weights`.
-
-        Returns
-        -------
-        float64 ``(n_draws,)`` summing to one.
-        """
-        return posterior.get_importance_weights(
-            self,
-            adata,
-            indices,
-            zs,
-            transform_batch,
-            max_cells,
-            truncation,
-            n_mc_samples,
-            n_mc_samples_per_pass,
-            batch_size,
-        )
-
-    def differential_expression(
-        self,
-        adata=None,
-        groupby: str | None = None,
-        group1=None,
-        group2: str | None = None,
-        idx1=None,
-        idx2=None,
-        mode: str = "vanilla",
-        delta: float | None = 0.25,
-        batch_size: int | None = None,
-        all_stats: bool = True,
-        batch_correction: bool = False,
-        batchid1=None,
-        batchid2=None,
-        fdr_target: float = 0.05,
-        silent: bool = False,
-        weights: str | None = "uniform",
-        filter_outlier_cells: bool = False,
-        importance_weighting_kwargs: dict | None = None,
-        **kwargs,
-    ) -> pd.DataFrame:
-        """Bayesian differential expression between groups of cells (scvi-tools' semantics).
-
-        See :func:`jaxvi.analysis.de.differential_expression` for every argument. Returns a
-        DataFrame indexed by gene: ``proba_m1, proba_m2, bayes_factor, scale1, scale2``
-        (vanilla) or
-        ``proba_de, proba_not_de, bayes_factor, scale1, scale2, pseudocounts, delta,
-        lfc_mean, ...`` (change), raw statistics, ``is_de_fdr_<target>`` (change) and the
-        ``comparison`` / ``group1`` / ``group2`` columns, one block per comparison.
-        """
-        from jaxvi.analysis import de as de
-
-        return de.differential_expression(
-            self,
-            adata=adata,
-            groupby=groupby,
-            group1=group1,
-            group2=group2,
-            idx1=idx1,
-            idx2=idx2,
-            mode=mode,
-            delta=delta,
-            batch_size=batch_size,
-            all_stats=all_stats,
-            batch_correction=batch_correction,
-            batchid1=batchid1,
-            batchid2=batchid2,
-            fdr_target=fdr_target,
-            silent=silent,
-            weights=weights,
-            filter_outlier_cells=filter_outlier_cells,
-            importance_weighting_kwargs=importance_weighting_kwargs,
-            **kwargs,
-        )
-
-    def get_likelihood_parameters(
-        self,
-        adata=None,
-        indices=None,
-        n_samples: int = 1,
-        give_mean: bool = False,
-        batch_size: int | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Parameters of p(x | z) with z ~ q(z | x): ``"mean"`` (``px_rate``), ``"dropout"``
-        (zero-inflation probability, zinb), ``"dispersions"`` (theta; the scale for normal).
-
-        Arrays are ``(cells, genes)``, ``(n_samples, cells, genes)`` with ``n_samples > 1``
-        unless ``give_mean``. Works for every likelihood (the reference fails for poisson and
-        normal). See :func:`jaxvi.posterior.get_likelihood_parameters`.
-        """
-        return posterior.get_likelihood_parameters(
-            self, adata, indices, n_samples, give_mean, batch_size
-        )
-
-    def posterior_predictive_sample(
-        self,
-        adata=None,
-        indices=None,
-        transform_batch=None,
-        n_samples: int = 1,
-        gene_list=None,
-        batch_size: int | None = None,
-    ):
-        """Counts drawn from p(x | z), z ~ q(z | x): ``sparse.GCXS`` float32 of shape
-        ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``."""
-        return posterior.posterior_predictive_sample(
-            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
-        )
-
-    def get_marginal_ll(
-        self,
-        adata=None,
-        indices=None,
-        n_mc_samples: int = 1000,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-        n_mc_samples_per_pass: int = 1,
-    ):
-        """Importance-weighted estimate of log p(x) with ``n_mc_samples`` draws of q.
-
-        Returns
-        -------
-        float (the mean of per-minibatch means, as scvi-tools), or ``(cells,)`` values.
-        """
-        self._refuse_if_minified("get_marginal_ll")
-        return posterior.get_marginal_ll(
-            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
-        )
-
-    def get_latent_library_size(
-        self,
-        adata=None,
-        indices=None,
-        give_mean: bool = True,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Library size ``(cells, 1)``: the LogNormal mean of q(l | x) with ``give_mean``
-        (latent library models only), else ``exp(library)`` (observed totals or a draw)."""
-        self._refuse_if_minified("get_latent_library_size")
-        return posterior.get_latent_library_size(self, adata, indices, give_mean, batch_size)
-
-    def get_feature_correlation_matrix(
-        self,
-        adata=None,
-        indices=None,
-        n_samples: int = 10,
-        batch_size: int = 64,
-        rna_size_factor: int = 1000,
-        transform_batch=None,
-        correlation_type: str = "spearman",
-    ) -> pd.DataFrame:
-        """Gene-gene correlation ``(genes, genes)`` of denoised expression samples."""
-        return posterior.get_feature_correlation_matrix(
-            self,
-            adata,
-            indices,
-            n_samples,
-            batch_size,
-            rna_size_factor,
-            transform_batch,
-            correlation_type,
-        )
-
-    def get_elbo(
-        self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True
-    ):
-        """Evidence lower bound (higher is better) with one z sample per cell, KL weight 1.
-
-        Returns
-        -------
-        float, the mean over cells, or ``(cells,)`` per-cell values with ``return_mean=False``.
-        """
-        self._refuse_if_minified("get_elbo")
-        rec, kl_z, kl_l = self._elbo_terms(adata, indices, batch_size)
-        elbo = -(rec + kl_z + kl_l)
-        return float(np.mean(elbo)) if return_mean else elbo
-
-    def get_reconstruction_error(
-        self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True
-    ) -> dict:
-        """Reconstruction negative log-likelihood (positive; lower is better).
-
-        Returns
-        -------
-        ``{"reconstruction_loss": float}`` (mean over cells) or ``(cells,)`` values.
-        """
-        self._refuse_if_minified("get_reconstruction_error")
-        rec, _, _ = self._elbo_terms(adata, indices, batch_size)
-        return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
 
     # ----------------------------------------------------------- minification
     def minify_adata(
@@ -566,111 +408,43 @@ class BaseModel(abc.ABC):
         overwrite: bool = False,
         save_anndata: bool = False,
         format: str = "jaxvi",
+        **anndata_write_kwargs,
     ) -> None:
-        """Save to ``dir_path``: ``model.json`` (settings, registry, history), ``model.npz``.
+        """Save to ``dir_path``: ``{prefix}model.json`` (settings, registry, history) and
+        ``{prefix}model.npz``; nothing executes code on load.
 
-        Nothing executes code on load. ``save_anndata`` also writes ``adata.h5ad``.
-        ``format="scvi-tools"`` writes scvi-tools' ``model.pt`` instead
-        (:func:`jaxvi.io.scvi_tools.write_scvi_tools`), which scvi-tools' ``load`` reads.
+        ``save_anndata`` also writes ``{prefix}adata.h5ad``. ``format="scvi-tools"`` writes
+        scvi-tools' ``{prefix}model.pt`` instead (:func:`jaxvi.io.scvi_tools.write_scvi_tools`),
+        which scvi-tools' ``load`` reads. ``anndata_write_kwargs`` are accepted for
+        scvi-tools' signature and ignored (the AnnData is written with its defaults).
         """
-        if format not in ("jaxvi", "scvi-tools"):
-            raise ValueError(f"format must be 'jaxvi' or 'scvi-tools', got {format!r}.")
-        if save_anndata and self.adata is None:
-            raise ValueError("save_anndata=True but the model has no AnnData.")
-        adata = self.adata if save_anndata else None
-        indices = (self.train_indices_, self.validation_indices_, self.test_indices_)
-        variables = jax.device_get(self.variables)
-        if format == "scvi-tools":
-            return scvi_tools.write_scvi_tools(
-                dir_path,
-                state_dict=self._to_state_dict(variables),
-                registry=self.registry_,
-                init_params=self.init_params_,
-                non_kwargs=self._non_kwargs,
-                history=self.history_,
-                is_trained=self.is_trained_,
-                indices=indices,
-                adata=adata,
-                prefix=prefix,
-                overwrite=overwrite,
-            )
-        if prefix is not None:
-            raise NotImplementedError("`prefix` is not supported; use a separate directory.")
-        meta = {
-            "model_name": self._model_name,
-            "jaxvi_version": __version__,
-            "init_params": self.init_params_,
-            "config": dataclasses.asdict(self.config),
-            "registry": self.registry_,
-            "is_trained": self.is_trained_,
-            "history": history_to_json(self.history_),
-            "indices": {
-                name: None if arr is None else [int(i) for i in arr]
-                for name, arr in zip(("train", "validation", "test"), indices, strict=True)
-            },
-        }
-        io.write_model_dir(
-            dir_path, meta, io.flatten_tree(variables), overwrite=overwrite, adata=adata
-        )
+        del anndata_write_kwargs
+        _saveload.save_model(self, dir_path, prefix, overwrite, save_anndata, format)
 
     @classmethod
-    def load(cls, dir_path: str, adata=None):
-        """Load a model saved by :meth:`save`; ``adata`` (same genes) or the saved one.
+    def load(cls, dir_path: str, adata=None, prefix: str | None = None, **kwargs):
+        """Load a model saved by :meth:`save` (with the same ``prefix``), or by scvi-tools
+        (a ``{prefix}model.pt``, read with :meth:`from_scvi_tools`, minified ones included).
 
-        Without ``adata`` and without a saved ``adata.h5ad`` the model loads with no data;
-        pass ``adata`` to its query methods. A scvi-tools directory (``model.pt``, no
-        ``model.json``) is read with :meth:`from_scvi_tools`.
+        ``adata`` (same genes) or the saved one; without both the model loads with no data
+        (pass ``adata`` to its queries). ``kwargs`` (scvi-tools' ``accelerator``,
+        ``device``, ``backup_url``, ...) are accepted and ignored.
         """
-        if not os.path.exists(os.path.join(dir_path, io.MODEL_JSON)) and (
-            scvi_tools.is_scvi_tools_dir(dir_path)
-        ):
-            return cls.from_scvi_tools(dir_path, adata=adata)
-        meta, arrays = io.read_model_dir(dir_path)
-        if meta.get("model_name") != cls._model_name:
-            raise ValueError(
-                f"{dir_path} holds a {meta.get('model_name')!r} model, not {cls._model_name}."
-            )
-        saved_adata = os.path.join(dir_path, io.ADATA_FILE)
-        idx = meta["indices"]
-        parts = ModelParts(
-            registry=meta["registry"],
-            init_params=meta["init_params"],
-            variables=io.unflatten_tree(arrays),
-            adata=adata,
-            history=history_from_json(meta["history"]),
-            is_trained=bool(meta["is_trained"]),
-            indices=tuple(
-                None if idx[k] is None else np.asarray(idx[k])
-                for k in ("train", "validation", "test")
-            ),
-            config=cls._config_from_json(meta["config"]),
-        )
-        return cls._from_parts(parts, saved_adata if os.path.exists(saved_adata) else None)
+        del kwargs
+        read = _saveload.jaxvi_parts(cls, dir_path, adata, prefix)
+        if read is None:
+            return cls.from_scvi_tools(dir_path, adata=adata, prefix=prefix)
+        return cls._from_parts(*read)
 
     @classmethod
     def from_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
         """Load a model saved by scvi-tools' ``save`` (no torch needed, no code run).
 
-        ``adata`` (the model's genes, known categories) or the saved ``adata.h5ad`` if any.
+        ``adata`` (the model's genes, known categories) or the saved ``adata.h5ad`` if any;
+        a minified one (counts absent, q(z | x) and library sizes kept) gives a minified
+        model that answers every query that needs no counts.
         """
-        read = scvi_tools.read_scvi_tools(dir_path, prefix)
-        unknown = sorted(set(read["init_params"]) - set(cls._non_kwargs) - cls._model_kwargs)
-        if unknown:
-            raise ValueError(
-                f"The saved model uses {cls._model_name} arguments jaxvi does not support: "
-                f"{unknown}."
-            )
-        config = cls._make_config(read["registry"], read["init_params"])
-        parts = ModelParts(
-            registry=read["registry"],
-            init_params=read["init_params"],
-            variables=cls._from_state_dict(read["state_dict"], config),
-            adata=adata,
-            history=read["history"],
-            is_trained=read["is_trained"],
-            indices=read["indices"],
-        )
-        return cls._from_parts(parts, read["adata_path"])
+        return cls._from_parts(*_saveload.scvi_tools_parts(cls, dir_path, adata, prefix))
 
     # ----------------------------------------------------------------- scArches
     @staticmethod
@@ -718,20 +492,6 @@ class BaseModel(abc.ABC):
                 f"reference_model must be a jaxvi {cls._model_name} or the path of a saved "
                 f"jaxvi or scvi-tools model, got {type(reference_model).__name__}."
             )
-        if inplace_subset_query_vars:
-            scarches.subset_query_genes(adata, reference_model.registry_["var_names"])
-        registry = scarches.query_registry(reference_model.registry_, adata)
-        if not transfer_batch and len(registry["batch_categories"]) > len(
-            reference_model.registry_["batch_categories"]
-        ):
-            raise ValueError(
-                "This model does not allow for query having batch categories missing from "
-                "the reference."
-            )
-        fresh = cls(adata, **reference_model.init_params_)  # variables in the query's shapes
-        variables = scarches.extend_variables(
-            reference_model.variables, reference_model.config, fresh.variables, fresh.config
-        )
         freeze = scarches.FreezeOptions(
             unfrozen=unfrozen,
             freeze_expression=freeze_expression,
@@ -739,12 +499,11 @@ class BaseModel(abc.ABC):
             freeze_batchnorm_encoder=freeze_batchnorm_encoder,
             freeze_batchnorm_decoder=freeze_batchnorm_decoder,
         )
-        training = QueryTraining(
-            update_mask=scarches.freeze_masks(fresh.config, variables, freeze),
-            network_training=False,  # scvi-tools trains a query model in eval mode
+        return cls._from_parts(
+            scarches.query_parts(
+                cls, adata, reference_model, freeze, inplace_subset_query_vars, transfer_batch
+            )
         )
-        parts = ModelParts(registry, fresh.init_params_, variables, adata, query_training=training)
-        return cls._from_parts(parts)
 
     # ---------------------------------------------------------------- helpers
     def _next_key(self) -> jax.Array:
@@ -762,7 +521,7 @@ class BaseModel(abc.ABC):
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
         self._mesh = mesh
 
-    def _query_inputs(self, adata, indices, batch_size):
+    def _query_inputs(self, adata, indices, batch_size, need_data: bool = True):
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("This model has no AnnData; pass `adata=`.")
@@ -776,6 +535,8 @@ class BaseModel(abc.ABC):
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
+        if not need_data:
+            return adata, indices.astype(np.int64), None, bs
         # A backed AnnData's counts stay on disk: run_chunked reads and moves bounded pieces
         # (sharded over the mesh, if any).
         data = None
@@ -805,15 +566,4 @@ class BaseModel(abc.ABC):
         return tuple(np.asarray(a, np.float64) for a in out)
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
-        if transform_batch is None:
-            return np.array([-1])
-        cats = [str(c) for c in self.registry_["batch_categories"]]
-        values = (
-            transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
-        )
-        codes = []
-        for v in values:
-            if str(v) not in cats:
-                raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
-            codes.append(cats.index(str(v)))
-        return np.asarray(codes)
+        return _compat.batch_codes(self.registry_["batch_categories"], transform_batch)

@@ -565,6 +565,7 @@ def fit(
     early_stopping_patience: int = 45,
     early_stopping_min_delta: float = 0.0,
     early_stopping_mode: str = "min",
+    early_stopping_warmup_epochs: int = 0,
     progress_bar: bool = True,
     history: dict[str, pd.DataFrame] | None = None,
     epoch_offset: int = 0,
@@ -599,6 +600,8 @@ def fit(
         When a step's loss, gradient or update is not finite (``guard``); it holds the
         state of the last finite step.
 
+    ``early_stopping_warmup_epochs``: the first this many checks of the monitored metric
+    neither count as improvements nor as patience (scvi-tools' ``LoudEarlyStopping``).
     ``update_mask`` freezes parameter entries (:func:`make_optimizer`);
     ``network_training=False`` trains in evaluation mode (:func:`make_train_epoch`).
     """
@@ -762,7 +765,10 @@ def fit(
                     hp = dict(state.opt_state.hyperparams)
                     hp["learning_rate"] = placed(np.asarray(new_lr, np.float32))
                     state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
-            if early_stopping and early_stopping_monitor in metrics:
+            # scvi-tools' warm-up: the first N checks of the monitor are ignored entirely
+            if early_stopping and early_stopping_monitor in metrics and (
+                len(progress.rows[early_stopping_monitor]) > early_stopping_warmup_epochs
+            ):
                 current = sign * metrics[early_stopping_monitor]
                 if current < progress.stop_best - early_stopping_min_delta:
                     progress.stop_best, progress.stop_wait = current, 0

@@ -26,7 +26,7 @@ from jaxvi._settings import settings
 from jaxvi.data import backed_cell_data, host_cell_data
 from jaxvi.data import registry as reglib
 from jaxvi.model import _compat, _saveload, scarches
-from jaxvi.model._manager import RegistryView, hybridmethod, view_setup
+from jaxvi.model._manager import RegistryMethods
 from jaxvi.model._minify import MINIFY_UNS_KEY, minified_arrays, minified_copy
 from jaxvi.model._parts import ModelParts, check_accelerator, check_variables
 from jaxvi.model._queries import QueryMethods
@@ -39,9 +39,10 @@ from jaxvi.train import NonFiniteError, TrainingInterrupted, make_evaluate
 __all__ = ["BaseModel"]
 
 
-class BaseModel(QueryMethods, abc.ABC):
+class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
     """Abstract base of jaxvi's models (scvi-tools' ``BaseModelClass`` and mixins; the
-    queries every model answers are in :class:`~jaxvi.model._queries.QueryMethods`).
+    queries every model answers are in :class:`~jaxvi.model._queries.QueryMethods`, the
+    AnnData and registry accessors in :class:`~jaxvi.model._manager.RegistryMethods`).
 
     Subclasses set ``_model_name``, ``_non_kwargs`` (named constructor arguments, as
     scvi-tools saves them) and ``_model_kwargs`` (accepted ``**kwargs``), and implement the
@@ -118,62 +119,6 @@ class BaseModel(QueryMethods, abc.ABC):
         return self.module
 
     # ------------------------------------------------------------- properties
-    @property
-    def adata(self):
-        """The AnnData the model works on (None when loaded without data).
-
-        Setting it checks the new AnnData against the registry (genes, registered columns,
-        known categories), as scvi-tools does, and raises ``KeyError`` (also a
-        ``ValueError``) for a missing column, ``ValueError`` otherwise.
-        """
-        return self._adata
-
-    @adata.setter
-    def adata(self, adata) -> None:
-        if adata is None:
-            raise ValueError("adata cannot be None.")
-        if adata.uns.get(MINIFY_UNS_KEY) is None or reglib.UNS_KEY not in adata.uns:
-            reglib.registry_arrays(adata, self.registry_, counts=False)
-            adata.uns[reglib.UNS_KEY] = self.registry_
-        self._adata = adata
-
-    @property
-    def adata_manager(self) -> RegistryView | None:
-        """A read-only view of the registry and AnnData in scvi-tools' ``AnnDataManager``
-        shape (``registry``, ``data_registry``, ``summary_stats``, ``get_from_registry``,
-        ``get_state_registry``, ``view_registry``); None without an AnnData."""
-        return None if self._adata is None else RegistryView(self.registry_, self._adata)
-
-    def get_anndata_manager(self, adata, required: bool = False) -> RegistryView | None:
-        """The registry view of ``adata``: the model's own for ``self.adata``, else the
-        registry ``adata`` was set up with. None (``ValueError`` if ``required``) when
-        ``adata`` was never set up."""
-        if adata is self._adata and adata is not None:
-            return self.adata_manager
-        registry = adata.uns.get(reglib.UNS_KEY)
-        if registry is None:
-            if required:
-                raise ValueError("Please set up your AnnData with SCVI.setup_anndata first.")
-            return None
-        return RegistryView(registry, adata)
-
-    @hybridmethod
-    def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
-        """Print how an AnnData is set up: arguments, summary statistics, fields, categories.
-
-        Works on a model (its AnnData by default) and on the class
-        (``SCVI.view_anndata_setup(adata)``, which scvi-tools 1.4.2 refuses).
-        """
-        view_setup(self, adata, hide_state_registries)
-
-    @staticmethod
-    def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
-        """Print the ``setup_anndata`` arguments of a saved jaxvi or scvi-tools model."""
-        registry = _saveload.saved_registry(dir_path, prefix)
-        print("Setup via `SCVI.setup_anndata` with arguments:")
-        for k, v in registry["setup_args"].items():
-            print(f"  {k}: {v!r}")
-
     @property
     def history(self) -> dict[str, pd.DataFrame]:
         """Per-epoch metrics, one DataFrame per key, indexed by ``epoch``."""

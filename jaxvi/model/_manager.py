@@ -10,15 +10,18 @@ shapes, and changes nothing.
 from __future__ import annotations
 
 import functools
+import uuid
 
+import jax
 import numpy as np
 import pandas as pd
 
 from jaxvi.data import registry as reglib
 from jaxvi.io.scvi_tools import registry_to_scvi
+from jaxvi.model import _saveload
 from jaxvi.model._minify import LIB_KEY, MINIFY_UNS_KEY, QZM_KEY, QZV_KEY
 
-__all__ = ["AttrDict", "RegistryView", "hybridmethod", "view_setup"]
+__all__ = ["AttrDict", "RegistryMethods", "RegistryView", "hybridmethod", "view_setup"]
 
 
 class AttrDict(dict):
@@ -209,3 +212,138 @@ def view_setup(model_or_cls, adata, hide_state_registries: bool) -> None:
             reglib.get_registry(adata)  # the error naming setup_anndata
         registry = model_or_cls.registry_
     RegistryView(registry, adata).view_registry(hide_state_registries)
+
+
+class RegistryMethods:
+    """The AnnData and registry accessors of scvi-tools' ``BaseModelClass``, over jaxvi's
+    plain registry (``self.registry_``) and AnnData (``self._adata``)."""
+
+    @property
+    def adata(self):
+        """The AnnData the model works on (None when loaded without data).
+
+        Setting it checks the new AnnData against the registry (genes, registered columns,
+        known categories), as scvi-tools does, and raises ``KeyError`` (also a
+        ``ValueError``) for a missing column, ``ValueError`` otherwise.
+        """
+        return self._adata
+
+    @adata.setter
+    def adata(self, adata) -> None:
+        if adata is None:
+            raise ValueError("adata cannot be None.")
+        if adata.uns.get(MINIFY_UNS_KEY) is None or reglib.UNS_KEY not in adata.uns:
+            reglib.registry_arrays(adata, self.registry_, counts=False)
+            adata.uns[reglib.UNS_KEY] = self.registry_
+        self._adata = adata
+
+    @property
+    def adata_manager(self) -> RegistryView | None:
+        """A read-only view of the registry and AnnData in scvi-tools' ``AnnDataManager``
+        shape (``registry``, ``data_registry``, ``summary_stats``, ``get_from_registry``,
+        ``get_state_registry``, ``view_registry``); None without an AnnData."""
+        return None if self._adata is None else RegistryView(self.registry_, self._adata)
+
+    def get_anndata_manager(self, adata, required: bool = False) -> RegistryView | None:
+        """The registry view of ``adata``: the model's own for ``self.adata``, else the
+        registry ``adata`` was set up with. None (``ValueError`` if ``required``) when
+        ``adata`` was never set up."""
+        if adata is self._adata and adata is not None:
+            return self.adata_manager
+        registry = adata.uns.get(reglib.UNS_KEY)
+        if registry is None:
+            if required:
+                raise ValueError("Please set up your AnnData with SCVI.setup_anndata first.")
+            return None
+        return RegistryView(registry, adata)
+
+    @hybridmethod
+    def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
+        """Print how an AnnData is set up: arguments, summary statistics, fields, categories.
+
+        Works on a model (its AnnData by default) and on the class
+        (``SCVI.view_anndata_setup(adata)``, which scvi-tools 1.4.2 refuses).
+        """
+        view_setup(self, adata, hide_state_registries)
+
+    @staticmethod
+    def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
+        """Print the ``setup_anndata`` arguments of a saved jaxvi or scvi-tools model."""
+        registry = _saveload.saved_registry(dir_path, prefix)
+        print("Setup via `SCVI.setup_anndata` with arguments:")
+        for k, v in registry["setup_args"].items():
+            print(f"  {k}: {v!r}")
+
+    @property
+    def registry(self) -> dict:
+        """The registry in scvi-tools' layout (jaxvi's own is ``registry_``)."""
+        return RegistryView(self.registry_, self._adata).registry
+
+    def data_registry(self, registry_key: str):
+        """The model's AnnData's data of one field (``adata_manager.get_from_registry``)."""
+        if self._adata is None:
+            raise ValueError("self.adata is None. Please register AnnData object to access data.")
+        return self.adata_manager.get_from_registry(registry_key)
+
+    def get_from_registry(self, adata, registry_key: str):
+        """``adata``'s data of one field, read with the model's registry."""
+        return RegistryView(self.registry_, adata).get_from_registry(registry_key)
+
+    def get_state_registry(self, registry_key: str) -> AttrDict:
+        """One field's state (e.g. ``"batch"``: ``categorical_mapping``, ``original_key``)."""
+        return RegistryView(self.registry_).get_state_registry(registry_key)
+
+    def get_setup_arg(self, setup_arg: str):
+        """One ``setup_anndata`` argument (e.g. ``"batch_key"``)."""
+        return self.registry_["setup_args"][setup_arg]
+
+    def get_var_names(self, legacy_mudata_format: bool = False) -> np.ndarray:
+        """The model's genes, ``(genes,)`` strings."""
+        del legacy_mudata_format  # AnnData only
+        return np.asarray(self.registry_["var_names"], dtype=object)
+
+    def view_registry(self, hide_state_registries: bool = False) -> None:
+        """Print the registry (see :meth:`RegistryView.view_registry`)."""
+        RegistryView(self.registry_, self._adata).view_registry(hide_state_registries)
+
+    def view_setup_method_args(self) -> None:
+        """Print the ``setup_anndata`` arguments."""
+        print(f"Setup via `{self._model_name}.setup_anndata` with arguments:")
+        for k, v in self.registry_["setup_args"].items():
+            print(f"  {k}: {v!r}")
+
+    @staticmethod
+    def load_registry(dir_path: str, prefix: str | None = None) -> dict:
+        """The registry, in scvi-tools' layout, of a saved jaxvi or scvi-tools model."""
+        return registry_to_scvi(_saveload.saved_registry(dir_path, prefix))
+
+    @property
+    def device(self) -> str:
+        """Where the parameters are: ``"cpu"``, ``"cuda:0"``, ``"tpu:0"``, ..."""
+        leaf = jax.tree_util.tree_leaves(self.variables)[0]
+        dev = min(leaf.devices(), key=lambda d: d.id)
+        if dev.platform == "cpu":
+            return "cpu"
+        return f"{'cuda' if dev.platform == 'gpu' else dev.platform}:{dev.id}"
+
+    @property
+    def get_normalized_function_name(self) -> str:
+        """The expression query's name, as scvi-tools records it."""
+        return "get_normalized_expression"
+
+    @property
+    def id(self) -> str:
+        """A random identifier of this model object (scvi-tools' ``id``)."""
+        if getattr(self, "_id", None) is None:
+            self._id = str(uuid.uuid4())
+        return self._id
+
+    @property
+    def run_id(self) -> str:
+        """scvi-tools' run identifier (for its MLflow integration); empty in jaxvi."""
+        return ""
+
+    @property
+    def run_name(self) -> str:
+        """scvi-tools' run name; ``"jaxvi"``, as jaxvi writes into exported files."""
+        return "jaxvi"

@@ -177,9 +177,12 @@ class QueryMethods:
         n_samples: int = 1,
         gene_list=None,
         batch_size: int | None = None,
+        silent: bool = True,
     ):
         """Counts drawn from p(x | z), z ~ q(z | x): ``sparse.GCXS`` float32 of shape
-        ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``."""
+        ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``.
+        ``silent`` is accepted for scvi-tools' signature (there is no progress bar)."""
+        del silent
         return posterior.posterior_predictive_sample(
             self, adata, indices, transform_batch, n_samples, gene_list, batch_size
         )
@@ -227,8 +230,11 @@ class QueryMethods:
         rna_size_factor: int = 1000,
         transform_batch=None,
         correlation_type: str = "spearman",
+        silent: bool = True,
     ) -> pd.DataFrame:
-        """Gene-gene correlation ``(genes, genes)`` of denoised expression samples."""
+        """Gene-gene correlation ``(genes, genes)`` of denoised expression samples;
+        ``silent`` is accepted for scvi-tools' signature (there is no progress bar)."""
+        del silent
         return posterior.get_feature_correlation_matrix(
             self,
             adata,

@@ -69,8 +69,10 @@ def test_elbo_marginal_ll_and_reconstruction_are_0d(numeric):
         numeric.get_reconstruction_error()["reconstruction_loss"],
     ]
     for v in values:
-        assert v.ndim == 0 and v.shape == ()
-        assert isinstance(v.item(), float) and isinstance(v, float)
+        assert v.ndim == 0
+        assert v.shape == ()
+        assert isinstance(v.item(), float)
+        assert isinstance(v, float)
         assert np.isfinite(v)
     assert values[0] < 0 < values[2]
     n = numeric.adata.n_obs
@@ -111,7 +113,8 @@ def test_external_indexing_with_two_arrays():
     model.train(datasplitter_kwargs={"external_indexing": [train, valid]}, **EPOCHS)
     np.testing.assert_array_equal(model.train_indices, train)
     np.testing.assert_array_equal(model.validation_indices, valid)
-    assert isinstance(model.test_indices, np.ndarray) and model.test_indices.size == 0
+    assert isinstance(model.test_indices, np.ndarray)
+    assert model.test_indices.size == 0
     # scvi-tools' checks: cells in no set raise the Warning class, overlaps ValueError
     with pytest.raises(Warning, match="missing indices"):
         model.train(datasplitter_kwargs={"external_indexing": [train]}, **EPOCHS)
@@ -177,7 +180,8 @@ def test_get_batch_representation():
         batch_embedding_kwargs={"embedding_dim": 3},
     )
     rep = emb.get_batch_representation()
-    assert rep.shape == (64, 3) and rep.dtype == np.float32
+    assert rep.shape == (64, 3)
+    assert rep.dtype == np.float32
     table = np.asarray(emb.variables["params"]["batch_embedding"]["embedding"])
     codes = (adata.obs["batch"] == "b").to_numpy().astype(int)
     np.testing.assert_array_equal(rep, table[codes])
@@ -190,19 +194,24 @@ def test_get_batch_representation():
 def test_view_anndata_setup_and_adata_manager(numeric, capsys):
     numeric.view_anndata_setup()
     out = capsys.readouterr().out
-    assert "batch_key: 'bnum'" in out and "0.0 -> 0" in out and "d3 -> 2" in out
+    assert "batch_key: 'bnum'" in out
+    assert "0.0 -> 0" in out
+    assert "d3 -> 2" in out
     SCVI.view_anndata_setup(numeric.adata, hide_state_registries=True)  # on the class
     out = capsys.readouterr().out
-    assert "n_batch: 2" in out and "State Registry" not in out
+    assert "n_batch: 2" in out
+    assert "State Registry" not in out
     manager = numeric.adata_manager
     assert set(manager.registry) >= {"setup_args", "field_registries", "scvi_version"}
     assert manager.data_registry.batch.attr_key == "_scvi_batch"
-    assert manager.summary_stats.n_batch == 2 and manager.summary_stats["n_vars"] == 20
+    assert manager.summary_stats.n_batch == 2
+    assert manager.summary_stats["n_vars"] == 20
     batch = manager.get_from_registry("batch")
     assert batch.shape == (96, 1)
     np.testing.assert_array_equal(batch.ravel(), np.arange(96) % 2)
     covs = manager.get_from_registry("extra_categorical_covs")
-    assert isinstance(covs, pd.DataFrame) and covs.columns.tolist() == ["donor"]
+    assert isinstance(covs, pd.DataFrame)
+    assert covs.columns.tolist() == ["donor"]
     assert manager.get_from_registry("X") is numeric.adata.X
     assert list(manager.get_state_registry("batch").categorical_mapping) == ["0.0", "1.0"]
     with pytest.raises(TypeError, match="read-only"):
@@ -287,7 +296,9 @@ def test_callbacks_see_the_model_and_can_stop(tmp_path):
         callbacks=[Recorder()],
         logger=logger,
     )
-    assert seen[0] == "start" and seen[-1] == "end" and len(seen) == 5
+    assert seen[0] == "start"
+    assert seen[-1] == "end"
+    assert len(seen) == 5
     assert [s[0] for s in seen[1:-1]] == [0, 1, 2]
     np.testing.assert_allclose(
         [s[1] for s in seen[1:-1]], model.history["train_loss"].to_numpy().ravel()

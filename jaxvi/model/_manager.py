@@ -232,9 +232,8 @@ class RegistryMethods:
     def adata(self, adata) -> None:
         if adata is None:
             raise ValueError("adata cannot be None.")
-        if adata.uns.get(MINIFY_UNS_KEY) is None or reglib.UNS_KEY not in adata.uns:
-            reglib.registry_arrays(adata, self.registry_, counts=False)
-            adata.uns[reglib.UNS_KEY] = self.registry_
+        reglib.registry_arrays(adata, self.registry_, counts=False)  # genes, columns, categories
+        adata.uns[reglib.UNS_KEY] = self.registry_
         self._adata = adata
 
     @property

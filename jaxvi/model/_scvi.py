@@ -235,10 +235,10 @@ class SCVI(BaseModel):
             ``return_numpy=True``.
         weights
             How ``n_samples_overall`` draws are resampled: ``None``/``"uniform"``, or
-            ``"importance"`` (:meth:`get_importance_weights`; one batch in ``transform_batch``).
+            ``"importance"`` (:meth:`~jaxvi.SCVI.get_importance_weights`; one batch in ``transform_batch``).
         **importance_weighting_kwargs
             ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` for
-            :meth:`get_importance_weights`.
+            :meth:`~jaxvi.SCVI.get_importance_weights`.
 
         Returns
         -------

@@ -66,6 +66,7 @@ def surface() -> list[dict]:
     new.setup_anndata(jadata, batch_key="batch")
     new_model = new(jadata, n_hidden=8, n_latent=2)
     names = {n for n in dir(ref) if not n.startswith("_")} | _instance_names(ref_model)
+    names.add("__init__")  # the constructor's arguments
     have = {n for n in dir(new) if not n.startswith("_")} | _instance_names(new_model)
     rows = []
     for name in sorted(names):

@@ -237,7 +237,7 @@ def test_transform_batch_as_the_user_wrote_it(numeric):
     assert ref.shape == (96, 20)
     both = numeric.get_normalized_expression(transform_batch=[0, 1])
     assert both.shape == (96, 20)
-    with pytest.raises(ValueError, match="not a valid batch category"):
+    with pytest.raises(ValueError, match="not a batch category"):
         numeric.get_normalized_expression(transform_batch=2)
 
 

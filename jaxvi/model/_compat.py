@@ -132,7 +132,7 @@ def batch_codes(categories: list[str], transform_batch) -> np.ndarray:
         elif isinstance(v, numbers.Number) and not isinstance(v, bool) and float(v) in numeric:
             codes.append(numeric[float(v)])
         else:
-            raise ValueError(f'"{v}" not a valid batch category ({cats[:10]}).')
+            raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
     return np.asarray(codes)
 
 

@@ -40,8 +40,18 @@ def save_model(model, dir_path, prefix, overwrite, save_anndata, format) -> None
     indices = (model.train_indices_, model.validation_indices_, model.test_indices_)
     variables = jax.device_get(model.variables)
     if format == "scvi-tools":
+        if model.minified_data_type is not None:
+            raise ValueError(
+                "A minified jaxvi model is not exported to scvi-tools (its registry would "
+                "lack the minified fields); export the full model and minify it there."
+            )
         init_params = dict(model.init_params_)
-        if init_params.get("var_activation") == "exp":  # scvi-tools' default is None (exp)
+        if init_params.get("var_activation") not in (None, "exp"):
+            raise ValueError(
+                f"var_activation={init_params['var_activation']!r}: scvi-tools saves a torch "
+                "function there, which jaxvi does not write; only the default exports."
+            )
+        if "var_activation" in init_params:  # scvi-tools' default is None (exp)
             init_params["var_activation"] = None
         return scvi_tools.write_scvi_tools(
             dir_path,

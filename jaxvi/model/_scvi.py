@@ -154,11 +154,6 @@ class SCVI(BaseModel):
                 f"gene_likelihood={self.config.gene_likelihood!r} exists only in jaxvi; "
                 "scvi-tools cannot load it."
             )
-        if self.config.var_activation != "exp":
-            raise ValueError(
-                f"var_activation={self.config.var_activation!r}: scvi-tools saves a torch "
-                "function there, which jaxvi does not write; only the default exports."
-            )
         return variables_to_state_dict(variables, self.config)
 
     # ------------------------------------------------------------------ setup
@@ -235,7 +230,8 @@ class SCVI(BaseModel):
             ``return_numpy=True``.
         weights
             How ``n_samples_overall`` draws are resampled: ``None``/``"uniform"``, or
-            ``"importance"`` (:meth:`~jaxvi.SCVI.get_importance_weights`; one batch in ``transform_batch``).
+            ``"importance"`` (:meth:`~jaxvi.SCVI.get_importance_weights`; one batch in
+            ``transform_batch``).
         **importance_weighting_kwargs
             ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` for
             :meth:`~jaxvi.SCVI.get_importance_weights`.

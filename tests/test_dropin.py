@@ -363,7 +363,7 @@ def scvi_minified(tmp_path_factory):
     return str(path), str(full_path), qzm
 
 
-def test_minified_scvi_tools_model_answers_queries(scvi_minified):
+def test_minified_scvi_tools_model_answers_queries(scvi_minified, tmp_path):
     path, full_path, qzm = scvi_minified
     mini = SCVI.load(path, prefix="ref_")
     assert mini.minified_data_type == "latent_posterior_parameters"
@@ -385,3 +385,7 @@ def test_minified_scvi_tools_model_answers_queries(scvi_minified):
         with pytest.raises(ValueError, match="does not support minified data"):
             call()
     assert mini.adata_manager.get_from_registry("latent_qzm").shape == (n, 4)
+    mini.save(str(tmp_path / "again"), save_anndata=True)  # jaxvi's format keeps it minified
+    assert SCVI.load(str(tmp_path / "again")).minified_data_type == "latent_posterior_parameters"
+    with pytest.raises(ValueError, match="minified"):
+        mini.save(str(tmp_path / "pt"), format="scvi-tools")

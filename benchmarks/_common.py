@@ -292,3 +292,43 @@ def run_header(benchmark: str) -> dict:
 def utc_timestamp() -> str:
     """Current UTC time, ISO 8601."""
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------- jaxvi epoch
+class JaxviEpoch:
+    """jaxvi's compiled training epoch over fixed training cells, for the timing scripts.
+
+    ``epoch(state, key, kl) -> (state, EpochInfo)`` runs what ``jaxvi.train.fit`` runs for
+    one in-memory epoch: the minibatch grid (``epoch_grid``, a fresh permutation of the cells)
+    and the compiled epoch (``make_train_epoch``, ``guard`` as given). ``args(state, key,
+    kl)`` are the epoch program's arguments (for ``fn.lower``).
+    """
+
+    def __init__(
+        self, model, adata, train_idx, batch_size, *, guard="step", sparse=False, plan=None
+    ):
+        import jax.numpy as jnp
+        import numpy as np
+
+        from jaxvi.data import make_source
+        from jaxvi.train import PlanConfig, init_train_state, make_train_epoch, steps_per_epoch
+
+        plan = plan or PlanConfig()
+        self.state, self.tx = init_train_state(model.model_def, model.variables, plan)
+        self.fn = make_train_epoch(model.model_def, self.tx, guard=guard)
+        source = make_source(adata, model.registry_, purpose="train", load_sparse_tensor=sparse)
+        self.data = source.data
+        self.cells = jnp.asarray(np.asarray(train_idx, np.int32))
+        self.batch_size = int(batch_size)
+        self.n_steps = steps_per_epoch(len(train_idx), self.batch_size, False)
+
+    def args(self, state, key, kl):
+        from jaxvi.train import epoch_grid
+
+        k, idx, mask = epoch_grid(
+            key, self.cells, n_steps=self.n_steps, batch_size=self.batch_size
+        )
+        return (k, state, self.data, idx, mask, kl)
+
+    def __call__(self, state, key, kl):
+        return self.fn(*self.args(state, key, kl))

@@ -37,7 +37,7 @@ SETTINGS = dict(
 
 
 def _card_numbers(cv_cell, cv_gene, train, val) -> dict:
-    from jaxvi.hub.card import cv_scores
+    from jaxvi.criticism import cv_scores
 
     m, o = cv_cell["model"].to_numpy(), cv_cell["Raw"].to_numpy()
     return {

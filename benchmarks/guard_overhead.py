@@ -39,29 +39,24 @@ def main(argv=None) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from compare_scvi import synthetic_adata
 
     import jaxvi
-    from jaxvi.train import PlanConfig, init_train_state, make_train_epoch, split_indices
+    from jaxvi.train import split_indices
 
     git_start = C.git_info()
     adata = synthetic_adata(args.n_cells, args.n_genes, args.data_seed)
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
     model = jaxvi.SCVI(adata)
-    data = model._device_data(adata, False)
     train_idx, _, _ = split_indices(adata.n_obs, batch_size=args.batch_size, seed=0)
-    train_idx = jnp.asarray(train_idx.astype(np.int32))
-    n_steps = -(-train_idx.shape[0] // args.batch_size)
-    kl = jnp.full((n_steps,), 0.01, jnp.float32)
-    plan = PlanConfig()
     states, fns, compile_s = {}, {}, {}
     variants = ("detect", "step", False)
     for guard in variants:
-        state, tx = init_train_state(model.module, model.variables, plan)
-        fn = make_train_epoch(model.module, tx, args.batch_size, guard=guard)
+        fn = C.JaxviEpoch(model, adata, train_idx, args.batch_size, guard=guard)
+        n_steps, state = fn.n_steps, fn.state
+        kl = jnp.full((n_steps,), 0.01, jnp.float32)
         t0 = time.perf_counter()
-        state, info = fn(state, data, train_idx, jax.random.key(0), kl)
+        state, info = fn(state, jax.random.key(0), kl)
         jax.block_until_ready(info)
         compile_s[guard] = time.perf_counter() - t0  # first epoch: compile + run
         states[guard], fns[guard] = state, fn
@@ -71,9 +66,7 @@ def main(argv=None) -> dict:
         order = variants[e % 3 :] + variants[: e % 3]
         for guard in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            states[guard], info = fns[guard](
-                states[guard], data, train_idx, jax.random.key(e + 1), kl
-            )
+            states[guard], info = fns[guard](states[guard], jax.random.key(e + 1), kl)
             jax.block_until_ready(info)
             times[guard].append(time.perf_counter() - t0)
             cpu[guard].append(time.process_time() - c0)

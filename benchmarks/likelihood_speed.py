@@ -36,29 +36,25 @@ def main(argv=None) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from compare_scvi import synthetic_adata
 
     import jaxvi
-    from jaxvi.train import PlanConfig, init_train_state, make_train_epoch, split_indices
+    from jaxvi.train import split_indices
 
     git_start = C.git_info()
     adata = synthetic_adata(args.n_cells, args.n_genes, 0)
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
     train_idx, _, _ = split_indices(adata.n_obs, 0.9, batch_size=args.batch_size, seed=0)
-    train_idx = jnp.asarray(np.asarray(train_idx, np.int32))
-    n_steps = -(-train_idx.shape[0] // args.batch_size)
+    n_steps = -(-len(train_idx) // args.batch_size)
     kl = jnp.full((n_steps,), 0.01, jnp.float32)
 
     runs = {}
     for name in args.likelihoods:
         model = jaxvi.SCVI(adata, gene_likelihood=name)
-        state, tx = init_train_state(model.module, model.variables, PlanConfig())
-        fn = make_train_epoch(model.module, tx, args.batch_size)
-        data = model._device_data(adata, False)
+        fn = C.JaxviEpoch(model, adata, train_idx, args.batch_size)
         t0 = time.perf_counter()
-        state, _ = jax.block_until_ready(fn(state, data, train_idx, jax.random.key(1), kl))
-        runs[name] = {"fn": fn, "state": state, "data": data, "first_call_s": C.now() - t0}
+        state, _ = jax.block_until_ready(fn(fn.state, jax.random.key(1), kl))
+        runs[name] = {"fn": fn, "state": state, "first_call_s": C.now() - t0}
 
     times: dict[str, list[float]] = {name: [] for name in args.likelihoods}
     with C.LoadProbe() as probe:
@@ -68,11 +64,11 @@ def main(argv=None) -> dict:
                 for e in range(args.epochs):
                     t0 = time.perf_counter()
                     run["state"], _ = jax.block_until_ready(
-                        run["fn"](run["state"], run["data"], train_idx, jax.random.key(r + e), kl)
+                        run["fn"](run["state"], jax.random.key(r + e), kl)
                     )
                     times[name].append(time.perf_counter() - t0)
 
-    n_train = int(train_idx.shape[0])
+    n_train = len(train_idx)
     results = {}
     for name in args.likelihoods:
         med = statistics.median(times[name])

@@ -61,10 +61,11 @@ def _setup(args):
     except ImportError:
         init_train_state = None
     if init_train_state is not None:
-        _, tx = init_train_state(model.module, model.variables, plan)
+        engine_model = getattr(model, "model_def", model.module)  # ModelDef engine or older
+        _, tx = init_train_state(engine_model, model.variables, plan)
 
         def fresh_state():
-            return init_train_state(model.module, model.variables, plan)[0]
+            return init_train_state(engine_model, model.variables, plan)[0]
 
     else:
         tx = make_optimizer(plan)
@@ -136,14 +137,47 @@ def _epoch_setup(env, batch_size: int, sparse: bool):
 
     jax, jnp = env["jax"], env["jnp"]
     model = env["model"]
-    data = model._device_data(env["adata"], sparse)
-    fn = make_train_epoch(model.module, env["tx"], batch_size)
     n_steps = -(-env["train_idx"].shape[0] // batch_size)
+    data = _cells_on_device(env, sparse)
+    if hasattr(model, "model_def"):  # the ModelDef engine: the minibatch grid is an argument
+        fn = _GridEpoch(make_train_epoch(model.model_def, env["tx"]), n_steps, batch_size)
+    else:
+        fn = make_train_epoch(model.module, env["tx"], batch_size)
     kl = jnp.full((n_steps,), 0.01, jnp.float32)
     key = jax.random.key(1)
     state0 = env["fresh_state"]()
     args0 = (state0, data, env["train_idx"], key, kl)
     return fn, args0, n_steps, np
+
+
+class _GridEpoch:
+    """The ModelDef engine's epoch with the older call ``(state, data, train_idx, key, kl)``:
+    the grid program (``epoch_grid``) then the epoch program; ``lower`` lowers the latter."""
+
+    def __init__(self, epoch, n_steps: int, batch_size: int):
+        self.epoch, self.n_steps, self.batch_size = epoch, n_steps, batch_size
+
+    def _args(self, state, data, cells, key, kl):
+        from jaxvi.train import epoch_grid
+
+        k, idx, mask = epoch_grid(key, cells, n_steps=self.n_steps, batch_size=self.batch_size)
+        return (k, state, data, idx, mask, kl)
+
+    def __call__(self, *args):
+        return self.epoch(*self._args(*args))
+
+    def lower(self, *args):
+        return self.epoch.lower(*self._args(*args))
+
+
+def _cells_on_device(env, sparse: bool):
+    model = env["model"]
+    if hasattr(model, "model_def"):  # the ModelDef engine: jaxvi.data owns placement
+        from jaxvi.data import make_source
+
+        adata, registry = env["adata"], model.registry_
+        return make_source(adata, registry, purpose="train", load_sparse_tensor=sparse).data
+    return model._device_data(env["adata"], sparse)
 
 
 def section_compile(env, args) -> dict:
@@ -190,13 +224,17 @@ def section_parts(env, args) -> dict:
     from jaxvi.data import gather
     from jaxvi.likelihoods import zinb_log_prob
     from jaxvi.module import vae_loss
-    from jaxvi.train import _variables
+
+    try:
+        from jaxvi.train import variables_of as _variables
+    except ImportError:  # before the ModelDef engine
+        from jaxvi.train import _variables
 
     jax, jnp = env["jax"], env["jnp"]
     bs = args.batch_sizes[0]
     model = env["model"]
     module = model.module
-    data = model._device_data(env["adata"], False)
+    data = _cells_on_device(env, False)
     n_train = int(env["train_idx"].shape[0])
     n_steps = n_train // bs
     idx = env["train_idx"][: n_steps * bs].reshape(n_steps, bs)
@@ -359,7 +397,7 @@ def section_likelihood(env, args) -> dict:
 
     jax, jnp = env["jax"], env["jnp"]
     bs = args.batch_sizes[0]
-    data = env["model"]._device_data(env["adata"], False)
+    data = _cells_on_device(env, False)
     n_steps = int(env["train_idx"].shape[0]) // bs
     idx = env["train_idx"][: n_steps * bs].reshape(n_steps, bs)
     rng = np.random.default_rng(0)

@@ -66,31 +66,28 @@ def measure_step(args, batch_size: int) -> dict:
     """Cost analysis of one training step and the steady epoch time at ``batch_size``."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from compare_scvi import synthetic_adata
 
     import jaxvi
-    from jaxvi.train import PlanConfig, init_train_state, make_train_epoch, split_indices
+    from jaxvi.train import split_indices
 
     adata = synthetic_adata(args.n_cells, args.n_genes, 0)
     jaxvi.SCVI.setup_anndata(adata, batch_key="batch")
     model = jaxvi.SCVI(adata, n_hidden=128, n_latent=10)
-    state, tx = init_train_state(model.module, model.variables, PlanConfig())
-    data = model._device_data(adata, False)
     train_idx, _, _ = split_indices(adata.n_obs, 0.9, batch_size=batch_size, seed=0)
-    train_idx = jnp.asarray(np.asarray(train_idx, np.int32))
-    fn = make_train_epoch(model.module, tx, batch_size)
+    fn = C.JaxviEpoch(model, adata, train_idx, batch_size)
+    one = C.JaxviEpoch(model, adata, train_idx[:batch_size], batch_size)
+    state = fn.state
     key = jax.random.key(0)
-
-    one = train_idx[:batch_size]
-    cost = fn.lower(state, data, one, key, jnp.ones((1,), jnp.float32)).compile().cost_analysis()
+    lowered = one.fn.lower(*one.args(state, key, jnp.ones((1,), jnp.float32)))
+    cost = lowered.compile().cost_analysis()
     if isinstance(cost, list | tuple):  # older JAX: one dict per device program
         cost = cost[0]
-    n_steps = -(-int(train_idx.shape[0]) // batch_size)
+    n_steps = fn.n_steps
     kl = jnp.ones((n_steps,), jnp.float32)
 
     def epoch(state):
-        return fn(state, data, train_idx, key, kl)
+        return fn(state, key, kl)
 
     out = jax.block_until_ready(epoch(state))  # compile
     times = []

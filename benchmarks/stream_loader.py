@@ -109,20 +109,17 @@ def main(argv=None) -> dict:
     rss0 = C.current_rss_mb()
 
     # Loader alone: the blocks of one shuffled epoch over the first --loader-cells cells.
-    data = streaming.StreamingData(
+    data = streaming.StreamingSource(
         adata,
         registry,
-        np.arange(args.loader_cells),
-        np.arange(0),
         chunk_cells=jaxvi.settings.stream_chunk_cells,
         max_host_bytes=jaxvi.settings.stream_max_host_bytes,
     )
-    blocks = data._blocks(np.random.default_rng(0), data.train_idx)
     t0 = C.now()
     n_read = 0
-    for cells, block in data._stream(blocks):
-        jax.block_until_ready(block)
-        n_read += len(cells)
+    for block in data.blocks(np.arange(args.loader_cells), jax.random.key(0), shuffle=True):
+        jax.block_until_ready(block.data)
+        n_read += len(block.cells)
     loader_s = C.now() - t0
     loader = {
         "cells": n_read,

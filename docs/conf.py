@@ -7,7 +7,9 @@ and notebooks are rendered as stored, never executed (``tests/test_notebook.py``
 
 from __future__ import annotations
 
+import builtins
 import importlib
+import inspect
 import shutil
 import sys
 import warnings
@@ -87,6 +89,17 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     return None
 
 
+def _skip_builtin_methods(app, what, name, obj, skip, options):
+    """A class derived from a builtin (``ModelCard(str)``) lists its own members, not the
+    builtin's dozens of methods that ``:inherited-members:`` would add."""
+    func = getattr(obj, "__func__", obj)  # a staticmethod (str.maketrans) wraps its function
+    owner = getattr(builtins, getattr(func, "__qualname__", "").partition(".")[0], None)
+    native = inspect.isbuiltin(func) or inspect.ismethoddescriptor(func)
+    if what == "class" and isinstance(owner, type) and native:
+        return True
+    return None
+
+
 def _drop_builtin_docstrings(app, what, name, obj, options, lines):
     """A module constant (``EPS = 1e-8``) would otherwise show ``float``'s own docstring."""
     builtin_doc = type(obj).__doc__ if type(obj).__module__ == "builtins" else None
@@ -151,5 +164,6 @@ def _resolve_missing(app, env, node, contnode):
 
 def setup(app):
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.connect("autodoc-skip-member", _skip_builtin_methods)
     app.connect("autodoc-process-docstring", _drop_builtin_docstrings)
     app.connect("missing-reference", _resolve_missing)

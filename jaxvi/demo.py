@@ -16,6 +16,9 @@ import time
 
 import numpy as np
 
+import jaxvi
+from jaxvi import SCVI
+
 __all__ = ["main", "run"]
 
 
@@ -30,8 +33,6 @@ def run(out: str = "results/pbmc_demo", max_epochs: int | None = None, seed: int
     from sklearn.manifold import TSNE
     from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-    import jaxvi
-    from jaxvi import SCVI
 
     os.makedirs(out, exist_ok=True)
     adata = jaxvi.data.pbmc68k_reduced()

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from jaxvi._settings import settings
 from jaxvi.likelihoods import PxParams, get_likelihood
+from jaxvi.model import SCVI
 
 __all__ = [
     "COUNT_LIKELIHOODS",
@@ -184,7 +185,6 @@ def compare_likelihoods(
     docstring plus ``epochs`` and ``n_heldout``; ``extra`` maps each likelihood to its per-gene
     arrays (empty unless ``per_gene``) and holds the held-out indices under ``"heldout"``.
     """
-    from jaxvi.model import SCVI
 
     model_kwargs = dict(model_kwargs or {})
     train_kwargs = {"enable_progress_bar": False, **(train_kwargs or {})}

@@ -2,7 +2,9 @@
 
 The registry (:mod:`jaxvi.data.registry`: ``setup_anndata``'s declared fields, checks and
 bounded reads of the counts), cell data on the device or the host (:class:`CellData`,
-:class:`Minibatch`), placement over a device mesh, backed and streamed AnnData, and the bundled
+:class:`Minibatch`), placement over a device mesh, backed and streamed AnnData, the data
+sources that own where the cells live (:class:`DataSource`: :class:`DeviceSource`,
+:class:`HostSource`, :class:`StreamingSource`, chosen by :func:`make_source`), and the bundled
 datasets (:func:`pbmc68k_reduced`, :func:`pbmc_small`, :func:`synthetic_iid`).
 """
 
@@ -21,10 +23,30 @@ from jaxvi.data._cells import (
     to_device,
     with_log_factorial,
 )
+from jaxvi.data._factory import (
+    DENSE_LIMIT_BYTES,
+    LIB_KEY,
+    MINIFY_UNS_KEY,
+    QZM_KEY,
+    QZV_KEY,
+    cell_arrays,
+    device_source,
+    host_source,
+    make_source,
+)
 from jaxvi.data._placement import shard_host_data, shard_local_rows, sharded_cell_data
+from jaxvi.data._source import (
+    COVARIATES,
+    Block,
+    DataSource,
+    DeviceSource,
+    HostSource,
+    as_source,
+    covariate_data,
+)
 from jaxvi.data._streaming import (
     BackedCounts,
-    StreamingData,
+    StreamingSource,
     backed_cell_data,
     bounded_runs,
     read_rows,
@@ -32,17 +54,33 @@ from jaxvi.data._streaming import (
 from jaxvi.data.synthetic import synthetic_iid
 
 __all__ = [
+    "COVARIATES",
+    "DENSE_LIMIT_BYTES",
+    "LIB_KEY",
+    "MINIFY_UNS_KEY",
+    "QZM_KEY",
+    "QZV_KEY",
     "BackedCounts",
+    "Block",
     "CellData",
+    "DataSource",
+    "DeviceSource",
+    "HostSource",
     "Minibatch",
-    "StreamingData",
+    "StreamingSource",
+    "as_source",
     "backed_cell_data",
     "bounded_runs",
+    "cell_arrays",
+    "covariate_data",
+    "device_source",
     "gather",
     "host_cell_data",
     "host_covariates",
+    "host_source",
     "host_log_factorial",
     "is_host",
+    "make_source",
     "pad_indices",
     "pbmc68k_reduced",
     "pbmc_small",

@@ -64,6 +64,9 @@ class Minibatch(NamedTuple):
         ``sum over genes of lgamma(x + 1)`` per cell, ``(cells,)``, computed once per dataset
         (:func:`jaxvi.data.to_device`), or None. The loss then uses the likelihood's
         ``log_prob_no_factorial`` and adds this, instead of evaluating ``lgamma`` per step.
+    labelled
+        A second minibatch of labelled cells drawn alongside this one (scANVI's semi-supervised
+        step: the classification loss is computed on it), with its own ``mask``; or None.
     """
 
     x: jax.Array
@@ -77,6 +80,7 @@ class Minibatch(NamedTuple):
     qz_v: jax.Array | None = None
     observed_lib_size: jax.Array | None = None
     log_x_factorial: jax.Array | None = None
+    labelled: Minibatch | None = None
 
 
 @flax.struct.dataclass

@@ -27,7 +27,6 @@ of two blocks.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 
 import anndata
 import jax
@@ -43,10 +42,11 @@ from jaxvi.data._cells import (
     with_log_factorial,
 )
 from jaxvi.data._placement import shard_local_rows
+from jaxvi.data._source import Block, DataSource, HostSource
 from jaxvi.data.registry import registry_arrays
-from jaxvi.parallel import local_cell_range, replicate, to_host
+from jaxvi.parallel import local_cell_range, to_host
 
-__all__ = ["BackedCounts", "StreamingData", "backed_cell_data", "bounded_runs", "read_rows"]
+__all__ = ["BackedCounts", "StreamingSource", "backed_cell_data", "bounded_runs", "read_rows"]
 
 
 def read_rows(adata, registry: dict, rows: np.ndarray, max_gap: int = 4096) -> dict:
@@ -250,8 +250,7 @@ def backed_cell_data(adata, registry: dict) -> CellData | None:
     )
 
 
-@dataclasses.dataclass
-class StreamingData:
+class StreamingSource(DataSource):
     """Cells of an on-disk AnnData, streamed in blocks (see the module docstring).
 
     Parameters
@@ -260,10 +259,8 @@ class StreamingData:
         AnnData registered with ``SCVI.setup_anndata``, typically backed.
     registry
         The model's registry.
-    train_idx, val_idx
-        Training and validation cells.
     chunk_cells
-        Consecutive training cells per disk read.
+        Consecutive cells per disk read.
     max_host_bytes
         Bound on the host memory of the two blocks in flight (dense float32 counts).
     block_cells
@@ -274,37 +271,40 @@ class StreamingData:
         default device).
     """
 
-    adata: object
-    registry: dict
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    chunk_cells: int = 1024
-    max_host_bytes: int = 2**30
-    block_cells: int | None = None
-    mesh: object = None
-
-    def __post_init__(self):
-        self.train_idx = np.sort(np.asarray(self.train_idx, np.int64))
-        self.val_idx = np.sort(np.asarray(self.val_idx, np.int64))
-        n_genes = int(self.adata.n_vars)
+    def __init__(
+        self,
+        adata,
+        registry: dict,
+        *,
+        chunk_cells: int = 1024,
+        max_host_bytes: int = 2**30,
+        block_cells: int | None = None,
+        mesh=None,
+    ):
+        self.adata, self.registry, self.mesh = adata, registry, mesh
+        self.n_cells = int(adata.n_obs)
+        self.n_genes = len(registry["var_names"])
+        self.chunk_cells = int(chunk_cells)
         if self.chunk_cells < 1:
-            raise ValueError(f"chunk_cells must be >= 1, got {self.chunk_cells}.")
-        if self.block_cells is None:
-            per_block = int(self.max_host_bytes) // (2 * n_genes * 4)
-            n_chunks = max(1, per_block // self.chunk_cells)
-            self.block_cells = n_chunks * self.chunk_cells
-        elif self.block_cells % self.chunk_cells:
+            raise ValueError(f"chunk_cells must be >= 1, got {chunk_cells}.")
+        if block_cells is None:
+            per_block = int(max_host_bytes) // (2 * int(adata.n_vars) * 4)
+            block_cells = max(1, per_block // self.chunk_cells) * self.chunk_cells
+        elif block_cells % self.chunk_cells:
             raise ValueError("block_cells must be a multiple of chunk_cells.")
-        self._reader = _Reader(self.adata, self.registry)
+        self.block_cells = int(block_cells)
+        self._reader = _Reader(adata, registry)
         # A CSR file streams as CSR blocks, densified per minibatch on the device (no dense
         # block is built on the host or copied to the device); one row bound for all blocks.
         indptr = self._reader.indptr
         self._csr = self.mesh is None and indptr is not None and self._reader.obs is not None
         self._max_row_nnz = int(np.diff(indptr).max(initial=1)) if self._csr else None
+        self._queries = None
 
     # ------------------------------------------------------------------ layout
-    def _blocks(self, rng: np.random.Generator | None, cells: np.ndarray) -> list[np.ndarray]:
+    def _layout(self, rng: np.random.Generator | None, cells: np.ndarray) -> list[np.ndarray]:
         """Blocks of sorted cell ids: chunks in shuffled order (the ragged chunk last)."""
+        cells = np.sort(np.asarray(cells, np.int64))
         chunks = [cells[i : i + self.chunk_cells] for i in range(0, len(cells), self.chunk_cells)]
         full = [c for c in chunks if len(c) == self.chunk_cells]
         ragged = [c for c in chunks if len(c) < self.chunk_cells]
@@ -314,12 +314,9 @@ class StreamingData:
         per = self.block_cells // self.chunk_cells
         return [np.sort(np.concatenate(chunks[i : i + per])) for i in range(0, len(chunks), per)]
 
-    def n_steps(self, batch_size: int, drop_last: bool) -> int:
-        """Minibatches per epoch (blocks are whole minibatches except possibly the last)."""
-        sizes = [len(b) for b in self._blocks(None, self.train_idx)]
-        if drop_last:
-            return sum(s // batch_size for s in sizes)
-        return sum(-(-s // batch_size) for s in sizes)
+    def block_sizes(self, cells):
+        """Blocks hold whole chunks; only the last may be shorter (shuffled or not)."""
+        return [len(b) for b in self._layout(None, cells)]
 
     def local_rows(self, cells: np.ndarray) -> np.ndarray:
         """The cells of a block this process reads: all of them without a mesh, else those
@@ -344,11 +341,6 @@ class StreamingData:
             return to_device(arrays)
         return with_log_factorial(shard_local_rows(arrays, n_cells, self.mesh))
 
-    def _index(self, a: np.ndarray):
-        """Per-block index and KL-weight vectors: replicated over the mesh (each process
-        passes the same values), as they are without one."""
-        return a if self.mesh is None else replicate(a, self.mesh)
-
     def _stream(self, blocks):
         """Yield ``(cells, CellData)`` per block, reading the next block in the background."""
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -361,40 +353,43 @@ class StreamingData:
                 del arrays  # the host copy goes before the device trains on the block
                 yield cells, data
 
-    # ------------------------------------------------------------------ running
-    def run_epoch(self, epoch_fn, state, key, kl_weights: np.ndarray, batch_size: int, drop_last):
-        """One epoch over all blocks; returns ``(state, EpochInfo summed over blocks)``."""
-        seed = int(to_host(jax.random.randint(key, (), 0, 2**31 - 1)))
-        blocks = self._blocks(np.random.default_rng(seed), self.train_idx)
-        total = None
-        start = 0
-        for b, (cells, data) in enumerate(self._stream(blocks)):
-            n = len(cells)
-            steps = n // batch_size if drop_last else -(-n // batch_size)
-            if steps == 0:
-                continue
-            kl = np.asarray(kl_weights[start : start + steps], np.float32)
-            start += steps
-            local = self._index(np.arange(n, dtype=np.int32))
-            state, info = epoch_fn(state, data, local, jax.random.fold_in(key, b), self._index(kl))
-            sums = (info.n_obs, info.loss_sum, info.reconstruction_sum, info.kl_local_sum)
-            if total is not None:
-                sums = tuple(a + b for a, b in zip(sums, total[:4], strict=True))
-            total = info._replace(
-                n_obs=sums[0], loss_sum=sums[1], reconstruction_sum=sums[2], kl_local_sum=sums[3]
-            )
-            bad = int(to_host(info.bad_step)) if hasattr(info, "bad_step") else -1
-            if bad >= 0:  # stop at the first non-finite step; report it in epoch numbering
-                return state, total._replace(bad_step=start - steps + bad)
-        return state, total
+    # ------------------------------------------------------------------ DataSource
+    def blocks(self, cells, key, *, shuffle=False):
+        """Blocks read from disk one after the other (the next one in the background),
+        each with ``fold_in(key, b)``; ``shuffle`` orders the chunks at random from ``key``
+        (a fresh grouping every epoch). Cells in ``Block.cells`` are ``arange(len(block))``:
+        a block's data holds exactly its cells, in disk order."""
+        rng = None
+        if shuffle:
+            rng = np.random.default_rng(int(to_host(jax.random.randint(key, (), 0, 2**31 - 1))))
+        layout = self._layout(rng, cells)
+        for b, (block_cells, data) in enumerate(self._stream(layout)):
+            yield Block(data, np.arange(len(block_cells), dtype=np.int32), _fold(key, b))
 
-    def evaluate(self, evaluate, eval_fn, variables, key, batch_size: int):
-        """Per-cell ``(rec, kl_z, kl_l)`` of the validation cells, block by block (in the
-        order of ``val_idx`` sorted)."""
-        parts = []
-        for b, (cells, data) in enumerate(self._stream(self._blocks(None, self.val_idx))):
-            local = np.arange(len(cells))
-            parts.append(
-                evaluate(eval_fn, variables, data, local, jax.random.fold_in(key, b), batch_size)
-            )
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+    def _query_source(self) -> HostSource:
+        if self._queries is None:
+            data = backed_cell_data(self.adata, self.registry)
+            if data is None:  # not a backed dense / CSR file: read through AnnData views
+                data = CellData(
+                    x=BackedCounts(self._reader),
+                    indptr=None,
+                    indices=None,
+                    data=None,
+                    n_genes=self.n_genes,
+                    **host_covariates(registry_arrays(self.adata, self.registry, counts=False)),
+                )
+            self._queries = HostSource(data, self.mesh)
+        return self._queries
+
+    def piece(self, rows):
+        """The rows read from disk (at most twice as many rows read as asked for) and moved
+        to the device, sharded over the mesh if any."""
+        return self._query_source().piece(rows)
+
+    def covariates(self, rows):
+        """From the covariates loaded once (``O(cells)``)."""
+        return self._query_source().covariates(rows)
+
+
+def _fold(key, b: int):
+    return None if key is None else jax.random.fold_in(key, b)

@@ -6,7 +6,7 @@ scvi-tools state-dict bridge (:mod:`jaxvi.io.bridge`) and scvi-tools model direc
 (:mod:`jaxvi.io.scvi_tools`).
 """
 
-from jaxvi.io import bridge, scvi_tools, torchfile
+from jaxvi.io import bridge, scanvi_bridge, scvi_tools, torchfile
 from jaxvi.io._npz import (
     ADATA_FILE,
     FORMAT_VERSION,
@@ -30,6 +30,7 @@ __all__ = [
     "array_manifest",
     "atomic_write",
     "bridge",
+    "scanvi_bridge",
     "flatten_tree",
     "read_model_dir",
     "scvi_tools",

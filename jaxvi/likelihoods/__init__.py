@@ -43,23 +43,25 @@ model trains with.
 """
 
 from jaxvi.likelihoods._likelihood import (
-    EPS,
-    FREE_GATE_SCALE,
-    GATE_SHAPES,
-    MAX_RATE,
     Likelihood,
     ParamSpec,
-    PxParams,
     available_likelihoods,
     from_numpyro,
     get_likelihood,
     likelihood_name,
-    nb_log_prob,
-    normal_log_prob,
-    poisson_log_prob,
     register_likelihood,
     unregister_likelihood,
     zero_inflated,
+)
+from jaxvi.likelihoods._log_prob import (
+    EPS,
+    FREE_GATE_SCALE,
+    GATE_SHAPES,
+    MAX_RATE,
+    PxParams,
+    nb_log_prob,
+    normal_log_prob,
+    poisson_log_prob,
     zinb_log_prob,
     zip_log_prob,
 )

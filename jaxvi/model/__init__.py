@@ -3,7 +3,7 @@
 
 from jaxvi.model import scarches
 from jaxvi.model._base import BaseModel
-from jaxvi.model._parts import ModelParts, QueryTraining
+from jaxvi.model._parts import ModelParts, QueryTraining, check_accelerator
 from jaxvi.model._scvi import SCVI, config_from_registry, library_size_prior
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "BaseModel",
     "ModelParts",
     "QueryTraining",
+    "check_accelerator",
     "config_from_registry",
     "library_size_prior",
     "scarches",

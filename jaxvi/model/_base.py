@@ -23,18 +23,18 @@ import pandas as pd
 
 from jaxvi import posterior
 from jaxvi._settings import settings
-from jaxvi.data import backed_cell_data, host_cell_data
+from jaxvi.data import DataSource, make_source
 from jaxvi.data import registry as reglib
-from jaxvi.model import _compat, _saveload, scarches
+from jaxvi.model import _saveload, scarches
 from jaxvi.model._manager import RegistryMethods
-from jaxvi.model._minify import MINIFY_UNS_KEY, minified_arrays, minified_copy
+from jaxvi.model._minify import MINIFY_UNS_KEY, minified_copy
 from jaxvi.model._parts import ModelParts, check_accelerator, check_variables
 from jaxvi.model._queries import QueryMethods
-from jaxvi.model._training import TrainOutcome, device_data, run_training
+from jaxvi.model._training import TrainOutcome, run_training
 from jaxvi.model.callbacks import epoch_hooks
 from jaxvi.module import ModelDef
 from jaxvi.parallel import resolve_devices, to_host
-from jaxvi.train import NonFiniteError, TrainingInterrupted, make_evaluate
+from jaxvi.train import NonFiniteError, TrainingInterrupted
 
 __all__ = ["BaseModel"]
 
@@ -114,9 +114,9 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
     def _to_state_dict(self, variables: dict) -> dict:
         """A scvi-tools state dict of ``variables``."""
 
-    def _engine_model(self):
-        """What :func:`jaxvi.train.fit` takes to train this model."""
-        return self.module
+    def _engine_model(self) -> ModelDef:
+        """What :func:`jaxvi.train.fit` takes to train this model: its ModelDef."""
+        return self.model_def
 
     # ------------------------------------------------------------- properties
     @property
@@ -241,8 +241,8 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
         callbacks, logger
             :mod:`jaxvi.model.callbacks`: objects called at each epoch end (with the model
             and the epoch's history row; they can stop training), and loggers (one or a
-            list; ``log_metrics(metrics, step)``, e.g. :class:`~jaxvi.model.callbacks.CSVLogger`
-            or a Lightning logger).
+            list; ``log_metrics(metrics, step)``, e.g. its ``CSVLogger`` or a Lightning
+            logger).
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
@@ -333,6 +333,7 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
             self.adata,
             self.registry_,
             self.config.n_latent,
+            self.config.use_observed_lib_size,
             minified_data_type,
             use_latent_qzm_key,
             use_latent_qzv_key,
@@ -427,7 +428,7 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
         """A query model initialised from a reference (scArches), ready to :meth:`train`.
 
         ``reference_model`` is a model of this class or a saved jaxvi or scvi-tools
-        directory; see :func:`jaxvi.model.scarches.load_query_data` for the freeze options.
+        directory; the freeze options follow scvi-tools (see :mod:`jaxvi.model.scarches`).
         """
         del accelerator, device, freeze_classifier, freeze_dropout  # see scarches
         if isinstance(reference_model, str | os.PathLike):
@@ -467,6 +468,10 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
         self._mesh = mesh
 
     def _query_inputs(self, adata, indices, batch_size, need_data: bool = True):
+        """``(adata, indices, source, batch_size)`` of a query: the model's AnnData and all
+        its cells by default, and where they live for queries (:func:`jaxvi.data.make_source`:
+        a backed AnnData's counts stay on disk, the cells are sharded over the mesh of
+        :meth:`to_device`, or moved in bounded pieces)."""
         adata = self.adata if adata is None else adata
         if adata is None:
             raise ValueError("This model has no AnnData; pass `adata=`.")
@@ -480,35 +485,20 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
-        if not need_data:
+        if not need_data:  # a table lookup (get_batch_representation): nothing to place
             return adata, indices.astype(np.int64), None, bs
-        # A backed AnnData's counts stay on disk: run_chunked reads and moves bounded pieces
-        # (sharded over the mesh, if any).
-        data = None
-        if getattr(adata, "isbacked", False) and adata.uns.get(MINIFY_UNS_KEY) is None:
-            data = backed_cell_data(adata, self.registry_)
-        if data is not None:
-            return adata, indices.astype(np.int64), data.replace(mesh=self._mesh), bs
-        if self._mesh is not None:  # sharded over the devices of the mesh
-            return (
-                adata,
-                indices.astype(np.int64),
-                device_data(adata, self.registry_, self._mesh, None),
-                bs,
-            )
-        # Host data: run_chunked moves bounded pieces to the device (any dataset size).
-        arrays = reglib.registry_arrays(adata, self.registry_)
-        data = host_cell_data({**arrays, **minified_arrays(adata)})
-        return adata, indices.astype(np.int64), data, bs
+        source: DataSource = make_source(adata, self.registry_, purpose="query", mesh=self._mesh)
+        return adata, indices.astype(np.int64), source, bs
 
-    def _elbo_terms(self, adata, indices, batch_size):
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
-        if not hasattr(self, "_evaluate_fn"):
-            self._evaluate_fn = make_evaluate(self.module)
-        out = posterior.run_chunked(
-            self._evaluate_fn, self.variables, data, indices, bs, self._next_key()
-        )
-        return tuple(np.asarray(a, np.float64) for a in out)
+    def _query(self, adata, indices, batch_size) -> tuple:
+        """``(adata, Query)`` of the module with the next key (see :meth:`_query_inputs`)."""
+        adata, indices, source, bs = self._query_inputs(adata, indices, batch_size)
+        key = self._next_key()
+        return adata, posterior.Query(self.module, self.variables, source, indices, key, bs)
+
+    def _elbo_terms(self, adata, indices, batch_size) -> dict:
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_elbo_terms(query.replace(module=self.model_def))
 
     def _batch_codes(self, transform_batch) -> np.ndarray:
-        return _compat.batch_codes(self.registry_["batch_categories"], transform_batch)
+        return posterior.batch_codes(self.registry_["batch_categories"], transform_batch)

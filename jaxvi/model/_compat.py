@@ -1,16 +1,13 @@
 """Small rules that make jaxvi answer as scvi-tools 1.4.2 does: the external split, the
-``on_step`` / ``on_epoch`` history names, 0-d results, batch categories as the user wrote
-them, and the batch representation."""
+``on_step`` / ``on_epoch`` history names, 0-d results and the batch representation."""
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
 
 __all__ = [
-    "batch_codes",
     "batch_representation",
     "external_split",
     "log_flags",
@@ -95,45 +92,6 @@ def scalar(value) -> np.float64:
     """A 0-d NumPy float64: a ``float`` (``isinstance(x, float)``) that also has ``ndim``,
     ``item()`` and ``shape``, so callers of both scvi-tools' 0-d tensors and floats work."""
     return np.float64(value)
-
-
-def batch_codes(categories: list[str], transform_batch) -> np.ndarray:
-    """Batch codes of ``transform_batch`` (a category or a list of them; None: each cell's
-    own batch, code -1), matched as scvi-tools matches: equal to the category as the user
-    wrote it in the batch column. The registry keeps categories as strings, so a number
-    also matches a category that reads as the same number (``1`` and ``1.0`` match
-    ``"1.0"``).
-
-    Raises
-    ------
-    ValueError
-        For a value that is not a batch category.
-    """
-    if transform_batch is None:
-        return np.array([-1])
-    values = (
-        list(transform_batch)
-        if isinstance(transform_batch, list | tuple | np.ndarray)
-        else [transform_batch]
-    )
-    cats = [str(c) for c in categories]
-    numeric = {}
-    for i, c in enumerate(cats):
-        try:
-            numeric.setdefault(float(c), i)
-        except ValueError:
-            pass
-    codes = []
-    for v in values:
-        if v is None:
-            codes.append(-1)
-        elif str(v) in cats:
-            codes.append(cats.index(str(v)))
-        elif isinstance(v, numbers.Number) and not isinstance(v, bool) and float(v) in numeric:
-            codes.append(numeric[float(v)])
-        else:
-            raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
-    return np.asarray(codes)
 
 
 def batch_representation(config, variables: dict, batch_index: np.ndarray) -> np.ndarray:

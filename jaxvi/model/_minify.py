@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from jaxvi.data import LIB_KEY, MINIFY_UNS_KEY, QZM_KEY, QZV_KEY
 from jaxvi.data import registry as reglib
 
 __all__ = [
@@ -19,14 +20,11 @@ __all__ = [
     "MINIFY_UNS_KEY",
     "QZM_KEY",
     "QZV_KEY",
-    "minified_arrays",
     "minified_copy",
     "minified_type",
 ]
 
 MINIFY_TYPES = ("latent_posterior_parameters", "latent_posterior_parameters_with_counts")
-MINIFY_UNS_KEY = "_scvi_adata_minify_type"
-QZM_KEY, QZV_KEY, LIB_KEY = "scvi_latent_qzm", "scvi_latent_qzv", "observed_lib_size"
 
 
 def minified_type(adata) -> str | None:
@@ -34,22 +32,11 @@ def minified_type(adata) -> str | None:
     return None if adata is None else adata.uns.get(MINIFY_UNS_KEY)
 
 
-def minified_arrays(adata) -> dict:
-    """The cached posterior of a minified ``adata`` as registry arrays (``qz_m``, ``qz_v``
-    ``(cells, n_latent)``, ``observed_lib_size`` ``(cells,)``); empty for other data."""
-    if minified_type(adata) is None:
-        return {}
-    return {
-        "qz_m": adata.obsm[QZM_KEY],
-        "qz_v": adata.obsm[QZV_KEY],
-        "observed_lib_size": adata.obs[LIB_KEY].to_numpy(),
-    }
-
-
 def minified_copy(
     adata,
     registry: dict,
     n_latent: int,
+    observed_library: bool,
     minified_data_type: str,
     use_latent_qzm_key: str,
     use_latent_qzv_key: str,
@@ -61,10 +48,15 @@ def minified_copy(
     NotImplementedError
         For an unknown ``minified_data_type``.
     ValueError
-        When the posterior is not stored under the given keys or has the wrong shape.
+        When the posterior is not stored under the given keys or has the wrong shape, or
+        for a model with a latent library (``observed_library=False``).
     """
     if minified_data_type not in MINIFY_TYPES:
         raise NotImplementedError(f"Minification method {minified_data_type} is not supported.")
+    if not observed_library:
+        raise ValueError(
+            "Minification is not supported for models that do not use observed library size."
+        )
     if adata is None:
         raise ValueError("This model has no AnnData to minify.")
     for key in (use_latent_qzm_key, use_latent_qzv_key):

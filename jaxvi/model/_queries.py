@@ -1,8 +1,9 @@
 """The queries every model answers (scvi-tools' ``VAEMixin``, ``RNASeqMixin``,
 ``EmbeddingMixin``), as thin methods over :mod:`jaxvi.posterior` and :mod:`jaxvi.analysis`.
 
-:class:`QueryMethods` is a base of :class:`~jaxvi.model.BaseModel`; the methods read the
-model's ``config``, ``variables`` and registry through ``_query_inputs`` and friends.
+:class:`QueryMethods` is a base of :class:`~jaxvi.model.BaseModel`; the methods reach the
+model's module, variables and registry through ``_query`` / ``_query_inputs`` /
+``_elbo_terms`` / ``_batch_codes``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import numpy as np
 import pandas as pd
 
 from jaxvi import posterior
+from jaxvi.analysis import de
 from jaxvi.data import registry as reglib
 from jaxvi.model import _compat
+from jaxvi.module import KL_GLOBAL, KL_LOCAL, RECONSTRUCTION
 
 __all__ = ["QueryMethods"]
 
@@ -37,10 +40,10 @@ class QueryMethods:
         ``softmax(z)`` over ``mc_samples`` draws), one sample with ``give_mean=False``, or
         ``(qz_mean, qz_var)`` with ``return_dist=True``.
         """
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        _, query = self._query(adata, indices, batch_size)
         mode = "dist" if return_dist else ("mean" if give_mean else "sample")
-        program = posterior.latent_program(self.config, mode, int(mc_samples))
-        out = posterior.run_chunked(program, self.variables, data, indices, bs, self._next_key())
+        program = posterior.latent_program(self.module, mode, int(mc_samples))
+        out = posterior.run_query(program, query)
         if return_dist:
             return tuple(np.asarray(a, np.float32) for a in out)
         return np.asarray(out, np.float32)
@@ -81,18 +84,38 @@ class QueryMethods:
         -------
         float64 ``(n_draws,)`` summing to one.
         """
-        return posterior.get_importance_weights(
-            self,
+        return self._importance_weights(
             adata,
             indices,
             zs,
             transform_batch,
-            max_cells,
-            truncation,
-            n_mc_samples,
-            n_mc_samples_per_pass,
             batch_size,
+            None,
+            max_cells=max_cells,
+            truncation=truncation,
+            n_mc_samples=n_mc_samples,
+            n_mc_samples_per_pass=n_mc_samples_per_pass,
         )
+
+    def _importance_weights(
+        self, adata, indices, zs, transform_batch, batch_size, rows, **kwargs
+    ) -> np.ndarray:
+        """:func:`jaxvi.posterior.get_importance_weights` of draws ``zs`` of ``indices``
+        (``rows``: the cell of each draw, when repeated), for :meth:`get_importance_weights`
+        and importance-resampled expression."""
+        if self.minified_data_type is not None:
+            raise ValueError(
+                "Importance weights need the counts of the anchor cells; this model's AnnData "
+                "is minified."
+            )
+        codes = self._batch_codes(transform_batch)
+        if len(codes) > 1:
+            raise NotImplementedError(
+                "Importance weights cannot be computed when expression levels are averaged "
+                "across batches."
+            )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_importance_weights(query, zs, int(codes[0]), rows=rows, **kwargs)
 
     def differential_expression(
         self,
@@ -125,8 +148,6 @@ class QueryMethods:
         lfc_mean, ...`` (change), raw statistics, ``is_de_fdr_<target>`` (change) and the
         ``comparison`` / ``group1`` / ``group2`` columns, one block per comparison.
         """
-        from jaxvi.analysis import de as de
-
         return de.differential_expression(
             self,
             adata=adata,
@@ -165,9 +186,8 @@ class QueryMethods:
         unless ``give_mean``. Works for every likelihood (the reference fails for poisson and
         normal). See :func:`jaxvi.posterior.get_likelihood_parameters`.
         """
-        return posterior.get_likelihood_parameters(
-            self, adata, indices, n_samples, give_mean, batch_size
-        )
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_likelihood_parameters(query, n_samples, give_mean)
 
     def posterior_predictive_sample(
         self,
@@ -183,9 +203,10 @@ class QueryMethods:
         ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``.
         ``silent`` is accepted for scvi-tools' signature (there is no progress bar)."""
         del silent
-        return posterior.posterior_predictive_sample(
-            self, adata, indices, transform_batch, n_samples, gene_list, batch_size
-        )
+        _, query = self._query(adata, indices, batch_size)
+        genes = posterior.gene_indices(self.registry_["var_names"], gene_list)
+        codes = self._batch_codes(transform_batch)
+        return posterior.posterior_predictive_sample(query, codes, genes, n_samples)
 
     def get_marginal_ll(
         self,
@@ -204,9 +225,8 @@ class QueryMethods:
         ``(cells,)`` values.
         """
         self._refuse_if_minified("get_marginal_ll")
-        out = posterior.get_marginal_ll(
-            self, adata, indices, n_mc_samples, batch_size, return_mean, n_mc_samples_per_pass
-        )
+        _, query = self._query(adata, indices, batch_size)
+        out = posterior.get_marginal_ll(query, n_mc_samples, return_mean, n_mc_samples_per_pass)
         return _compat.scalar(out) if return_mean else out
 
     def get_latent_library_size(
@@ -219,7 +239,8 @@ class QueryMethods:
         """Library size ``(cells, 1)``: the LogNormal mean of q(l | x) with ``give_mean``
         (latent library models only), else ``exp(library)`` (observed totals or a draw)."""
         self._refuse_if_minified("get_latent_library_size")
-        return posterior.get_latent_library_size(self, adata, indices, give_mean, batch_size)
+        _, query = self._query(adata, indices, batch_size)
+        return posterior.get_latent_library_size(query, give_mean)
 
     def get_feature_correlation_matrix(
         self,
@@ -235,15 +256,10 @@ class QueryMethods:
         """Gene-gene correlation ``(genes, genes)`` of denoised expression samples;
         ``silent`` is accepted for scvi-tools' signature (there is no progress bar)."""
         del silent
+        adata, query = self._query(adata, indices, batch_size)
+        codes = self._batch_codes(transform_batch)
         return posterior.get_feature_correlation_matrix(
-            self,
-            adata,
-            indices,
-            n_samples,
-            batch_size,
-            rna_size_factor,
-            transform_batch,
-            correlation_type,
+            query, adata.var_names, codes, n_samples, rna_size_factor, correlation_type
         )
 
     def get_elbo(
@@ -257,8 +273,8 @@ class QueryMethods:
         0-d tensor), the mean over cells; ``(cells,)`` values with ``return_mean=False``.
         """
         self._refuse_if_minified("get_elbo")
-        rec, kl_z, kl_l = self._elbo_terms(adata, indices, batch_size)
-        elbo = -(rec + kl_z + kl_l)
+        terms = self._elbo_terms(adata, indices, batch_size)
+        elbo = -sum(terms[name] for name in (RECONSTRUCTION, KL_LOCAL, KL_GLOBAL) if name in terms)
         return _compat.scalar(np.mean(elbo)) if return_mean else elbo
 
     def get_reconstruction_error(
@@ -271,6 +287,5 @@ class QueryMethods:
         ``{"reconstruction_loss": value}``: a 0-d float64 (mean over cells) or ``(cells,)``.
         """
         self._refuse_if_minified("get_reconstruction_error")
-        rec, _, _ = self._elbo_terms(adata, indices, batch_size)
+        rec = self._elbo_terms(adata, indices, batch_size)[RECONSTRUCTION]
         return {"reconstruction_loss": _compat.scalar(np.mean(rec)) if return_mean else rec}
-

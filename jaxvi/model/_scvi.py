@@ -241,7 +241,7 @@ class SCVI(BaseModel):
         DataFrame ``(cells, genes)`` (obs / var names), or ndarray ``(cells, genes)``,
         ``(n_samples, cells, genes)`` with ``return_mean=False``, ``(n_samples_overall, genes)``.
         """
-        adata, indices, data, bs = self._query_inputs(adata, indices, batch_size)
+        adata, indices, source, bs = self._query_inputs(adata, indices, batch_size)
         if weights not in (None, "uniform", "importance"):
             raise ValueError(f"weights must be None, 'uniform' or 'importance', got {weights!r}.")
         importance = weights == "importance" and n_samples_overall is not None
@@ -281,43 +281,32 @@ class SCVI(BaseModel):
             jnp.asarray(gene_idx, jnp.int32),
             jnp.float32(1.0 if latent_library else library_size),
         )
-        key = self._next_key()
+        query = posterior.Query(self.module, self.variables, source, indices, self._next_key(), bs)
         n_samples = int(n_samples)
         if importance:
             rows = np.repeat(indices, n_samples)
-            program = posterior.expression_and_latent_program(self.config, latent_library)
-            exprs, zs = posterior.run_chunked(
-                program, self.variables, data, rows, bs, key, args[0][0], *args[1:]
+            program = posterior.expression_and_latent_program(self.module, latent_library)
+            exprs, zs = posterior.run_query(
+                program, query.replace(indices=rows), args[0][0], *args[1:]
             )
-            p = posterior.get_importance_weights(
-                self,
-                adata,
-                indices,
-                zs,
-                transform_batch,
-                batch_size=bs,
-                rows=rows,
-                **importance_weighting_kwargs,
+            p = self._importance_weights(
+                adata, indices, zs, transform_batch, bs, rows, **importance_weighting_kwargs
             )
         elif n_samples_overall is not None:
             # Each cell n_samples times, one z draw per row: the one-sample program serves
             # every group size (DE asks for a different count per group).
-            program = posterior.normalized_expression_program(self.config, 1, latent_library)
-            exprs = posterior.run_chunked(
-                program, self.variables, data, np.repeat(indices, n_samples), bs, key, *args
+            program = posterior.normalized_expression_program(self.module, 1, latent_library)
+            exprs = posterior.run_query(
+                program, query.replace(indices=np.repeat(indices, n_samples)), *args
             )
         else:
             # Samples are drawn in blocks of 1, 8 or 32 so that few programs are compiled.
             block = 1 if n_samples == 1 else (8 if n_samples <= 8 else 32)
-            program = posterior.normalized_expression_program(self.config, block, latent_library)
+            program = posterior.normalized_expression_program(self.module, block, latent_library)
             blocks = [
-                posterior.run_chunked(
+                posterior.run_query(
                     program,
-                    self.variables,
-                    data,
-                    indices,
-                    bs,
-                    jax.random.fold_in(key, i),
+                    query.replace(key=jax.random.fold_in(query.key, i)),
                     *args,
                     cell_axis=1 if block > 1 else 0,
                 )

@@ -11,13 +11,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import scipy.sparse as sp
 
 from jaxvi._settings import settings
-from jaxvi.data import StreamingData, sharded_cell_data, to_device
-from jaxvi.data import registry as reglib
+from jaxvi.data import make_source
 from jaxvi.model._compat import external_split, log_flags
-from jaxvi.model._minify import MINIFY_UNS_KEY, minified_arrays
 from jaxvi.model._parts import QueryTraining, out_of_memory_as
 from jaxvi.parallel import resolve_devices, to_host
 from jaxvi.train import (
@@ -32,10 +29,7 @@ from jaxvi.train import (
 )
 from jaxvi.train import checkpoint as ckpt
 
-__all__ = ["DENSE_LIMIT_BYTES", "TRAINER_KWARGS", "TrainOutcome", "device_data", "run_training"]
-
-# Above this many bytes of dense float32 counts, sparse input stays CSR on the device.
-DENSE_LIMIT_BYTES = 2**31
+__all__ = ["TRAINER_KWARGS", "TrainOutcome", "run_training"]
 
 TRAINER_KWARGS = {
     "early_stopping_monitor",
@@ -67,20 +61,6 @@ class TrainOutcome(NamedTuple):
     indices: tuple
     mesh: Any
     epoch_fn: Any
-
-
-def device_data(adata, registry: dict, mesh, load_sparse_tensor: bool | None):
-    """The registered fields of ``adata`` on the device (sharded over ``mesh`` if given)."""
-    if mesh is not None:
-        return sharded_cell_data(adata, registry, mesh)
-    arrays = reglib.registry_arrays(adata, registry)
-    arrays.update(minified_arrays(adata))
-    x = arrays["X"]
-    if adata.uns.get(MINIFY_UNS_KEY) == "latent_posterior_parameters":
-        load_sparse_tensor = True  # all-zero counts: nothing to densify
-    if load_sparse_tensor is None:
-        load_sparse_tensor = sp.issparse(x) and x.shape[0] * x.shape[1] * 4 > DENSE_LIMIT_BYTES
-    return to_device(arrays, sparse=bool(load_sparse_tensor))
 
 
 def run_training(
@@ -168,8 +148,6 @@ def run_training(
             drop_last=drop_last,
         )
     mesh = resolve_devices(devices)
-    if streaming is None:
-        streaming = bool(getattr(adata, "isbacked", False))
     state, _ = init_train_state(engine_model, variables, plan, query_training.update_mask)
     run = {  # what must agree with a checkpoint for an exact continuation
         "n_cells": int(n_obs),
@@ -212,25 +190,21 @@ def run_training(
             },
         )
     splits = (train_idx, val_idx, test_idx)
-    if streaming:
-        data = StreamingData(
-            adata,
-            registry,
-            train_idx,
-            val_idx,
-            chunk_cells=settings.stream_chunk_cells,
-            max_host_bytes=settings.stream_max_host_bytes,
-            mesh=mesh,
-        )
-    else:
-        data = device_data(adata, registry, mesh, load_sparse_tensor)
+    source = make_source(
+        adata,
+        registry,
+        purpose="train",
+        mesh=mesh,
+        streaming=streaming,
+        load_sparse_tensor=load_sparse_tensor,
+    )
     matmul = _PRECISION[str(precision)] if precision is not None else None
     try:
         with jax.default_matmul_precision(matmul), out_of_memory_as("A training step"):
             state, history, epoch_fn = fit(
                 engine_model,
                 state,
-                data,
+                source,
                 train_idx=train_idx,
                 val_idx=val_idx,
                 plan=plan,
@@ -250,7 +224,7 @@ def run_training(
             )
     except (TrainingInterrupted, NonFiniteError) as err:
         # Keep the last completed epoch (interruption) or the last finite step.
-        history = {rename(k): v for k, v in err.history.items()}
+        history = {rename(k): v.rename(columns=rename) for k, v in err.history.items()}
         err.outcome = TrainOutcome(err.state, history, splits, mesh, None)
         if isinstance(err, TrainingInterrupted) and checkpointer is not None:
             checkpointer.write(err.state, err.progress)

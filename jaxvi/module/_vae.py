@@ -28,6 +28,8 @@ __all__ = [
     "VAE",
     "VAEConfig",
     "init_variables",
+    "masked_mean",
+    "negative_log_likelihood",
     "normal_kl",
     "trainable_mask",
     "vae_loss",
@@ -230,21 +232,9 @@ class VAE(nn.Module):
         c = self.config
         if batch.qz_m is not None and not self.is_initializing():
             return self._cached_inference(batch, key, n_samples)
-        x = batch.x
         if c.use_observed_lib_size:
-            library = jnp.log(jnp.sum(x, axis=-1, keepdims=True))
-        x_ = jnp.log1p(x) if c.log_variational else x
-        enc_in = x_
-        cats: tuple = ()
-        if c.encode_covariates:
-            if batch.cont_covs is not None:
-                enc_in = jnp.concatenate([enc_in, batch.cont_covs], axis=-1)
-            cov_cats = _split_cats(batch.cat_covs)
-            if c.batch_representation == "embedding":
-                enc_in = jnp.concatenate([enc_in, self._batch_rep(batch.batch_index)], axis=-1)
-                cats = cov_cats
-            else:
-                cats = (batch.batch_index, *cov_cats)
+            library = jnp.log(jnp.sum(batch.x, axis=-1, keepdims=True))
+        enc_in, cats = self.encoder_input(batch)
         qz_m, qz_v = self.z_encoder(enc_in, cats, training=training, mask=batch.mask)
         ql_m = ql_v = None
         k_z = k_l = None
@@ -261,6 +251,26 @@ class VAE(nn.Module):
         untran_z = _draw(k_z, qz_m, qz_v, n_samples)
         z = nn.softmax(untran_z, axis=-1) if c.latent_distribution == "ln" else untran_z
         return InferenceOutputs(z, qz_m, qz_v, library, ql_m, ql_v)
+
+    def encoder_input(self, batch: Minibatch) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """The encoders' input ``(cells, n_in)`` and categorical codes (each ``(cells,)``).
+
+        ``log1p`` counts (with ``log_variational``), followed by the continuous covariates
+        and the batch embedding when covariates are encoded.
+        """
+        c = self.config
+        enc_in = jnp.log1p(batch.x) if c.log_variational else batch.x
+        cats: tuple = ()
+        if c.encode_covariates:
+            if batch.cont_covs is not None:
+                enc_in = jnp.concatenate([enc_in, batch.cont_covs], axis=-1)
+            cov_cats = _split_cats(batch.cat_covs)
+            if c.batch_representation == "embedding":
+                enc_in = jnp.concatenate([enc_in, self._batch_rep(batch.batch_index)], axis=-1)
+                cats = cov_cats
+            else:
+                cats = (batch.batch_index, *cov_cats)
+        return enc_in, cats
 
     def _cached_inference(self, batch: Minibatch, key, n_samples: int) -> InferenceOutputs:
         """Inference of a minified AnnData: q(z | x) and the library are read, not computed."""
@@ -393,13 +403,16 @@ def init_variables(
     key: jax.Array,
     library_log_means=None,
     library_log_vars=None,
+    *,
+    module_cls: type[VAE] = VAE,
 ) -> dict:
     """Initialise ``{"params", "batch_stats"[, "buffers"]}`` for a VAE of ``config``.
 
     ``library_log_means``/``library_log_vars`` (``(1, n_batch)``) fill the library prior
-    when ``use_observed_lib_size=False``.
+    when ``use_observed_lib_size=False``. ``module_cls`` is a subclass of :class:`VAE` that
+    extends it (scANVI's ``SCANVAE``) and whose ``__call__`` creates its extra parameters.
     """
-    variables = dict(_init(config, key))
+    variables = dict(_init(config, key, module_cls))
     variables.setdefault("batch_stats", {})
     if "buffers" in variables:
         buffers = dict(variables["buffers"])
@@ -410,8 +423,8 @@ def init_variables(
     return variables
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(config: VAEConfig, key: jax.Array) -> dict:
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(config: VAEConfig, key: jax.Array, module_cls: type[VAE]) -> dict:
     """Flax initialisation on a dummy two-cell batch, compiled (eager init is slow)."""
     n = 2
     batch = Minibatch(
@@ -427,7 +440,29 @@ def _init(config: VAEConfig, key: jax.Array) -> dict:
         size_factor=jnp.ones((n,), jnp.float32) if config.use_size_factor_key else None,
     )
     k_params, k_z = jax.random.split(key)
-    return VAE(config).init({"params": k_params}, batch, key=k_z, training=False)
+    return module_cls(config).init({"params": k_params}, batch, key=k_z, training=False)
+
+
+def negative_log_likelihood(
+    config: VAEConfig, batch: Minibatch, gen: GenerativeOutputs
+) -> jax.Array:
+    """``-log p(x | z)`` summed over genes, ``(cells,)``.
+
+    Uses the likelihood's ``log_prob_no_factorial`` plus ``batch.log_x_factorial`` when both
+    exist (no ``lgamma`` per step).
+    """
+    lik = get_likelihood(config.gene_likelihood)
+    if batch.log_x_factorial is not None and lik.log_prob_no_factorial is not None:
+        log_px = lik.log_prob_no_factorial(batch.x, gen.px_params())
+        return batch.log_x_factorial - jnp.sum(log_px, axis=-1)
+    return -jnp.sum(lik.log_prob(batch.x, gen.px_params()), axis=-1)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of ``values`` ``(cells,)`` over the real cells (``mask == 1``; all when None)."""
+    if mask is None:
+        return jnp.mean(values)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def vae_loss(
@@ -450,7 +485,6 @@ def vae_loss(
     ``(ELBOTerms, new_batch_stats)``; per-cell terms have shape ``(cells,)``.
     """
     config = module.config
-    lik = get_likelihood(config.gene_likelihood)
     if key is not None:
         k_inf, k_drop = jax.random.split(key)
         rngs = {"dropout": k_drop}
@@ -471,16 +505,8 @@ def vae_loss(
         variables, rngs=rngs
     )
     kl_z = jnp.sum(normal_kl(inf.qz_m, inf.qz_v, 0.0, 1.0), axis=-1)
-    if batch.log_x_factorial is not None and lik.log_prob_no_factorial is not None:
-        log_px = lik.log_prob_no_factorial(batch.x, gen.px_params())
-        rec = batch.log_x_factorial - jnp.sum(log_px, axis=-1)
-    else:
-        rec = -jnp.sum(lik.log_prob(batch.x, gen.px_params()), axis=-1)
-    per_cell = rec + kl_weight * kl_z + kl_l
-    if batch.mask is None:
-        loss = jnp.mean(per_cell)
-    else:
-        loss = jnp.sum(per_cell * batch.mask) / jnp.maximum(jnp.sum(batch.mask), 1.0)
+    rec = negative_log_likelihood(config, batch, gen)
+    loss = masked_mean(rec + kl_weight * kl_z + kl_l, batch.mask)
     new_stats = updates.get("batch_stats", variables.get("batch_stats", {}))
     return ELBOTerms(loss, rec, kl_z, kl_l), new_stats
 

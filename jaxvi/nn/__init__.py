@@ -14,9 +14,12 @@ from jaxvi.nn._layers import (
     LayerNorm,
     one_hot_covariates,
 )
+from jaxvi.nn._scanvi import Classifier, Decoder
 
 __all__ = [
     "BatchNorm",
+    "Classifier",
+    "Decoder",
     "DecoderSCVI",
     "Dense",
     "Encoder",

@@ -1,7 +1,10 @@
 """Queries of a trained model: compiled programs run over cells in bounded chunks.
 
-Latent representation, normalised expression, likelihood parameters, posterior predictive
-samples, marginal log-likelihood and importance weights.
+A query is a value, :class:`Query` (the module or model definition, its variables, the cells'
+:class:`~jaxvi.data.DataSource`, the cells, a key and the chunk size), and every program goes
+through the one chunked runner, :func:`run_query`. Latent representation, normalised
+expression, likelihood parameters, posterior predictive samples, marginal log-likelihood,
+library size, denoised expression, importance weights and the ELBO terms.
 """
 
 from jaxvi.posterior._importance import (
@@ -11,30 +14,49 @@ from jaxvi.posterior._importance import (
     normalize_log_weights,
 )
 from jaxvi.posterior._predictive import (
+    batch_codes,
+    gene_indices,
+    get_elbo_terms,
     get_feature_correlation_matrix,
     get_latent_library_size,
     get_likelihood_parameters,
     get_marginal_ll,
-    normal_log_density,
     posterior_predictive_sample,
+)
+from jaxvi.posterior._programs import (
+    denoised_program,
+    elbo_terms_program,
+    expression_and_latent_program,
+    latent_program,
+    library_program,
+    likelihood_program,
+    log_weight_program,
+    marginal_ll_program,
+    normal_log_density,
+    normalized_expression_program,
+    predictive_program,
 )
 from jaxvi.posterior._runner import (
     MAX_CHUNKS_PER_CALL,
+    Query,
     bucket,
     chunks_per_call,
-    expression_and_latent_program,
     last_run,
-    latent_program,
-    normalized_expression_program,
-    run_chunked,
+    run_query,
 )
 
 __all__ = [
     "MAX_CHUNKS_PER_CALL",
+    "Query",
     "anchors_per_group",
+    "batch_codes",
     "bucket",
     "chunks_per_call",
+    "denoised_program",
+    "elbo_terms_program",
     "expression_and_latent_program",
+    "gene_indices",
+    "get_elbo_terms",
     "get_feature_correlation_matrix",
     "get_importance_weights",
     "get_latent_library_size",
@@ -43,9 +65,14 @@ __all__ = [
     "importance_log_weights",
     "last_run",
     "latent_program",
+    "library_program",
+    "likelihood_program",
+    "log_weight_program",
+    "marginal_ll_program",
     "normal_log_density",
     "normalize_log_weights",
     "normalized_expression_program",
     "posterior_predictive_sample",
-    "run_chunked",
+    "predictive_program",
+    "run_query",
 ]

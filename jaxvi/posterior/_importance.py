@@ -32,21 +32,16 @@ keeps each draw's own library).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
 from jaxvi._settings import settings
-from jaxvi.data import CellData, Minibatch, gather, is_host, take_rows
-from jaxvi.likelihoods import get_likelihood
-from jaxvi.module import VAE, VAEConfig
-from jaxvi.parallel import to_host
-from jaxvi.posterior import _predictive as posterior
-from jaxvi.posterior._predictive import normal_log_density
-from jaxvi.posterior._runner import MAX_CHUNKS_PER_CALL, bucket, latent_program, run_chunked
+from jaxvi.data import DataSource, DeviceSource, covariate_data
+from jaxvi.posterior._predictive import get_marginal_ll
+from jaxvi.posterior._programs import latent_program, log_weight_program
+from jaxvi.posterior._runner import Query, run_query
 
 __all__ = [
     "anchors_per_group",
@@ -56,69 +51,10 @@ __all__ = [
 ]
 
 
-COVARIATES = ("batch_index", "labels", "cat_covs", "cont_covs", "size_factor")
-
-
-@functools.lru_cache(maxsize=32)
-def _log_weight_program(config: VAEConfig):
-    """``run(variables, covs, u, code, qz_m, qz_v, qz_real, x_g, log_px_g, real_g)``.
-
-    ``covs`` holds the covariates (:data:`COVARIATES`) of the cells the draws belong to and
-    ``u`` ``(n_chunks, batch, n_latent)`` the draws (pre-softmax), each ``(n_chunks, batch,
-    ...)``; ``qz_m``, ``qz_v`` ``(A, n_latent)`` are q(z | x_a) of all anchors with
-    ``qz_real`` ``(A,)`` (1 for real anchors); ``x_g`` ``(A_g, genes)`` are the counts of
-    one group of anchors with ``log_px_g`` ``(A_g,)`` and ``real_g`` ``(A_g,)``. Returns
-    ``(log p(z) - logsumexp_a log q(z | x_a), logsumexp_{a in group} [log p(x_a | z, l_a)
-    - log p(x_a)])``, each ``(n_chunks, batch)``.
-    """
-    module = VAE(config)
-    lik = get_likelihood(config.gene_likelihood)
-    ln = config.latent_distribution == "ln"
-
-    def run(variables, covs, u, code, qz_m, qz_v, qz_real, x_g, log_px_g, real_g):
-        lib_g = jnp.sum(x_g, axis=-1)  # (A_g,)
-
-        def body(_, xs):
-            cov_i, u_i = xs
-            batch = Minibatch(x=None, **cov_i)
-            tb = jnp.where(code >= 0, code, batch.batch_index)
-            z = jax.nn.softmax(u_i, axis=-1) if ln else u_i
-            library = jnp.zeros((z.shape[0], 1), z.dtype)
-            gen = module.apply(
-                variables, z, library, batch._replace(batch_index=tb), method=VAE.generative
-            )
-            params = gen.px_params()
-            log_pz = jnp.sum(normal_log_density(u_i, 0.0, 1.0), -1)  # (B,)
-            log_qz = jnp.sum(normal_log_density(u_i[:, None, :], qz_m, qz_v), -1)  # (B, A)
-            log_qz = jnp.where(qz_real > 0, log_qz, -jnp.inf)
-
-            def per_anchor(xl):
-                x, lib = xl
-                p = params._replace(mu=gen.px_scale * lib)
-                return jnp.sum(lik.log_prob(x[None, :], p), -1)  # (B,)
-
-            log_px_z = jax.lax.map(per_anchor, (x_g, lib_g), batch_size=8).T  # (B, A_g)
-            terms = jnp.where(real_g > 0, log_px_z - log_px_g[None, :], -jnp.inf)
-            prior = log_pz - jax.nn.logsumexp(log_qz, axis=1)
-            return None, (prior, jax.nn.logsumexp(terms, axis=1))
-
-        _, out = jax.lax.scan(body, None, (covs, u))
-        return out
-
-    return jax.jit(run)
-
-
-@jax.jit
-def _gather_counts(data: CellData, idx: jax.Array) -> jax.Array:
-    return gather(data, idx).x
-
-
-def _anchor_counts(data: CellData, rows: np.ndarray) -> jax.Array:
-    """Dense counts ``(len(rows), genes)`` of ``rows`` on the device: host data (a backed
-    AnnData included) reads and moves only these rows."""
-    if is_host(data):
-        return jnp.asarray(take_rows(data, rows).x)
-    return _gather_counts(data, jnp.asarray(rows, jnp.int32))
+def _anchor_counts(source: DataSource, rows: np.ndarray) -> jax.Array:
+    """Dense counts ``(len(rows), genes)`` of ``rows`` on the device: cells on the host or on
+    disk read and move only these rows."""
+    return source.minibatch(rows).x
 
 
 def anchors_per_group(n_genes: int, n_anchors: int) -> int:
@@ -131,24 +67,21 @@ def anchors_per_group(n_genes: int, n_anchors: int) -> int:
 
 
 def importance_log_weights(
-    model,
-    data: CellData,
+    query: Query,
     rows: np.ndarray,
     u: np.ndarray,
     code: int,
     anchors: np.ndarray,
     anchor_log_px: np.ndarray,
-    batch_size: int,
 ) -> np.ndarray:
     """Unnormalised log weights ``(M,)`` of draws ``u`` ``(M, n_latent)`` of cells ``rows``.
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI`` (its config and variables are used).
-    data
-        The cells (from ``model._query_inputs``): host data, whose counts may stay on disk
-        (only the anchors' rows are read, in groups of bounded size), or device data.
+    query
+        The VAE, its variables, the cells' source and the chunk size (its ``indices`` and
+        ``key`` are not used): cells on the host or on disk have only the anchors' rows read
+        (in groups of bounded size), and the draws' covariates.
     rows
         ``(M,)`` int: the cell each draw was made for (only its covariates are used).
     u
@@ -159,30 +92,24 @@ def importance_log_weights(
         ``(A,)`` int anchor cells.
     anchor_log_px
         ``(A,)`` float ``log p(x_a)`` of the anchors.
-    batch_size
-        Draws per chunk.
 
     Returns
     -------
     float64 ``(M,)`` log weights (see the module docstring).
     """
+    source = query.source
     rows = np.asarray(rows, np.int64)
     u = np.asarray(u, np.float32)
     anchors = np.asarray(anchors, np.int64)
-    m = len(rows)
     n_anchor = len(anchors)
     # q(z | x_a) of the anchors, their counts read in bounded pieces like any query
-    qz_m, qz_v = run_chunked(
-        latent_program(model.config, "dist"),
-        model.variables,
-        data,
-        anchors,
-        batch_size,
-        jax.random.key(0),
+    qz_m, qz_v = run_query(
+        latent_program(query.module, "dist"),
+        query.replace(indices=anchors, key=jax.random.key(0)),
     )
     # Anchors are padded to a power of two so that groups of similar size share a program.
     a_pad = 1 << max(n_anchor - 1, 0).bit_length()
-    per_group = anchors_per_group(data.n_genes, n_anchor)
+    per_group = anchors_per_group(source.n_genes, n_anchor)
     a_pad = max(a_pad, per_group)
     anchor_idx = np.full(a_pad, anchors[0], np.int64)
     anchor_idx[:n_anchor] = anchors
@@ -195,48 +122,25 @@ def importance_log_weights(
     qz_m_p[:n_anchor] = qz_m
     qz_v_p[:n_anchor] = qz_v
 
-    # the draws: covariates of their cells (no counts), in chunks of batch_size
-    n_chunks = max(1, -(-m // batch_size))
-    take = np.zeros(n_chunks * batch_size, np.int64)
-    take[:m] = rows
-
-    def chunked(a):
-        return a.reshape(n_chunks, batch_size, *a.shape[1:])
-
-    covs = {
-        k: None if getattr(data, k) is None else chunked(to_host(getattr(data, k))[take])
-        for k in COVARIATES
-    }
-    u_p = np.zeros((n_chunks * batch_size, u.shape[-1]), np.float32)
-    u_p[:m] = u
-    u_p = chunked(u_p)
-
-    program = _log_weight_program(model.config)
+    # The draws: only their cells' covariates, on the device (no counts read).
+    draws = query.replace(
+        source=DeviceSource(covariate_data(source.covariates(rows), source.n_genes)),
+        indices=np.arange(len(rows)),
+        key=None,
+    )
+    program = log_weight_program(query.module)
     fixed = (jnp.int32(code), jnp.asarray(qz_m_p), jnp.asarray(qz_v_p), jnp.asarray(real))
     prior = None
     groups = []
     for g in range(0, n_anchor, per_group):
         sl = slice(g, g + per_group)
-        x_g = _anchor_counts(data, anchor_idx[sl])
+        x_g = _anchor_counts(source, anchor_idx[sl])
         group_args = (x_g, jnp.asarray(log_px[sl]), jnp.asarray(real[sl]))
-        priors, sums = [], []
-        for start in range(0, n_chunks, MAX_CHUNKS_PER_CALL):
-            stop = min(n_chunks, start + MAX_CHUNKS_PER_CALL)
-            n = stop - start
-            size = bucket(n)
-
-            def piece(a, start=start, stop=stop, n=n, size=size):
-                pad = np.zeros((size - n, *a.shape[1:]), a.dtype)
-                return jnp.asarray(np.concatenate([a[start:stop], pad]))
-
-            cov_call = {k: None if v is None else piece(v) for k, v in covs.items()}
-            p, lse = program(model.variables, cov_call, piece(u_p), *fixed, *group_args)
-            priors.append(np.asarray(p, np.float64)[:n].reshape(-1))
-            sums.append(np.asarray(lse, np.float64)[:n].reshape(-1))
+        p, lse = run_query(program, draws, *fixed, *group_args, cell_args=(u,))
         del x_g
         if prior is None:
-            prior = np.concatenate(priors)[:m]
-        groups.append(np.concatenate(sums)[:m])
+            prior = np.asarray(p, np.float64)
+        groups.append(np.asarray(lse, np.float64))
     return prior + np.logaddexp.reduce(np.stack(groups), axis=0)
 
 
@@ -259,61 +163,50 @@ def normalize_log_weights(log_w: np.ndarray, truncation: bool = False) -> np.nda
 
 
 def get_importance_weights(
-    model,
-    adata=None,
-    indices=None,
-    zs=None,
-    transform_batch=None,
+    query: Query,
+    zs,
+    code: int = -1,
     max_cells: int = 1024,
     truncation: bool = False,
     n_mc_samples: int = 500,
     n_mc_samples_per_pass: int = 250,
-    batch_size: int | None = None,
     *,
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Normalised importance weights of latent draws of the cells ``indices``.
+    """Normalised importance weights of latent draws of the cells ``query.indices``.
 
     Parameters
     ----------
-    model
-        A trained jaxvi ``SCVI``.
-    adata, indices
-        The cells the draws were made for (default: all cells of the model's AnnData).
+    query
+        The VAE, its variables and the cells the draws were made for. ``query.key`` chooses
+        the anchors (``fold_in(key, 0)``) and draws their ``log p(x)`` (``fold_in(key, 1)``).
     zs
         Latent draws before any ``"ln"`` softmax: ``(cells, n_latent)`` (one per cell) or
-        ``(n_samples, cells, n_latent)``, aligned with ``indices``. scvi-tools also takes the
-        posterior and likelihood distributions of the draws; jaxvi recomputes them from the
-        model.
-    transform_batch
-        Batch category every draw is decoded with (default: each cell's own batch).
+        ``(n_samples, cells, n_latent)``, aligned with ``query.indices``. scvi-tools also
+        takes the posterior and likelihood distributions of the draws; jaxvi recomputes them
+        from the model.
+    code
+        Batch code every draw is decoded with (-1: each cell's own batch).
     max_cells
-        At most this many anchor cells, drawn without replacement from ``indices``.
+        At most this many anchor cells, drawn without replacement from the cells.
     truncation
         Raise log weights below their log-mean to it (scvi-tools' rule).
     n_mc_samples, n_mc_samples_per_pass
         Importance samples for the anchors' ``log p(x)``
         (:func:`jaxvi.posterior.get_marginal_ll`).
-    batch_size
-        Draws per chunk (``settings.batch_size`` by default).
     rows
-        Internal: ``(M,)`` cells of each draw when ``zs`` is ``(M, n_latent)`` with repeats.
+        ``(M,)`` cells of each draw when ``zs`` is ``(M, n_latent)`` with repeats.
 
     Returns
     -------
     float64 ``(n_draws,)`` weights summing to one, in the order of ``zs`` flattened over its
     leading axes (sample-major for ``(n_samples, cells, n_latent)``).
     """
-    if getattr(model, "minified_data_type", None) is not None:
-        raise ValueError(
-            "Importance weights need the counts of the anchor cells; this model's AnnData is "
-            "minified."
-        )
-    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
+    indices = np.asarray(query.indices)
     if zs is None:
         raise ValueError("Pass the latent draws `zs`.")
     zs = np.asarray(zs, np.float32)
-    n_latent = model.config.n_latent
+    n_latent = query.module.config.n_latent
     if zs.ndim not in (2, 3) or zs.shape[-1] != n_latent:
         raise ValueError(
             f"zs must be (cells, {n_latent}) or (n_samples, cells, {n_latent}); got {zs.shape}."
@@ -327,26 +220,17 @@ def get_importance_weights(
         raise ValueError(f"rows has {len(rows)} entries for {len(u)} draws.")
     if int(max_cells) < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}.")
-    codes = model._batch_codes(transform_batch)
-    if len(codes) > 1:
-        raise NotImplementedError(
-            "Importance weights cannot be computed when expression levels are averaged across "
-            "batches."
-        )
     cells = np.unique(indices)
     if len(cells) > max_cells:
-        rng = np.random.default_rng(model._next_key_int())
-        anchors = rng.choice(cells, size=int(max_cells), replace=False)
+        seed = int(jax.random.randint(jax.random.fold_in(query.key, 0), (), 0, 2**31 - 1))
+        anchors = np.random.default_rng(seed).choice(cells, size=int(max_cells), replace=False)
     else:
         anchors = cells
-    log_px = posterior.get_marginal_ll(
-        model,
-        adata,
-        anchors,
+    log_px = get_marginal_ll(
+        query.replace(indices=anchors, key=jax.random.fold_in(query.key, 1)),
         n_mc_samples=n_mc_samples,
-        batch_size=bs,
         return_mean=False,
         n_mc_samples_per_pass=n_mc_samples_per_pass,
     )
-    log_w = importance_log_weights(model, data, rows, u, int(codes[0]), anchors, log_px, bs)
+    log_w = importance_log_weights(query, rows, u, int(code), anchors, log_px)
     return normalize_log_weights(log_w, truncation)

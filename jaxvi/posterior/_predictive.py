@@ -1,10 +1,12 @@
-"""Posterior quantities of a trained ``SCVI``: scvi-tools' ``RNASeqMixin`` / ``VAEMixin`` extras.
+"""Posterior quantities of a trained scVI model: scvi-tools' ``RNASeqMixin`` / ``VAEMixin``
+extras, as functions of a :class:`~jaxvi.posterior.Query`.
 
-Every public function takes the model first and has the signature of the scvi-tools method of
-the same name (minus ``dataloader``), so that ``SCVI`` can expose it as a thin method. The
-work is done by jitted programs (one ``lax.scan`` over chunks of cell indices, as in
-:mod:`jaxvi.posterior`), cached per model configuration, that run the module in evaluation
-mode. Randomness comes from ``model._next_key()``, so results are reproducible per seed.
+Each function takes the query (the module, variables, cells, key and chunk size) and the
+options of the scvi-tools method of the same name; the model class resolves its own arguments
+(``adata``, ``indices``, ``transform_batch``, ``gene_list``) into the query, batch codes and
+gene indices (:func:`batch_codes`, :func:`gene_indices`). The work is done by the cached
+programs of :mod:`jaxvi.posterior` run by :func:`~jaxvi.posterior.run_query`; randomness
+comes from ``query.key``, so results are reproducible per seed.
 
 Where scvi-tools 1.4.2 fails or is inexact, jaxvi chooses as follows (each function says so):
 
@@ -19,8 +21,7 @@ Where scvi-tools 1.4.2 fails or is inexact, jaxvi chooses as follows (each funct
 
 from __future__ import annotations
 
-import functools
-import math
+import numbers
 import warnings
 
 import jax
@@ -28,12 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi.data import CellData, gather
-from jaxvi.likelihoods import PxParams, get_likelihood
-from jaxvi.module import VAE, VAEConfig
-from jaxvi.posterior._runner import run_chunked
+from jaxvi.posterior._programs import (
+    denoised_program,
+    elbo_terms_program,
+    library_program,
+    likelihood_program,
+    marginal_ll_program,
+    predictive_program,
+)
+from jaxvi.posterior._runner import Query, run_query
 
 __all__ = [
+    "batch_codes",
+    "gene_indices",
+    "get_elbo_terms",
     "get_feature_correlation_matrix",
     "get_latent_library_size",
     "get_likelihood_parameters",
@@ -41,229 +50,96 @@ __all__ = [
     "posterior_predictive_sample",
 ]
 
-_LOG_2PI = math.log(2.0 * math.pi)
 _NO_LIBRARY_POSTERIOR = (
     "The module for this model does not compute the posterior distribution for the library "
     "size. Set `give_mean` to False to use the observed library size instead."
 )
 
 
-# ----------------------------------------------------------------------------- programs
-def _scan_chunks(body, idx):
-    """``lax.scan`` of ``body(i, idx_i) -> out`` over the chunks of ``idx``; stacked outputs."""
-
-    def step(_, xs):
-        return None, body(*xs)
-
-    _, out = jax.lax.scan(step, None, (jnp.arange(idx.shape[0]), idx))
-    return out
-
-
-@functools.lru_cache(maxsize=64)
-def _likelihood_program(config: VAEConfig, n_samples: int):
-    """``run(variables, data, idx, key) -> {name: (n_chunks, [S,] batch, genes)}``."""
-    module = VAE(config)
-    lik = get_likelihood(config.gene_likelihood)
-
-    def run(variables, data: CellData, idx, key):
-        def body(i, idx_i):
-            batch = gather(data, idx_i)
-
-            def fwd(m: VAE):
-                inf = m.inference(batch, key=jax.random.fold_in(key, i), n_samples=n_samples)
-                return m.generative(inf.z, inf.library, batch)
-
-            p = module.apply(variables, method=fwd).px_params()
-            out = {"mean": p.mu}
-            if lik.uses_zi_logits:
-                out["dropout"] = jnp.broadcast_to(jax.nn.sigmoid(p.zi_logits), p.mu.shape)
-            if lik.uses_theta:
-                out["dispersions"] = jnp.broadcast_to(p.theta, p.mu.shape)
-            return out
-
-        return _scan_chunks(body, idx)
-
-    return jax.jit(run)
-
-
-def _decode(m: VAE, batch, key, n_samples: int, code):
-    """px of ``n_samples`` posterior draws, decoded in batch ``code`` (-1: the cell's own)."""
-    inf = m.inference(batch, key=key, n_samples=n_samples)
-    tb = jnp.where(code >= 0, code, batch.batch_index)
-    return m.generative(inf.z, inf.library, batch._replace(batch_index=tb))
-
-
-@functools.lru_cache(maxsize=64)
-def _predictive_program(config: VAEConfig, n_samples: int):
-    """``run(variables, data, idx, key, codes, gene_idx) -> (n_chunks, batch, genes[, S])``.
-
-    Counts drawn from p(x | z, l) with z, l ~ q(. | x), averaged over the batch ``codes``.
-    """
-    module = VAE(config)
-    lik = get_likelihood(config.gene_likelihood)
-
-    def run(variables, data: CellData, idx, key, codes, gene_idx):
-        def body(i, idx_i):
-            batch = gather(data, idx_i)
-
-            def draw(t_code):
-                t, code = t_code
-                k_inf, k_x = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, i), t))
-                gen = module.apply(
-                    variables, method=lambda m: _decode(m, batch, k_inf, n_samples, code)
-                )
-                p = PxParams(*(None if a is None else a[..., gene_idx] for a in gen.px_params()))
-                return lik.sample(k_x, p)
-
-            # One traced copy of the sampler whatever the number of batches averaged over.
-            x = jnp.mean(jax.lax.map(draw, (jnp.arange(codes.shape[0]), codes)), axis=0)
-            return x if n_samples == 1 else jnp.moveaxis(x, 0, -1)
-
-        return _scan_chunks(body, idx)
-
-    return jax.jit(run)
-
-
-def normal_log_density(x, mean, var):
-    return -0.5 * (jnp.square(x - mean) / var + jnp.log(var) + _LOG_2PI)
-
-
-@functools.lru_cache(maxsize=64)
-def _marginal_ll_program(config: VAEConfig, per_pass: int):
-    """``run(variables, data, idx, key, n_mc) -> (n_chunks, batch)`` importance-sampled
-    ``log p(x)``: a running logsumexp over ``ceil(n_mc / per_pass)`` passes of ``per_pass``
-    draws, of which the first ``n_mc`` count (``n_mc`` is traced: one compilation serves
-    every sample count)."""
-    module = VAE(config)
-    lik = get_likelihood(config.gene_likelihood)
-    ln = config.latent_distribution == "ln"
-    latent_library = not config.use_observed_lib_size
-
-    def run(variables, data: CellData, idx, key, n_mc):
-        def body(i, idx_i):
-            batch = gather(data, idx_i)
-            inf = module.apply(variables, batch, key=None, method=VAE.inference)
-            qz_m, qz_v = inf.qz_m, inf.qz_v
-            n_cells = qz_m.shape[0]
-            if latent_library:
-                pl_m, pl_v = module.apply(variables, batch.batch_index, method=VAE.library_prior)
-            k_chunk = jax.random.fold_in(key, i)
-
-            def one_pass(j, lse):
-                k_z, k_l = jax.random.split(jax.random.fold_in(k_chunk, j))
-                eps = jax.random.normal(k_z, (per_pass, *qz_m.shape))
-                u = qz_m + jnp.sqrt(qz_v) * eps
-                # log p(z) - log q(z | x), both at the Gaussian draw u.
-                log_w = jnp.sum(
-                    normal_log_density(u, 0.0, 1.0) - normal_log_density(u, qz_m, qz_v), -1
-                )
-                if latent_library:
-                    library = inf.ql_m + jnp.sqrt(inf.ql_v) * jax.random.normal(
-                        k_l, (per_pass, *inf.ql_m.shape)
-                    )
-                    log_w += jnp.sum(
-                        normal_log_density(library, pl_m, pl_v)
-                        - normal_log_density(library, inf.ql_m, inf.ql_v),
-                        -1,
-                    )
-                else:
-                    library = jnp.broadcast_to(inf.library, (per_pass, n_cells, 1))
-                z = jax.nn.softmax(u, axis=-1) if ln else u
-                gen = module.apply(variables, z, library, batch, method=VAE.generative)
-                log_w += jnp.sum(lik.log_prob(batch.x, gen.px_params()), -1)
-                used = (j * per_pass + jnp.arange(per_pass)) < n_mc
-                log_w = jnp.where(used[:, None], log_w, -jnp.inf)
-                return jnp.logaddexp(lse, jax.nn.logsumexp(log_w, axis=0))
-
-            n_passes = (n_mc + per_pass - 1) // per_pass
-            lse0 = jnp.full((n_cells,), -jnp.inf, qz_m.dtype)
-            lse = jax.lax.fori_loop(0, n_passes, one_pass, lse0)
-            return lse - jnp.log(n_mc.astype(lse.dtype))
-
-        return _scan_chunks(body, idx)
-
-    return jax.jit(run)
-
-
-@functools.lru_cache(maxsize=64)
-def _library_program(config: VAEConfig, give_mean: bool):
-    """``run(variables, data, idx, key) -> (n_chunks, batch, 1)`` library sizes (counts)."""
-    module = VAE(config)
-
-    def run(variables, data: CellData, idx, key):
-        def body(i, idx_i):
-            batch = gather(data, idx_i)
-            k = None if give_mean else jax.random.fold_in(key, i)
-            inf = module.apply(variables, batch, key=k, method=VAE.inference)
-            if give_mean:  # mean of LogNormal(ql_m, sqrt(ql_v))
-                return jnp.exp(inf.ql_m + 0.5 * inf.ql_v)
-            return jnp.exp(inf.library)
-
-        return _scan_chunks(body, idx)
-
-    return jax.jit(run)
-
-
-@functools.lru_cache(maxsize=64)
-def _denoised_program(config: VAEConfig, n_samples: int):
-    """``run(variables, data, idx, key, code, size_factor) -> (n_chunks, S, batch, genes)``.
-
-    Gamma(theta, rate theta / (size_factor * px_scale)) draws, one per z draw (scVI's
-    "denoised" expression); ``size_factor * px_scale`` for likelihoods without a Gamma-Poisson
-    dispersion.
-    """
-    module = VAE(config)
-    gamma = config.gene_likelihood in ("nb", "zinb", "zinb-gene")
-
-    def run(variables, data: CellData, idx, key, code, size_factor):
-        def body(i, idx_i):
-            batch = gather(data, idx_i)
-            k_inf, k_g = jax.random.split(jax.random.fold_in(key, i))
-            gen = module.apply(
-                variables, method=lambda m: _decode(m, batch, k_inf, n_samples, code)
-            )
-            rate = size_factor * gen.px_scale
-            if n_samples == 1:
-                rate = rate[None]
-            if not gamma:
-                return rate
-            theta = jnp.broadcast_to(jnp.exp(gen.px_r), rate.shape)
-            return jax.random.gamma(k_g, theta) * (rate / theta)
-
-        return _scan_chunks(body, idx)
-
-    return jax.jit(run)
-
-
-# ---------------------------------------------------------------------------- functions
 def _check_positive(name: str, value) -> int:
     if int(value) < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}.")
     return int(value)
 
 
+def batch_codes(categories, transform_batch) -> np.ndarray:
+    """Batch codes ``(T,)`` to decode with: ``[-1]`` (each cell's own batch) for None, else
+    the codes of the category or list of categories ``transform_batch`` in ``categories``
+    (None in a list: each cell's own batch).
+
+    A value matches as scvi-tools matches it, equal to the category as the user wrote it in
+    the batch column; the registry keeps categories as strings, so a number also matches a
+    category that reads as the same number (``1`` and ``1.0`` match ``"1.0"``).
+
+    Raises ``ValueError`` naming a value that is not a category.
+    """
+    if transform_batch is None:
+        return np.array([-1])
+    cats = [str(c) for c in categories]
+    numeric: dict[float, int] = {}
+    for i, c in enumerate(cats):
+        try:
+            numeric.setdefault(float(c), i)
+        except ValueError:
+            pass
+    values = (
+        list(transform_batch)
+        if isinstance(transform_batch, list | tuple | np.ndarray)
+        else [transform_batch]
+    )
+    codes = []
+    for v in values:
+        if v is None:
+            codes.append(-1)
+        elif str(v) in cats:
+            codes.append(cats.index(str(v)))
+        elif isinstance(v, numbers.Number) and not isinstance(v, bool) and float(v) in numeric:
+            codes.append(numeric[float(v)])
+        else:
+            raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
+    return np.asarray(codes)
+
+
+def gene_indices(var_names, gene_list) -> np.ndarray:
+    """Positions ``(G,)`` in ``var_names`` of the genes of ``gene_list`` (all for None), in
+    the model's gene order; unknown names are ignored, and a list without any known gene
+    raises ``ValueError`` (scvi-tools' ``posterior_predictive_sample``)."""
+    names = np.asarray([str(v) for v in var_names])
+    if gene_list is None:
+        return np.arange(len(names))
+    idx = np.flatnonzero(np.isin(names, [str(g) for g in gene_list]))
+    if idx.size == 0:
+        raise ValueError("None of the provided genes in ``gene_list`` were detected in the data.")
+    return idx
+
+
+def get_elbo_terms(query: Query) -> dict[str, np.ndarray]:
+    """The named terms of the model's loss per cell (KL weight 1, one draw per cell).
+
+    ``query.module`` is a :class:`~jaxvi.module.ModelDef`.
+
+    Returns
+    -------
+    ``{term: float64 (cells,)}``; for scVI ``"reconstruction_loss"`` and ``"kl_local"``,
+    whose sum is the negative ELBO.
+    """
+    out = run_query(elbo_terms_program(query.module), query)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
 def get_likelihood_parameters(
-    model,
-    adata=None,
-    indices=None,
-    n_samples: int = 1,
-    give_mean: bool = False,
-    batch_size: int | None = None,
+    query: Query, n_samples: int = 1, give_mean: bool = False
 ) -> dict[str, np.ndarray]:
     """Parameters of p(x | z, l) at posterior draws z, l ~ q(. | x).
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI``.
-    adata, indices
-        Cells to use (default: all cells of the model's AnnData).
+    query
+        The VAE, its variables and the cells.
     n_samples
         Posterior draws per cell.
     give_mean
         With ``n_samples > 1``, average the parameters over the draws.
-    batch_size
-        Cells per chunk (``settings.batch_size`` by default).
 
     Returns
     -------
@@ -277,18 +153,9 @@ def get_likelihood_parameters(
       use it (for ``"normal"`` the standard deviation; absent for ``"poisson"``, where
       scvi-tools 1.4.2 raises instead).
     """
-    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
     n_samples = _check_positive("n_samples", n_samples)
-    program = _likelihood_program(model.config, n_samples)
-    out = run_chunked(
-        program,
-        model.variables,
-        data,
-        indices,
-        bs,
-        model._next_key(),
-        cell_axis=1 if n_samples > 1 else 0,
-    )
+    program = likelihood_program(query.module, n_samples)
+    out = run_query(program, query, cell_axis=1 if n_samples > 1 else 0)
     result = {}
     for name in ("mean", "dropout", "dispersions"):
         if name in out:
@@ -299,15 +166,7 @@ def get_likelihood_parameters(
     return result
 
 
-def posterior_predictive_sample(
-    model,
-    adata=None,
-    indices=None,
-    transform_batch=None,
-    n_samples: int = 1,
-    gene_list=None,
-    batch_size: int | None = None,
-):
+def posterior_predictive_sample(query: Query, codes=(-1,), gene_idx=None, n_samples: int = 1):
     """Counts drawn from the posterior predictive p(x_hat | x).
 
     Each draw takes z, l ~ q(. | x) and then x_hat ~ p(x | z, l) (the likelihood's
@@ -315,24 +174,19 @@ def posterior_predictive_sample(
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI``.
-    adata, indices
-        Cells to use (default: all cells of the model's AnnData).
-    transform_batch
-        Batch category to decode every cell in; a list averages the draws over the listed
-        batches (so the result is no longer integer, as in scvi-tools).
+    query
+        The VAE, its variables and the cells.
+    codes
+        ``(T,)`` batch codes to decode every cell in (:func:`batch_codes`; -1: its own); the
+        draws are averaged over them (so no longer integer with several, as in scvi-tools).
+    gene_idx
+        ``(G,)`` genes to keep (:func:`gene_indices`; None: all).
     n_samples
         Draws per cell.
-    gene_list
-        Genes to keep; they come back in the model's gene order, unknown names are ignored
-        and a list without any known gene raises ``ValueError`` (scvi-tools' behaviour).
-    batch_size
-        Cells per chunk (``settings.batch_size`` by default).
 
     Returns
     -------
-    ``sparse.GCXS`` float32 of shape ``(cells, genes)``, or ``(cells, genes, n_samples)`` when
+    ``sparse.GCXS`` float32 of shape ``(cells, G)``, or ``(cells, G, n_samples)`` when
     ``n_samples > 1`` (pydata ``sparse``, as scvi-tools returns).
     """
     try:
@@ -342,38 +196,19 @@ def posterior_predictive_sample(
             "posterior_predictive_sample returns a pydata `sparse` array; "
             "install it with `pip install sparse`."
         ) from err
-    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
     n_samples = _check_positive("n_samples", n_samples)
-    var_names = np.asarray([str(v) for v in model.registry_["var_names"]])
-    if gene_list is None:
-        gene_idx = np.arange(len(var_names))
-    else:
-        gene_idx = np.flatnonzero(np.isin(var_names, [str(g) for g in gene_list]))
-        if gene_idx.size == 0:
-            raise ValueError(
-                "None of the provided genes in ``gene_list`` were detected in the data."
-            )
-    codes = model._batch_codes(transform_batch)
-    program = _predictive_program(model.config, n_samples)
-    out = run_chunked(
-        program,
-        model.variables,
-        data,
-        indices,
-        bs,
-        model._next_key(),
-        jnp.asarray(codes, jnp.int32),
-        jnp.asarray(gene_idx, jnp.int32),
+    if gene_idx is None:
+        gene_idx = np.arange(query.module.config.n_input)
+    program = predictive_program(query.module, n_samples)
+    out = run_query(
+        program, query, jnp.asarray(codes, jnp.int32), jnp.asarray(gene_idx, jnp.int32)
     )
     return sparse.GCXS.from_numpy(np.asarray(out, np.float32), compressed_axes=(0,))
 
 
 def get_marginal_ll(
-    model,
-    adata=None,
-    indices=None,
+    query: Query,
     n_mc_samples: int = 1000,
-    batch_size: int | None = None,
     return_mean: bool = True,
     n_mc_samples_per_pass: int = 1,
 ):
@@ -387,17 +222,13 @@ def get_marginal_ll(
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI``.
-    adata, indices
-        Cells to use (default: all cells of the model's AnnData).
+    query
+        The VAE, its variables and the cells.
     n_mc_samples
         Importance samples per cell (exactly this many are used).
-    batch_size
-        Cells per chunk (``settings.batch_size`` by default).
     return_mean
-        Return scvi-tools' summary: the unweighted mean over chunks of ``batch_size`` cells of
-        each chunk's mean.
+        Return scvi-tools' summary: the unweighted mean over chunks of ``query.batch_size``
+        cells of each chunk's mean.
     n_mc_samples_per_pass
         Draws evaluated together (memory ``~ per_pass * batch_size * genes``); capped at
         ``n_mc_samples`` with a ``RuntimeWarning``.
@@ -412,7 +243,6 @@ def get_marginal_ll(
     before its softmax (the variables the estimate integrates over); scvi-tools 1.4.2 evaluates
     them at the softmax instead, which is not an estimate of log p(x).
     """
-    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
     n_mc = _check_positive("n_mc_samples", n_mc_samples)
     per_pass = _check_positive("n_mc_samples_per_pass", n_mc_samples_per_pass)
     if per_pass > n_mc:
@@ -423,59 +253,43 @@ def get_marginal_ll(
             stacklevel=2,
         )
         per_pass = n_mc
-    program = _marginal_ll_program(model.config, per_pass)
-    log_lkl = run_chunked(
-        program, model.variables, data, indices, bs, model._next_key(), jnp.int32(n_mc)
-    )
-    log_lkl = np.asarray(log_lkl, np.float64)
+    program = marginal_ll_program(query.module, per_pass)
+    log_lkl = np.asarray(run_query(program, query, jnp.int32(n_mc)), np.float64)
     if not return_mean:
         return log_lkl
+    bs = int(query.batch_size)
     chunk_means = [log_lkl[i : i + bs].mean() for i in range(0, len(log_lkl), bs)]
     return float(np.mean(chunk_means))
 
 
-def get_latent_library_size(
-    model,
-    adata=None,
-    indices=None,
-    give_mean: bool = True,
-    batch_size: int | None = None,
-) -> np.ndarray:
+def get_latent_library_size(query: Query, give_mean: bool = True) -> np.ndarray:
     """Library size of each cell (the scVI paper's l_n, on the count scale).
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI``.
-    adata, indices
-        Cells to use (default: all cells of the model's AnnData).
+    query
+        The VAE, its variables and the cells.
     give_mean
         Return the posterior mean ``E[exp(l)] = exp(ql_m + ql_v / 2)`` (needs
         ``use_observed_lib_size=False``, else ``RuntimeError``); with False, ``exp(library)``:
         the observed total counts, or one draw from q(l | x) for a latent library.
-    batch_size
-        Cells per chunk (``settings.batch_size`` by default).
 
     Returns
     -------
     float32 ``(cells, 1)``.
     """
-    if give_mean and model.config.use_observed_lib_size:
+    if give_mean and query.module.config.use_observed_lib_size:
         raise RuntimeError(_NO_LIBRARY_POSTERIOR)
-    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
-    program = _library_program(model.config, bool(give_mean))
-    out = run_chunked(program, model.variables, data, indices, bs, model._next_key())
+    out = run_query(library_program(query.module, bool(give_mean)), query)
     return np.asarray(out, np.float32)
 
 
 def get_feature_correlation_matrix(
-    model,
-    adata=None,
-    indices=None,
+    query: Query,
+    var_names,
+    codes=(-1,),
     n_samples: int = 10,
-    batch_size: int = 64,
     rna_size_factor: int = 1000,
-    transform_batch=None,
     correlation_type: str = "spearman",
 ) -> pd.DataFrame:
     """Gene-gene correlation of scVI's "denoised" expression.
@@ -484,46 +298,40 @@ def get_feature_correlation_matrix(
     ``w ~ Gamma(theta, rate = theta / (rna_size_factor * px_scale))`` (mean
     ``rna_size_factor * px_scale``; the noiseless ``rna_size_factor * px_scale`` for likelihoods
     without a Gamma-Poisson dispersion, where scvi-tools 1.4.2 fails); the correlation of the
-    genes over all cells x draws is averaged over the ``transform_batch`` batches.
+    genes over all cells x draws is averaged over the batch ``codes``.
 
     Parameters
     ----------
-    model
-        A jaxvi ``SCVI``.
-    adata, indices
-        Cells to use (default: all cells of the model's AnnData).
+    query
+        The VAE, its variables and the cells (scvi-tools' default chunk: 64 cells). The
+        batch code ``t`` draws from ``fold_in(query.key, t)``.
+    var_names
+        The genes' names, for the result's index and columns.
+    codes
+        ``(T,)`` batch codes (:func:`batch_codes`; -1: each cell's own).
     n_samples
         Posterior draws per cell.
-    batch_size
-        Cells per chunk (64, as scvi-tools).
     rna_size_factor
         Library size the frequencies ``px_scale`` are scaled to.
-    transform_batch
-        None (each cell's own batch), a batch category, or a list of them (averaged).
     correlation_type
         ``"spearman"`` (Pearson correlation of the per-gene ranks, ties averaged) or
         ``"pearson"``.
 
     Returns
     -------
-    DataFrame ``(genes, genes)`` indexed by the var names on both axes.
+    DataFrame ``(genes, genes)`` indexed by ``var_names`` on both axes.
     """
     from scipy.stats import rankdata
 
     if correlation_type not in ("spearman", "pearson"):
         raise ValueError("Unknown correlation type. Choose one of 'spearman', 'pearson'.")
-    adata, indices, data, bs = model._query_inputs(adata, indices, batch_size)
     n_samples = _check_positive("n_samples", n_samples)
-    program = _denoised_program(model.config, n_samples)
+    program = denoised_program(query.module, n_samples)
     corr_mats = []
-    for code in model._batch_codes(transform_batch):
-        denoised = run_chunked(
+    for t, code in enumerate(codes):
+        denoised = run_query(
             program,
-            model.variables,
-            data,
-            indices,
-            bs,
-            model._next_key(),
+            query.replace(key=jax.random.fold_in(query.key, t)),
             jnp.int32(code),
             jnp.float32(rna_size_factor),
             cell_axis=1,
@@ -534,5 +342,5 @@ def get_feature_correlation_matrix(
         with np.errstate(invalid="ignore", divide="ignore"):
             corr_mats.append(np.atleast_2d(np.corrcoef(flat, rowvar=False)))
     corr = np.mean(np.stack(corr_mats), axis=0)
-    var_names = pd.Index(adata.var_names)
+    var_names = pd.Index(var_names)
     return pd.DataFrame(corr, index=var_names, columns=var_names)

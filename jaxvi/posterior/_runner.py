@@ -1,145 +1,72 @@
-"""Jitted, batched inference programs behind the ``SCVI`` query methods.
+"""The one chunked runner of every query program, and the value a query is: :class:`Query`.
 
-Each program is a ``lax.scan`` over chunks of cell indices of shape ``(n_chunks, batch)`` and
-runs the module in evaluation mode (running batch-norm statistics, no dropout). Programs are
-cached per model configuration, so repeated calls with the same shapes do not recompile.
+A query program is a jitted ``program(key, variables, data, idx, *args)`` over ``idx`` of shape
+``(n_chunks, batch)`` (a ``lax.scan`` over the chunks, the module in evaluation mode). The
+runner (:func:`run_query`) cuts the query's cells into chunks of ``batch_size``, asks the
+query's :class:`~jaxvi.data.DataSource` for a device-ready piece holding each call's cells
+(the resident data itself, or a bounded piece read and moved for cells on the host or on
+disk), runs the program and stitches the host results back into cell order. Chunk counts are
+padded to powers of two, so a program compiles for a handful of shapes whatever the number of
+cells; programs are cached per model, so repeated calls do not recompile.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxvi._settings import settings
-from jaxvi.data import CellData, gather, is_host, pad_indices, shard_host_data, take_rows
-from jaxvi.module import VAE, VAEConfig
-from jaxvi.parallel import local_cell_range, to_host
+from jaxvi.data import DataSource, pad_indices
+from jaxvi.parallel import to_host
 
 __all__ = [
+    "MAX_CHUNKS_PER_CALL",
+    "Query",
+    "bucket",
     "chunks_per_call",
-    "expression_and_latent_program",
     "last_run",
-    "latent_program",
-    "normalized_expression_program",
-    "run_chunked",
+    "run_query",
 ]
 
-
-@functools.lru_cache(maxsize=128)
-def latent_program(config: VAEConfig, mode: str, mc_samples: int = 5000):
-    """``run(variables, data, idx, key) -> arrays (n_chunks, batch, n_latent)``.
-
-    ``mode`` is ``"mean"`` (posterior mean; for ``"ln"`` the Monte-Carlo mean of
-    ``softmax`` over ``mc_samples`` draws), ``"sample"`` (one transformed draw) or ``"dist"``
-    (a pair ``(qz_m, qz_v)``).
-    """
-    module = VAE(config)
-    ln = config.latent_distribution == "ln"
-
-    def run(variables, data: CellData, idx, key):
-        def body(_, xs):
-            i, idx_i = xs
-            batch = gather(data, idx_i)
-            k = jax.random.fold_in(key, i)
-            inf = module.apply(variables, batch, key=None, method=VAE.inference)
-            m, v = inf.qz_m, inf.qz_v
-            if mode == "dist":
-                return None, (m, v)
-            if mode == "sample":
-                z = m + jnp.sqrt(v) * jax.random.normal(k, m.shape)
-                return None, jax.nn.softmax(z, -1) if ln else z
-            if ln:
-                eps = jax.random.normal(k, (mc_samples, *m.shape))
-                return None, jnp.mean(jax.nn.softmax(m + jnp.sqrt(v) * eps, -1), axis=0)
-            return None, m
-
-        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
-        return out
-
-    return jax.jit(run)
-
-
-@functools.lru_cache(maxsize=128)
-def normalized_expression_program(config: VAEConfig, n_samples: int, latent_library: bool):
-    """``run(variables, data, idx, key, codes, gene_idx, scaling)``.
-
-    ``codes`` is ``(T,)`` int32 batch codes to decode with (-1 keeps each cell's own batch);
-    the output is the mean over them of ``px_scale * scaling`` (``px_rate`` when
-    ``latent_library``), restricted to ``gene_idx``, of shape ``(n_chunks, [S,] batch, genes)``.
-    """
-    module = VAE(config)
-
-    def run(variables, data: CellData, idx, key, codes, gene_idx, scaling):
-        def body(_, xs):
-            i, idx_i = xs
-            batch = gather(data, idx_i)
-
-            def one(t):
-                k = jax.random.fold_in(jax.random.fold_in(key, i), t)
-                k_z, k_drop = jax.random.split(k)
-                code = codes[t]
-                tb = jnp.where(code >= 0, code, batch.batch_index)
-
-                def fwd(m):
-                    inf = m.inference(batch, key=k_z, n_samples=n_samples)
-                    return m.generative(inf.z, inf.library, batch._replace(batch_index=tb))
-
-                gen = module.apply(variables, method=fwd, rngs={"dropout": k_drop})
-                out = gen.px_rate if latent_library else gen.px_scale * scaling
-                return out[..., gene_idx]
-
-            outs = jnp.stack([one(t) for t in range(codes.shape[0])])
-            return None, jnp.mean(outs, axis=0)
-
-        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
-        return out
-
-    return jax.jit(run)
-
-
-@functools.lru_cache(maxsize=32)
-def expression_and_latent_program(config: VAEConfig, latent_library: bool):
-    """``run(variables, data, idx, key, code, gene_idx, scaling) -> (expr, u)``.
-
-    One posterior draw per cell, decoded with batch ``code`` (-1: each cell's own): ``expr``
-    is ``px_scale * scaling`` (``px_rate`` when ``latent_library``) restricted to ``gene_idx``,
-    ``(n_chunks, batch, genes)``, and ``u`` the Gaussian draw of the latent before any
-    ``"ln"`` softmax, ``(n_chunks, batch, n_latent)`` (what importance weights need).
-    """
-    module = VAE(config)
-    ln = config.latent_distribution == "ln"
-
-    def run(variables, data: CellData, idx, key, code, gene_idx, scaling):
-        def body(_, xs):
-            i, idx_i = xs
-            batch = gather(data, idx_i)
-            k_z, k_l = jax.random.split(jax.random.fold_in(key, i))
-            tb = jnp.where(code >= 0, code, batch.batch_index)
-
-            def fwd(m):
-                inf = m.inference(batch, key=None)
-                u = inf.qz_m + jnp.sqrt(inf.qz_v) * jax.random.normal(k_z, inf.qz_m.shape)
-                library = inf.library
-                if inf.ql_m is not None and not config.use_observed_lib_size:
-                    eps = jax.random.normal(k_l, inf.ql_m.shape)
-                    library = inf.ql_m + jnp.sqrt(inf.ql_v) * eps
-                z = jax.nn.softmax(u, axis=-1) if ln else u
-                return u, m.generative(z, library, batch._replace(batch_index=tb))
-
-            u, gen = module.apply(variables, method=fwd)
-            out = gen.px_rate if latent_library else gen.px_scale * scaling
-            return None, (out[..., gene_idx], u)
-
-        _, out = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx))
-        return out
-
-    return jax.jit(run)
-
-
 MAX_CHUNKS_PER_CALL = 64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Query:
+    """What a query runs on: a value, not the model object.
+
+    Attributes
+    ----------
+    module
+        What the program runs: a Flax module (the VAE's programs call its ``inference`` /
+        ``generative`` methods), or a :class:`~jaxvi.module.ModelDef` (programs that need only
+        the model's loss, such as :func:`jaxvi.posterior.get_elbo_terms`).
+    variables
+        The model's variables pytree (``{"params", "batch_stats"[, "buffers"]}``).
+    source
+        Where the cells live (:func:`jaxvi.data.make_source` with ``purpose="query"``).
+    indices
+        ``(n,)`` int64 rows of the source to query, in the order of the results.
+    key
+        The query's PRNG key (call ``c > 0`` of the runner uses ``fold_in(key, c)``), or None.
+    batch_size
+        Cells per chunk.
+    """
+
+    module: Any
+    variables: dict
+    source: DataSource
+    indices: np.ndarray
+    key: jax.Array | None
+    batch_size: int
+
+    def replace(self, **changes) -> Query:
+        """A copy with ``changes`` (e.g. other ``indices`` or ``key``)."""
+        return dataclasses.replace(self, **changes)
 
 
 def bucket(n_chunks: int, limit: int = MAX_CHUNKS_PER_CALL) -> int:
@@ -147,12 +74,8 @@ def bucket(n_chunks: int, limit: int = MAX_CHUNKS_PER_CALL) -> int:
     return min(limit, 1 << max(n_chunks - 1, 0).bit_length())
 
 
-def _is_key(a) -> bool:
-    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-
-
-# Statistics of the latest run_chunked call: device calls, and the most cells / bytes of
-# counts moved to the device in one call (host data only).
+# Statistics of the latest run_query call: device calls, and the most cells / bytes of counts
+# moved to the device in one call (sources that move pieces only).
 last_run: dict = {}
 
 
@@ -165,55 +88,58 @@ def chunks_per_call(n_genes: int, batch_size: int) -> int:
     return 1 << (chunks.bit_length() - 1)
 
 
-def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis: int = 0):
-    """Run ``program`` over ``indices`` in chunks and stitch host arrays back together.
+def run_query(program, query: Query, *args, cell_args=(), cell_axis: int = 0):
+    """Run ``program`` over the query's cells in chunks and stitch host arrays together.
 
-    ``program(variables, data, idx, *args)`` takes ``idx`` of shape ``(n_chunks, batch)``.
-    Chunk counts are padded to a power of two and split into calls of at most
-    ``MAX_CHUNKS_PER_CALL`` chunks, so a program compiles for a handful of shapes whatever the
-    number of cells. When ``data`` lives on the host (:func:`jaxvi.data.to_host`), each
-    call moves only its own cells, densified, to the device, and calls are sized so that
-    this stays under ``settings.inference_bytes_per_call``: device memory is bounded
-    whatever the size of the dataset. Host data may keep its counts on disk
-    (:func:`jaxvi.data.backed_cell_data`): each call then reads only its cells. Host data
-    with a ``mesh`` has each call's cells sharded over it, each process reading its share.
-    When ``args[0]`` is a PRNG key, each call after the first gets ``fold_in(key, call)``.
+    Parameters
+    ----------
+    program
+        ``program(key, variables, data, idx, *cell_args, *args)`` with ``idx``
+        ``(n_chunks, batch)``.
+    query
+        The model's variables, the source, the cells, the key and the chunk size.
+    *args
+        Further arguments of the program, passed to every call.
+    cell_args
+        Host arrays ``(n_cells, ...)`` aligned with ``query.indices``, passed to the program
+        chunked like ``idx`` (``(n_chunks, batch, ...)``, zero-padded).
+    cell_axis
+        Where the cell axis of the results goes (see Returns).
 
-    Outputs of shape ``(n_chunks, *pre, batch, *post)`` become ``(*pre, n_cells, *post)``
-    where ``pre`` has ``cell_axis`` dimensions.
+    Calls hold at most ``MAX_CHUNKS_PER_CALL`` chunks; when the source moves pieces to the
+    device (cells on the host or on disk), at most ``settings.inference_bytes_per_call``
+    bytes of counts, so device memory is bounded whatever the size of the dataset.
+
+    Returns
+    -------
+    The program's outputs with ``(n_chunks, *pre, batch, *post)`` made ``(*pre, n_cells,
+    *post)``, where ``pre`` has ``cell_axis`` dimensions, as host arrays.
     """
-    idx, mask = pad_indices(np.asarray(indices), batch_size)
+    source, bs = query.source, int(query.batch_size)
+    idx, mask = pad_indices(np.asarray(query.indices), bs)
     n_chunks = idx.shape[0]
-    host = is_host(data)
-    per_call = chunks_per_call(data.n_genes, batch_size) if host else MAX_CHUNKS_PER_CALL
+    cell_args = [_chunked(np.asarray(a), n_chunks, bs) for a in cell_args]
+    per_call = MAX_CHUNKS_PER_CALL if source.resident else chunks_per_call(source.n_genes, bs)
     stats = {"calls": 0, "max_cells_per_call": 0, "max_bytes_per_call": 0}
     parts = []
     for call, start in enumerate(range(0, n_chunks, per_call)):
         part = idx[start : start + per_call]
         n = part.shape[0]
-        padded = np.zeros((bucket(n, per_call), batch_size), np.int32)
+        padded = np.zeros((bucket(n, per_call), bs), np.int32)
         padded[:n] = part
-        call_data = data
-        if host:
-            rows = padded.reshape(-1)
-            if data.mesh is None:
-                piece = take_rows(data, rows)
-                call_data = jax.device_put(piece)
-            else:  # this process's share of the piece, sharded over the mesh
-                start, stop = local_cell_range(len(rows), data.mesh)
-                piece = take_rows(data, rows[start:stop])
-                call_data = shard_host_data(piece, len(rows), data.mesh)
+        data, pos = source.piece(padded.reshape(-1))
+        if not source.resident:
             stats["max_cells_per_call"] = max(stats["max_cells_per_call"], padded.size)
-            stats["max_bytes_per_call"] = max(stats["max_bytes_per_call"], piece.x.nbytes)
-            del piece  # the host copy goes before the next call reads its cells
-            padded = np.arange(padded.size, dtype=np.int32).reshape(padded.shape)
-        call_args = args
-        if call > 0 and args and _is_key(args[0]):
-            call_args = (jax.random.fold_in(args[0], call), *args[1:])
-        out = program(variables, call_data, jnp.asarray(padded), *call_args)
+            stats["max_bytes_per_call"] = max(stats["max_bytes_per_call"], _count_bytes(data))
+        key = query.key
+        if call > 0 and key is not None:
+            key = jax.random.fold_in(key, call)
+        chunks = [_padded(a[start : start + n], padded.shape[0]) for a in cell_args]
+        grid = jnp.asarray(pos.reshape(padded.shape))
+        out = program(key, query.variables, data, grid, *chunks, *args)
         parts.append(jax.tree_util.tree_map(lambda a, n=n: to_host(a)[:n], out))
         stats["calls"] += 1
-        del call_data, out
+        del data, out  # the piece goes before the next call reads its cells
     last_run.clear()
     last_run.update(stats)
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=0), *parts)
@@ -228,3 +154,19 @@ def run_chunked(program, variables, data, indices, batch_size, *args, cell_axis:
         return np.compress(keep, a, axis=cell_axis)
 
     return jax.tree_util.tree_map(stitch, out)
+
+
+def _chunked(a: np.ndarray, n_chunks: int, batch_size: int) -> np.ndarray:
+    out = np.zeros((n_chunks * batch_size, *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out.reshape(n_chunks, batch_size, *a.shape[1:])
+
+
+def _padded(a: np.ndarray, size: int) -> jax.Array:
+    pad = np.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)
+    return jnp.asarray(np.concatenate([a, pad]))
+
+
+def _count_bytes(data) -> int:
+    """Bytes of the counts one process moved for a piece (its own rows on a mesh)."""
+    return sum(int(s.data.nbytes) for s in data.x.addressable_shards)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxvi import io
-from jaxvi.train._fit import FitProgress, TrainState
+from jaxvi.train._state import FitProgress, TrainState
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",

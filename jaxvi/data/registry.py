@@ -27,6 +27,7 @@ from jaxvi._settings import settings
 
 __all__ = [
     "UNS_KEY",
+    "MissingColumnError",
     "cell_totals",
     "column_sums",
     "count_pieces",
@@ -36,6 +37,15 @@ __all__ = [
 ]
 
 UNS_KEY = "_jaxvi"
+
+
+class MissingColumnError(KeyError, ValueError):
+    """A registered ``adata.obs`` column is absent. Both a ``KeyError`` (what scvi-tools
+    raises, and its callers catch) and a ``ValueError`` (what jaxvi raised before); the
+    message is shown without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def setup_anndata(
@@ -492,7 +502,7 @@ def _categories(adata, key, arg) -> list[str]:
     if key is None:
         return ["0"]
     if key not in adata.obs:
-        raise ValueError(f"`{arg}`: column '{key}' not found in adata.obs.")
+        raise MissingColumnError(f"`{arg}`: column '{key}' not found in adata.obs.")
     col = adata.obs[key]
     if col.isna().any():
         raise ValueError(
@@ -506,7 +516,7 @@ def _codes(adata, key, categories) -> np.ndarray:
     if key is None:
         return np.zeros(adata.n_obs, np.int32)
     if key not in adata.obs:
-        raise ValueError(f"Column '{key}' not found in adata.obs.")
+        raise MissingColumnError(f"Column '{key}' not found in adata.obs.")
     col = adata.obs[key]
     if col.isna().any():
         raise ValueError(f"adata.obs['{key}'] has missing values.")
@@ -523,7 +533,7 @@ def _codes(adata, key, categories) -> np.ndarray:
 
 def _numeric_column(adata, key) -> np.ndarray:
     if key not in adata.obs:
-        raise ValueError(f"Column '{key}' not found in adata.obs.")
+        raise MissingColumnError(f"Column '{key}' not found in adata.obs.")
     col = adata.obs[key]
     if not pd.api.types.is_numeric_dtype(col):
         raise ValueError(f"adata.obs['{key}'] must be numeric, got dtype {col.dtype}.")

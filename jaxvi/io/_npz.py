@@ -93,6 +93,7 @@ def write_model_dir(
     npz_name: str = MODEL_NPZ,
     kind: str = "jaxvi",
     version: int = FORMAT_VERSION,
+    adata_name: str = ADATA_FILE,
 ) -> None:
     """Write ``json_name`` (``meta`` plus format fields and the array manifest), ``npz_name``
     and maybe the AnnData; each file atomically (temporary name, then rename)."""
@@ -122,7 +123,7 @@ def write_model_dir(
 
     atomic_write(os.path.join(dir_path, npz_name), write_npz)
     if adata is not None:
-        atomic_write(os.path.join(dir_path, ADATA_FILE), lambda tmp: adata.write_h5ad(tmp))
+        atomic_write(os.path.join(dir_path, adata_name), lambda tmp: adata.write_h5ad(tmp))
     atomic_write(os.path.join(dir_path, json_name), write_json)
 
 

@@ -27,8 +27,8 @@ arrays and never import torch: a state dict of tensors is accepted (each value i
 ``torch.from_numpy`` turns into what ``load_state_dict`` takes.
 
 scANVI's ``SCANVAE`` state dicts (the VAE's keys plus the classifier, ``encoder_z2_z1``,
-``decoder_z1_z2`` and ``y_prior``) go through the ``scanvae_*`` functions at the end of the
-module, which convert the VAE part with the functions above.
+``decoder_z1_z2`` and ``y_prior``) go through the ``scanvae_*`` functions of
+:mod:`jaxvi.io.scanvi_bridge`, which convert the VAE part with the functions here.
 """
 
 from __future__ import annotations

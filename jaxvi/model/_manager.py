@@ -302,7 +302,7 @@ class RegistryMethods:
         return np.asarray(self.registry_["var_names"], dtype=object)
 
     def view_registry(self, hide_state_registries: bool = False) -> None:
-        """Print the registry (see :meth:`RegistryView.view_registry`)."""
+        """Print the registry (``adata_manager.view_registry``)."""
         RegistryView(self.registry_, self._adata).view_registry(hide_state_registries)
 
     def view_setup_method_args(self) -> None:
@@ -318,7 +318,8 @@ class RegistryMethods:
 
     @property
     def device(self) -> str:
-        """Where the parameters are: ``"cpu"``, ``"cuda:0"``, ``"tpu:0"``, ..."""
+        """The device of the parameters, as scvi-tools names it (``"cpu"``, ``"cuda:0"``,
+        ``"tpu:0"``, ...)."""
         leaf = jax.tree_util.tree_leaves(self.variables)[0]
         dev = min(leaf.devices(), key=lambda d: d.id)
         if dev.platform == "cpu":

@@ -1,7 +1,7 @@
 """List every public member of scvi-tools' ``scvi.model.SCVI`` (1.4.2, with its mixins) and
 what ``jaxvi.SCVI`` has of it: member present, arguments missing, arguments added.
 
-Run: ``python scripts/scvi_api_surface.py [--markdown]``. Needs scvi-tools (the ``[ref]``
+Run: ``python docs/tools/scvi_api_surface.py [--markdown]``. Needs scvi-tools (the ``[ref]``
 extra). The compatibility page (docs/user_guide/compatibility.md) is this list with the
 reason for every gap.
 """

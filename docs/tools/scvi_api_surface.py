@@ -68,6 +68,7 @@ def surface() -> list[dict]:
     names = {n for n in dir(ref) if not n.startswith("_")} | _instance_names(ref_model)
     names.add("__init__")  # the constructor's arguments
     have = {n for n in dir(new) if not n.startswith("_")} | _instance_names(new_model)
+    have.add("__init__")
     rows = []
     for name in sorted(names):
         row = {"name": name, "kind": _kind(ref, name), "owner": _owner(ref, name)}
@@ -76,6 +77,7 @@ def surface() -> list[dict]:
         if callable(ref_obj) and not isinstance(ref_obj, type):
             rp = _params(ref_obj) or []
             np_ = (_params(new_obj) or []) if callable(new_obj) else []
+            # a name jaxvi takes through **kwargs (accepted, ignored) still counts as missing
             row["missing_args"] = [p for p in rp if p not in np_ and not p.startswith("*")]
             row["extra_args"] = [p for p in np_ if p not in rp and not p.startswith("*")]
         rows.append(row)

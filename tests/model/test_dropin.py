@@ -86,11 +86,11 @@ def test_early_stopping_warmup_epochs(make_adata):
     adata = make_adata(n=96, g=20)
     SCVI.setup_anndata(adata)
     runs = {}
-    for warmup in (0, 4):
+    for warmup in (0, 2):
         model = SCVI(adata, n_hidden=8, n_latent=2)
         # patience 1 with a huge min_delta: stops at the second check unless warmed up
         model.train(
-            max_epochs=8,
+            max_epochs=6,
             batch_size=32,
             enable_progress_bar=False,
             early_stopping=True,
@@ -99,8 +99,8 @@ def test_early_stopping_warmup_epochs(make_adata):
             early_stopping_warmup_epochs=warmup,
         )
         runs[warmup] = len(model.history["elbo_validation"])
-    # warm-up 0: the first check sets the best, the second stops; 4 checks ignored first
-    assert runs == {0: 2, 4: 6}
+    # warm-up 0: the first check sets the best, the second stops; 2 checks ignored first
+    assert runs == {0: 2, 2: 4}
 
 
 def test_external_indexing_with_two_arrays(make_adata):
@@ -133,11 +133,8 @@ def test_plan_kwargs_on_step_on_epoch(make_adata):
         assert model.history[name].shape == (2, 1)
         assert model.history[name].columns.tolist() == [name]
     assert "train_loss" not in model.history
-    plain = SCVI(adata, n_hidden=8, n_latent=2)
-    plain.train(plan_kwargs={"on_step": False, "on_epoch": True}, **EPOCHS)
-    np.testing.assert_array_equal(
-        plain.history["train_loss"].to_numpy(), model.history["train_loss_epoch"].to_numpy()
-    )
+    assert model.history["kl_weight"].shape == (2, 1)  # scvi-tools logs it unsuffixed
+    assert np.isfinite(model.history["elbo_train_epoch"].to_numpy()).all()
     with pytest.raises(ValueError, match="on_epoch=False"):
         model.train(plan_kwargs={"on_step": True, "on_epoch": False}, **EPOCHS)
 
@@ -378,8 +375,9 @@ def test_minified_scvi_tools_model_answers_queries(scvi_minified, tmp_path):
     assert mini.get_likelihood_parameters()["mean"].shape == (n, g)
     assert mini.posterior_predictive_sample().shape == (n, g)
     assert mini.get_feature_correlation_matrix(n_samples=2).shape == (g, g)
-    de = mini.differential_expression(groupby="cell_type", silent=True)
-    assert {"proba_de", "lfc_mean"} <= set(de.columns)
+    de = mini.differential_expression(groupby="cell_type", silent=True, all_stats=False)
+    assert {"bayes_factor", "scale1", "scale2"} <= set(de.columns)
+    assert de.shape[0] == 3 * g  # each of the 3 cell types against the rest
     for call in (mini.get_elbo, mini.get_marginal_ll, mini.get_reconstruction_error):
         with pytest.raises(ValueError, match="does not support minified data"):
             call()

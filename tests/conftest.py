@@ -1,7 +1,21 @@
-"""Shared pytest fixtures. Kept minimal: no global JAX configuration is changed here."""
+"""Shared pytest fixtures. Kept minimal: no global JAX configuration is changed here, except
+that jaxvi's persistent compilation cache goes to a temporary directory of the session (also
+for the subprocesses tests start; unless JAXVI_CACHE_DIR names one), never to the user's
+cache."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
+
+# A directory given in JAXVI_CACHE_DIR is used as it is (e.g. CI keeping a warm cache).
+if "JAXVI_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxvi-test-xla-")
+    os.environ["JAXVI_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import warnings
 from typing import final
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -277,9 +276,9 @@ class SCVI(BaseModel):
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
         args = (
-            jnp.asarray(codes, jnp.int32),
-            jnp.asarray(gene_idx, jnp.int32),
-            jnp.float32(1.0 if latent_library else library_size),
+            jax.device_put(np.asarray(codes, np.int32)),
+            jax.device_put(np.asarray(gene_idx, np.int32)),
+            jax.device_put(np.float32(1.0 if latent_library else library_size)),
         )
         query = posterior.Query(self.module, self.variables, source, indices, self._next_key(), bs)
         n_samples = int(n_samples)
@@ -306,7 +305,7 @@ class SCVI(BaseModel):
             blocks = [
                 posterior.run_query(
                     program,
-                    query.replace(key=jax.random.fold_in(query.key, i)),
+                    query.replace(key=jax.random.fold_in(query.key, jax.device_put(np.int32(i)))),
                     *args,
                     cell_axis=1 if block > 1 else 0,
                 )

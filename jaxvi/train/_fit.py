@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from jaxvi._compilation import compile_ahead
 from jaxvi.data import DataSource, as_source, pad_indices
 from jaxvi.module import KL_GLOBAL, KL_LOCAL, RECONSTRUCTION, ModelDef
 from jaxvi.parallel import to_host
@@ -51,6 +52,28 @@ from jaxvi.train._state import (
 __all__ = ["evaluate", "fit", "history_metrics"]
 
 ELBO_TERMS = (RECONSTRUCTION, KL_LOCAL, KL_GLOBAL)
+
+
+class _Announced:
+    """A jitted function compiled ahead (:func:`jaxvi._compilation.compile_ahead`: timed,
+    logged, shown on the bar) the first time it meets a new signature of arguments, so the
+    compile is never hidden in an epoch's time."""
+
+    def __init__(self, fn, what: str, bar):
+        self.fn, self.what, self.bar, self.seen = fn, what, bar, set()
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        sig = (tree, tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
+        if sig not in self.seen:
+            self.seen.add(sig)
+            compile_ahead(self.fn, args, self.what, self.bar)
+        return self.fn(*args)
+
+
+def _fold(key, i: int):
+    """``fold_in(key, i)``, the integer moved to the device explicitly."""
+    return jax.random.fold_in(key, jax.device_put(np.int32(i)))
 
 
 class _SignalCatcher:
@@ -318,7 +341,8 @@ def fit(
     sizes = source.block_sizes(train_idx)
     n_steps = sum(_check_blocks(sizes, batch_size, drop_last, state, len(sizes) > 1))
     mesh = source.mesh
-    k_train, k_val = jax.random.split(jax.random.key(seed))
+    with jax.transfer_guard("allow"):  # the seed: the only value of the loop set by host code
+        k_train, k_val = jax.random.split(jax.random.key(seed))
     if mesh is not None:
         state = source.replicate(state)
         if batch_size % mesh.size:
@@ -342,8 +366,8 @@ def fit(
             k_steps, idx, mask = epoch_grid(block.key, cells, n_steps=steps, batch_size=batch_size)
             state, info = fn(k_steps, state, block.data, idx, mask, kl)
             if start > steps:  # a later block: its steps counted in epoch numbering
-                bad = info.bad_step
-                info = info._replace(bad_step=jnp.where(bad >= 0, bad + start - steps, bad))
+                offset = source.replicate(np.int32(start - steps))
+                info = info._replace(bad_step=_shift_bad_step(info.bad_step, offset))
             total = info if total is None else _add(total, info)
             # A streamed epoch stops at its first non-finite block (a host read per block).
             if start < n_steps and int(to_host(info.bad_step)) >= 0:
@@ -372,6 +396,9 @@ def fit(
         total=stop,
     )
     catcher = _SignalCatcher(lambda m: bar.write(m, file=sys.stderr)) if catch_signals else None
+    # Each program is compiled before its first call, announced, and outside the bar's clock.
+    train_epoch = _Announced(epoch_fn, "the training epoch", bar)
+    validate_fn = _Announced(eval_fn, "the validation program", bar)
     try:
         if catcher is not None:
             catcher.__enter__()
@@ -379,15 +406,19 @@ def fit(
             epoch = epoch_offset + local_epoch
             global_step = int(to_host(state.step))
             kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
-            key = source.replicate(jax.random.fold_in(k_train, epoch))
+            key = source.replicate(_fold(k_train, epoch))
             start_state = state
-            state, info = run_epoch(epoch_fn, state, key, kl_w)
+            state, info = run_epoch(train_epoch, state, key, kl_w)
             info = jax.tree_util.tree_map(to_host, info)
             if guard and int(info.bad_step) >= 0:
                 # Replay the epoch with per-step checks: same keys, same minibatches.
                 if replay_fn is None:
-                    replay_fn = make_train_epoch(
-                        model_def, tx, guard="step", network_training=network_training
+                    replay_fn = _Announced(
+                        make_train_epoch(
+                            model_def, tx, guard="step", network_training=network_training
+                        ),
+                        "the per-step guarded epoch",
+                        bar,
                     )
                 state, info = run_epoch(replay_fn, start_state, key, kl_w)
                 info = jax.tree_util.tree_map(to_host, info)
@@ -410,9 +441,10 @@ def fit(
                 )
             metrics = _train_metrics(info, float(kl_w[-1]))
             if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
-                k_epoch = source.replicate(jax.random.fold_in(k_val, epoch))
+                k_epoch = source.replicate(_fold(k_val, epoch))
+                variables = variables_of(state)
                 loss, terms = evaluate(
-                    eval_fn, variables_of(state), source, val_idx, k_epoch, batch_size, kl_w[-1]
+                    validate_fn, variables, source, val_idx, k_epoch, batch_size, kl_w[-1]
                 )
                 metrics.update(_validation_metrics(loss, terms))
             for name, value in metrics.items():
@@ -463,6 +495,11 @@ def fit(
             catcher.__exit__(*sys.exc_info())
     history = _append_history(history, progress.rows)
     return state, history, epoch_fn
+
+
+@jax.jit
+def _shift_bad_step(bad, offset):
+    return jnp.where(bad >= 0, bad + offset, bad)
 
 
 def _add(total: EpochInfo, info: EpochInfo) -> EpochInfo:

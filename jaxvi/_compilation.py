@@ -43,6 +43,7 @@ _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 _state = {"dir": None, "warned": set()}
 _counts = {"compiles": 0, "hits": 0}
+_names: list[str] = []  # the compiled programs' names, in order
 _lock = threading.Lock()
 
 
@@ -116,6 +117,8 @@ def _on_event(name, *args, **kwargs):
     if name == _COMPILE_EVENT or name == _HIT_EVENT:
         with _lock:
             _counts["compiles" if name == _COMPILE_EVENT else "hits"] += 1
+            if name == _COMPILE_EVENT and len(_names) < 100_000:
+                _names.append(str(kwargs.get("fun_name", "?")))
 
 
 jax.monitoring.register_event_listener(_on_event)
@@ -123,11 +126,13 @@ jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
 class CompileCount:
-    """Programs compiled (``compiles``; persistent-cache loads included) and loaded from the
-    persistent cache (``hits``) while a :func:`count_compiles` block ran."""
+    """Programs compiled (``compiles``; persistent-cache loads included), their names
+    (``names``, e.g. ``"jit_epoch"``) and those loaded from the persistent cache (``hits``)
+    while a :func:`count_compiles` block ran."""
 
     compiles: int = 0
     hits: int = 0
+    names: tuple = ()
 
 
 @contextlib.contextmanager
@@ -135,12 +140,13 @@ def count_compiles():
     """``with count_compiles() as n: ...``: ``n.compiles`` and ``n.hits`` afterwards (counts
     of this process, all threads)."""
     out = CompileCount()
-    before = dict(_counts)
+    before, n_names = dict(_counts), len(_names)
     try:
         yield out
     finally:
         out.compiles = _counts["compiles"] - before["compiles"]
         out.hits = _counts["hits"] - before["hits"]
+        out.names = tuple(_names[n_names:])
 
 
 def compile_ahead(fn, args, what: str, bar=None) -> float:

@@ -325,19 +325,26 @@ def streaming_section(smoke: bool, tmp: Path) -> dict:
     return out
 
 
-def quality_section(smoke: bool, has_scvi: bool) -> dict:
+def _accelerator() -> str:
+    """scvi-tools' accelerator on the device JAX uses."""
+    import jax
+
+    return "gpu" if jax.default_backend() == "gpu" else "cpu"
+
+
+def quality_section(smoke: bool, has_scvi: bool, epochs: int | None = None) -> dict:
     """PBMC default recipe with validation every epoch: seconds to scvi-tools' final
     validation ELBO (jaxvi in this process, from its first call: compilation included)."""
     import jaxvi
 
     out = {"target_source": None}
-    epochs = 3 if smoke else 400
+    epochs = epochs or (3 if smoke else 400)
     if has_scvi and not smoke:
         import compare_scvi as CS
 
         wargs = argparse.Namespace(
             seed=0, data_seed=0, train_size=0.9, elbo_reps=1, batch_size=128, n_cells=0,
-            n_genes=0, scvi_accelerator="gpu", wait_quiet=0.0, worker_timeout=1200.0,
+            n_genes=0, scvi_accelerator=_accelerator(), wait_quiet=0.0, worker_timeout=1200.0,
             jax_cache_dir=None, precision=None, devices=None, validate_every=1,
         )  # fmt: skip
         sc = CS.run_worker_once(wargs, "scvi", "pbmc", epochs)
@@ -370,16 +377,18 @@ def quality_section(smoke: bool, has_scvi: bool) -> dict:
     return out
 
 
-def scvi_section() -> list[dict]:
+def scvi_section(n_cells: int = 100_000, batches=(128, 1024)) -> list[dict]:
+    """Both tools' cells/s in fresh processes (``throughput.py``'s points)."""
     import throughput as TP
 
+    acc = _accelerator()
     args = argparse.Namespace(
-        seed=0, data_seed=0, train_size=0.9, elbo_reps=1, scvi_accelerator="gpu",
-        wait_quiet=0.0, worker_timeout=1200.0, jax_cache_dir=None, accelerator=True,
+        seed=0, data_seed=0, train_size=0.9, elbo_reps=1, scvi_accelerator=acc,
+        wait_quiet=0.0, worker_timeout=1200.0, jax_cache_dir=None, accelerator=acc == "gpu",
     )  # fmt: skip
     rows = []
-    for batch in (128, 1024):
-        point = {**TP.BASE, "n_cells": 100_000, "batch_size": batch}
+    for batch in batches:
+        point = {**TP.BASE, "n_cells": n_cells, "batch_size": batch}
         rows.append(TP.run_point(args, point, ["jaxvi", "scvi"]))
     return rows
 

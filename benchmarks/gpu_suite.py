@@ -28,7 +28,8 @@ Run on a machine with a GPU (``python benchmarks/gpu_suite.py``) it writes
     (``compare_scvi.py``'s worker).
 
 Sections run in that order; one whose usual GPU time no longer fits in ``--budget-s``
-(450 s: the rest of the 8 minutes is start-up) is skipped and named in ``skipped``. ``--smoke`` runs the same code on tiny sizes (a CPU test runs it: tests/benchmarks).
+(450 s: the rest of the 8 minutes is start-up) is skipped and named in ``skipped``.
+``--smoke`` runs the same code on tiny sizes on the CPU (``tests/test_benchmarks.py``).
 
 Usage::
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxvi import _compilation
+from jaxvi._compilation import cache_dir, set_cache_dir
 
 __all__ = ["Settings", "settings"]
 
@@ -50,11 +50,11 @@ class Settings:
 
     @property
     def compilation_cache_dir(self) -> str | None:
-        return _compilation.cache_dir()
+        return cache_dir()
 
     @compilation_cache_dir.setter
     def compilation_cache_dir(self, path) -> None:
-        _compilation.set_cache_dir(path)
+        set_cache_dir(path)
 
 
 settings = Settings()

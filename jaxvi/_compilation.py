@@ -41,9 +41,9 @@ CACHE_ENV = "JAXVI_CACHE_DIR"
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
-_state = {"dir": None, "warned": set()}
+_state = {"dir": None, "warned": set(), "counting": 0}
 _counts = {"compiles": 0, "hits": 0}
-_names: list[str] = []  # the compiled programs' names, in order
+_names: list[str] = []  # the compiled programs' names while a count_compiles block is open
 _lock = threading.Lock()
 
 
@@ -117,7 +117,7 @@ def _on_event(name, *args, **kwargs):
     if name == _COMPILE_EVENT or name == _HIT_EVENT:
         with _lock:
             _counts["compiles" if name == _COMPILE_EVENT else "hits"] += 1
-            if name == _COMPILE_EVENT and len(_names) < 100_000:
+            if name == _COMPILE_EVENT and _state["counting"]:
                 _names.append(str(kwargs.get("fun_name", "?")))
 
 
@@ -127,7 +127,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 class CompileCount:
     """Programs compiled (``compiles``; persistent-cache loads included), their names
-    (``names``, e.g. ``"jit_epoch"``) and those loaded from the persistent cache (``hits``)
+    (``names``, e.g. ``"jit(epoch)"``) and those loaded from the persistent cache (``hits``)
     while a :func:`count_compiles` block ran."""
 
     compiles: int = 0
@@ -140,13 +140,19 @@ def count_compiles():
     """``with count_compiles() as n: ...``: ``n.compiles`` and ``n.hits`` afterwards (counts
     of this process, all threads)."""
     out = CompileCount()
-    before, n_names = dict(_counts), len(_names)
+    with _lock:
+        before, n_names = dict(_counts), len(_names)
+        _state["counting"] += 1
     try:
         yield out
     finally:
-        out.compiles = _counts["compiles"] - before["compiles"]
-        out.hits = _counts["hits"] - before["hits"]
-        out.names = tuple(_names[n_names:])
+        with _lock:
+            out.compiles = _counts["compiles"] - before["compiles"]
+            out.hits = _counts["hits"] - before["hits"]
+            out.names = tuple(_names[n_names:])
+            _state["counting"] -= 1
+            if not _state["counting"]:
+                _names.clear()
 
 
 def compile_ahead(fn, args, what: str, bar=None) -> float:

@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from jaxvi import checkpoint as ckpt
-from jaxvi import inference, io, posterior, scarches, scvi_io
+from jaxvi import inference, io, posterior, scarches, schema, scvi_io
 from jaxvi import registry as reglib
 from jaxvi._settings import settings
 from jaxvi.dataset import CellData, to_device
@@ -970,18 +970,15 @@ class SCVI:
             scvi_io.is_scvi_tools_dir(dir_path)
         ):
             return cls.from_scvi_tools(dir_path, adata=adata)
-        meta, arrays = io.read_model_dir(dir_path)
+        # model.json, model.npz and adata.h5ad from one version, schema-checked (jaxvi.schema)
+        meta, arrays, saved_adata = io.read_saved_model(dir_path, read_adata=adata is None)
         if meta.get("model_name") != "SCVI":
             raise ValueError(f"{dir_path} holds a {meta.get('model_name')!r} model, not SCVI.")
         reg = meta["registry"]
-        if adata is None:
-            path = os.path.join(dir_path, io.ADATA_FILE)
-            if os.path.exists(path):
-                import anndata
-
-                adata = anndata.read_h5ad(path)
+        adata = saved_adata if adata is None else adata
         if adata is not None:
             reglib.registry_arrays(adata, reg, counts=False)  # genes and categories
+            reglib.check_counts_structure(adata, reg["setup_args"]["layer"])
             adata.uns[reglib.UNS_KEY] = reg
         model = cls.__new__(cls)
         model.registry_ = reg
@@ -1254,6 +1251,8 @@ def _check_variables(variables: dict, config: VAEConfig) -> None:
     for k, shape in expected.items():
         if got[k].shape != shape:
             raise ValueError(f"Saved array {k} has shape {got[k].shape}, expected {shape}.")
+    dtypes = {k: v.dtype for k, v in io.flatten_tree(empty).items()}
+    schema.check_weights(got, "saved model", dtypes)  # dtypes, finite, variances >= 0
 
 
 def _version() -> str:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi import torchfile
+from jaxvi import schema, torchfile
 from jaxvi.bridge import state_dict_to_variables, variables_to_state_dict
 
 __all__ = [
@@ -122,6 +122,14 @@ def read_scvi_tools_files(dir_path: str, prefix: str | None = None) -> dict:
     bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise ValueError(f"{path}: state dict entries that are not tensors: {bad[:5]}.")
+    for k, v in state.items():  # weights are floating; only batch-norm counters are integers
+        kinds = "iu" if k.endswith("num_batches_tracked") else "f"
+        if v.dtype.kind not in kinds:
+            raise ValueError(
+                f"{path}: weight {k} has dtype {v.dtype}, expected "
+                f"{'an integer' if kinds == 'iu' else 'a floating'} dtype."
+            )
+    schema.check_weights(state, path)  # finite, batch-norm variances >= 0
     var_names = saved["var_names"]
     if isinstance(var_names, dict):
         raise ValueError(f"{path} holds a multi-modal (MuData) model; jaxvi reads SCVI only.")
@@ -354,6 +362,7 @@ def read_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
 
             adata = anndata.read_h5ad(path)
     if adata is not None:
+        reglib.check_counts_structure(adata, reg["setup_args"]["layer"])
         reglib.registry_arrays(adata, reg)  # same genes, known categories
         adata.uns[reglib.UNS_KEY] = reg
     model = cls.__new__(cls)

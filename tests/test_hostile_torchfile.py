@@ -201,8 +201,9 @@ def _as(kind):
 )
 def test_weight_dtypes_are_checked(exported, tmp_path, kind, error, match):
     """Defect 12: bool, int and complex weights are refused, naming the weight."""
-    path = _rewrite(exported, tmp_path / str(np.dtype(kind) if kind != "complex" else kind),
-                    _as(kind))
+    path = _rewrite(
+        exported, tmp_path / str(np.dtype(kind) if kind != "complex" else kind), _as(kind)
+    )
     with pytest.raises(error, match=match) as err:
         SCVI.from_scvi_tools(str(path))
     if error is ValueError:
@@ -211,8 +212,9 @@ def test_weight_dtypes_are_checked(exported, tmp_path, kind, error, match):
 
 def test_big_endian_and_unknown_storage_dtypes_are_refused(tmp_path):
     """Defect 12: only plain little-endian numeric dtypes are built."""
-    big = hp.program(hp.array((2,), hp.dtype("f4", hp.dtype_state(order=">")),
-                              hp.raw(b"\x00" * 8)))
+    big = hp.program(
+        hp.array((2,), hp.dtype("f4", hp.dtype_state(order=">")), hp.raw(b"\x00" * 8))
+    )
     with pytest.raises(UnsafePickleError, match="big-endian|dtype"):
         torchfile.load(str(_write(tmp_path, "big.pt", big)))
     cplx = hp.program(hp.array((2,), hp.dtype("c8", hp.dtype_state()), hp.raw(b"\x00" * 16)))

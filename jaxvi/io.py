@@ -344,6 +344,7 @@ def _read_npz(file, path: str) -> dict[str, np.ndarray]:
                             f"{path}: array {name!r} declares shape {shape} ({need} bytes) but "
                             f"its member holds {info.file_size - f.tell()} bytes."
                         )
+                with zf.open(info) as f:
                     arrays[name] = fmt.read_array(f, allow_pickle=False)
             return arrays
     except PickleRefused:

@@ -739,7 +739,12 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: s
             f"{path}: member {info.filename!r} declares {info.file_size} bytes, more than "
             f"{limit} allowed."
         )
-    return zf.read(info)
+    try:
+        return zf.read(info)
+    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
+        raise UnsafePickleError(
+            f"{path}: member {info.filename!r} is corrupted or unreadable ({e})."
+        ) from e
 
 
 def load(path: str) -> Any:
@@ -777,7 +782,7 @@ def load(path: str) -> Any:
             )
         try:
             zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, *_MALFORMED) as e:
+        except (OSError, *_MALFORMED) as e:  # OSError: a seek the broken directory asks for
             raise ValueError(
                 f"{path} is not a zip-format torch file (legacy torch.save files are not read)."
             ) from e

@@ -349,7 +349,16 @@ def _read_npz(file, path: str) -> dict[str, np.ndarray]:
             return arrays
     except PickleRefused:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,  # an "encrypted" member
+        NotImplementedError,
+    ) as e:
         if isinstance(e, ValueError) and str(e).startswith(path):
             raise
         raise ValueError(f"{path} is corrupted or truncated: {e}") from e

@@ -741,7 +741,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, path: s
         )
     try:
         return zf.read(info)
-    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
         raise UnsafePickleError(
             f"{path}: member {info.filename!r} is corrupted or unreadable ({e})."
         ) from e
@@ -773,8 +773,8 @@ def load(path: str) -> Any:
         size = os.fstat(f.fileno()).st_size
         try:
             end = zipfile._EndRecData(f)  # the central directory's size, before parsing it
-        except OSError:
-            end = None
+        except (OSError, *_MALFORMED):
+            end = None  # ZipFile below says what is wrong
         if end is not None and end[zipfile._ECD_SIZE] > MAX_MEMBERS * 512:
             raise UnsafePickleError(
                 f"{path}: a zip directory of {end[zipfile._ECD_SIZE]} bytes refused (more than "

@@ -9,6 +9,7 @@ instead of killing pytest.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import textwrap
@@ -262,3 +263,24 @@ def test_zip_with_too_many_members_is_refused(tmp_path):
             zf.writestr(f"model/data/{k}", b"")
     with pytest.raises(UnsafePickleError, match="members"):
         torchfile.load(str(path))
+
+
+def test_fuzzer_findings_are_value_errors(tmp_path):
+    """Two inputs atheris found (benchmarks/fuzz): an "encrypted" member (zipfile raised
+    RuntimeError) and a zip64 locator claiming several disks (BadZipFile)."""
+    src = hp.torch_zip(hp.program(hp.NONE))
+    encrypted = bytearray(src)
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local, central
+        pos = encrypted.find(signature)
+        while pos >= 0:
+            encrypted[pos + flag_at] |= 0x1
+            pos = encrypted.find(signature, pos + 4)
+    (tmp_path / "encrypted.pt").write_bytes(bytes(encrypted))
+    encrypted = tmp_path / "encrypted.pt"
+    with pytest.raises(ValueError, match="encrypted|corrupted"):
+        torchfile.load(str(encrypted))
+    eocd = src.rindex(b"PK\x05\x06")
+    locator = b"PK\x06\x07" + struct.pack("<LQL", 0, 0, 2)
+    (tmp_path / "disks.pt").write_bytes(src[:eocd] + locator + src[eocd:])
+    with pytest.raises(ValueError, match="zip"):
+        torchfile.load(str(tmp_path / "disks.pt"))

@@ -7,7 +7,9 @@ Targets
     by :func:`jaxvi.torchfile.load`.
 ``modeldir``
     The input is ``<4-byte little-endian length n><n bytes of model.json><model.npz>``, written
-    as a directory and read by :func:`jaxvi.io.read_model_dir` (schema, checksums, npz).
+    as a directory and read by :func:`jaxvi.io.read_model_dir` (schema, checksums, npz). A JSON
+    object gets its ``meta_sha256`` recomputed (as an adversary would) so that edits reach the
+    schema.
 
 A finding is any exception other than ``ValueError`` / ``FileNotFoundError`` (the readers'
 documented refusals), a crash, a timeout (``-timeout``) or a memory blow-up (``-rss_limit_mb``).
@@ -27,6 +29,7 @@ committed seeds.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import struct
 import sys
@@ -74,6 +77,13 @@ def fuzz_modeldir_target():
             return
         (n,) = struct.unpack("<I", data[:4])
         meta, npz = data[4 : 4 + n], data[4 + n :]
+        try:  # re-seal the JSON checksum, as an adversary would, so edits reach the schema
+            parsed = json.loads(meta)
+            if isinstance(parsed, dict):
+                parsed[jio.DIGEST_KEY] = jio.meta_digest(parsed)
+                meta = json.dumps(parsed).encode()
+        except (ValueError, RecursionError, TypeError):
+            pass
         d = os.path.join(_TMP, "m")
         os.makedirs(d, exist_ok=True)
         for name, part in ((jio.MODEL_JSON, meta), (jio.MODEL_NPZ, npz)):

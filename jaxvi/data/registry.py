@@ -28,6 +28,7 @@ from jaxvi._settings import settings
 __all__ = [
     "UNS_KEY",
     "cell_totals",
+    "check_counts_structure",
     "column_sums",
     "count_pieces",
     "get_registry",
@@ -458,25 +459,95 @@ def _warn_small_categories(codes: np.ndarray, name: str) -> None:
             )
 
 
-def _check_counts(source: _CountsSource, layer) -> None:
-    """Refuse non-numeric, NaN, infinite or negative counts; warn on non-integers. One pass
-    in bounded pieces; the problems are reported in that order whatever piece they are in."""
+def check_counts_structure(adata, layer: str | None = None) -> None:
+    """Refuse sparse counts whose structure would make a later densification write outside
+    its buffer: ``indptr`` of the wrong length, not starting at 0 or decreasing, ``data`` /
+    ``indices`` lengths other than ``indptr[-1]``, or an index outside the matrix. Reads
+    ``indptr`` (``O(rows)``) and ``indices`` in bounded pieces; nothing for dense counts.
+
+    Parameters
+    ----------
+    adata
+        An AnnData, in memory or backed.
+    layer
+        Layer with the counts (None: ``X``).
+
+    Raises
+    ------
+    ValueError
+        Naming the matrix and the first problem found.
+    """
+    _check_structure(_counts_source(adata, layer), layer)
+
+
+def _check_structure(src: _CountsSource, layer) -> None:
+    if src.layout == "dense":
+        return
     where = f"adata.layers['{layer}']" if layer else "adata.X"
+    n_major, n_minor = src.shape if src.layout == "csr" else src.shape[::-1]
+    axis = "column" if src.layout == "csr" else "row"
+    indptr = np.asarray(src.indptr[...])
+    if indptr.ndim != 1 or len(indptr) != n_major + 1:
+        raise ValueError(
+            f"{where} is a broken {src.layout.upper()} matrix: its indptr has "
+            f"{indptr.shape} entries, expected {n_major + 1}."
+        )
+    if indptr.dtype.kind not in "iu" or np.dtype(src.indices.dtype).kind not in "iu":
+        raise ValueError(f"{where} is a broken sparse matrix: non-integer indptr or indices.")
+    indptr = indptr.astype(np.int64)
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise ValueError(
+            f"{where} is a broken {src.layout.upper()} matrix: its indptr does not rise "
+            "monotonically from 0."
+        )
+    nnz = int(indptr[-1])
+    if src.data.shape[0] != nnz or src.indices.shape[0] != nnz:
+        raise ValueError(
+            f"{where} is a broken {src.layout.upper()} matrix: indptr ends at {nnz} but data "
+            f"has {src.data.shape[0]} and indices {src.indices.shape[0]} entries."
+        )
+    step = _piece_elements()
+    for s in range(0, nnz, step):
+        idx = np.asarray(src.indices[s : s + step])
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n_minor:
+            raise ValueError(
+                f"{where} is a broken {src.layout.upper()} matrix: it holds {axis} index "
+                f"{lo if lo < 0 else hi}, outside [0, {n_minor}) (scipy's densification would "
+                "write outside its buffer)."
+            )
+
+
+def _check_counts(source: _CountsSource, layer) -> None:
+    """Refuse broken sparse structure, non-numeric or complex, NaN, infinite, negative
+    counts or counts beyond float32's range; warn on non-integers. One pass in bounded
+    pieces; the problems are reported in that order whatever piece they are in."""
+    where = f"adata.layers['{layer}']" if layer else "adata.X"
+    _check_structure(source, layer)
     size = int(source.indptr[-1]) if source.layout != "dense" else int(np.prod(source.shape))
+    if size and np.issubdtype(source.dtype, np.complexfloating):
+        raise ValueError(f"{where} has complex dtype {source.dtype}; scVI needs counts.")
     if size and not np.issubdtype(source.dtype, np.number):
         raise ValueError(f"{where} must be numeric, got dtype {source.dtype}.")
     floating = np.issubdtype(source.dtype, np.floating)
-    nonfinite = negative = nonint = False
+    wide = floating and np.dtype(source.dtype).itemsize > 4
+    nonfinite = negative = nonint = too_large = False
     for piece in _pieces(source, _piece_elements()):
         values = piece.values
         if floating and not np.all(np.isfinite(values)):
             nonfinite = True
             break
         negative = negative or bool(np.any(values < 0))
+        too_large = too_large or (wide and bool(np.any(values > np.finfo(np.float32).max)))
         if floating and not nonint:
             nonint = bool(np.any(values != np.round(values)))
     if nonfinite:
         raise ValueError(f"{where} contains NaN or infinite values; scVI needs raw counts.")
+    if too_large:
+        raise ValueError(
+            f"{where} contains values above float32's maximum (3.4e38), which scVI computes in; "
+            "these are not counts."
+        )
     if negative:
         raise ValueError(f"{where} contains negative values; scVI needs raw counts.")
     if nonint:

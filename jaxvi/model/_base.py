@@ -67,6 +67,8 @@ class BaseModel(abc.ABC):
             parts = parts._replace(adata=anndata.read_h5ad(adata_path))
         if parts.adata is not None:
             reglib.registry_arrays(parts.adata, parts.registry, counts=False)  # genes, categories
+            # broken CSR/CSC structure would make a later densification write out of bounds
+            reglib.check_counts_structure(parts.adata, parts.registry["setup_args"]["layer"])
             parts.adata.uns[reglib.UNS_KEY] = parts.registry
         model = cls.__new__(cls)
         model._init_from_parts(parts)
@@ -640,18 +642,18 @@ class BaseModel(abc.ABC):
             scvi_tools.is_scvi_tools_dir(dir_path)
         ):
             return cls.from_scvi_tools(dir_path, adata=adata)
-        meta, arrays = io.read_model_dir(dir_path)
+        # model.json, model.npz and adata.h5ad from one version, schema-checked (jaxvi.schema)
+        meta, arrays, saved_adata = io.read_saved_model(dir_path, read_adata=adata is None)
         if meta.get("model_name") != cls._model_name:
             raise ValueError(
                 f"{dir_path} holds a {meta.get('model_name')!r} model, not {cls._model_name}."
             )
-        saved_adata = os.path.join(dir_path, io.ADATA_FILE)
         idx = meta["indices"]
         parts = ModelParts(
             registry=meta["registry"],
             init_params=meta["init_params"],
             variables=io.unflatten_tree(arrays),
-            adata=adata,
+            adata=saved_adata if adata is None else adata,
             history=history_from_json(meta["history"]),
             is_trained=bool(meta["is_trained"]),
             indices=tuple(
@@ -660,7 +662,7 @@ class BaseModel(abc.ABC):
             ),
             config=cls._config_from_json(meta["config"]),
         )
-        return cls._from_parts(parts, saved_adata if os.path.exists(saved_adata) else None)
+        return cls._from_parts(parts)
 
     @classmethod
     def from_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):

@@ -4,7 +4,7 @@ Targets
 -------
 ``torchfile``
     The input is a whole ``model.pt`` (a zip holding ``<name>/data.pkl`` and storages), read
-    by :func:`jaxvi.torchfile.load`.
+    by :func:`jaxvi.io.torchfile.load`.
 ``modeldir``
     The input is ``<4-byte little-endian length n><n bytes of model.json><model.npz>``, written
     as a directory and read by :func:`jaxvi.io.read_model_dir` (schema, checksums, npz). A JSON
@@ -28,7 +28,6 @@ committed seeds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
@@ -42,13 +41,11 @@ _TMP = tempfile.mkdtemp(prefix="jaxvi-fuzz-")
 
 
 def _torchfile():
-    """jaxvi/torchfile.py loaded on its own (no JAX): cheap to instrument everything."""
-    spec = importlib.util.spec_from_file_location(
-        "jaxvi_torchfile", os.path.join(ROOT, "jaxvi", "torchfile.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """jaxvi.io.torchfile and its record and writer modules, instrumented (JAX is imported
+    too, uninstrumented)."""
+    with atheris.instrument_imports(include=["jaxvi.io"]):
+        from jaxvi.io import torchfile
+    return torchfile
 
 
 def fuzz_torchfile_target():

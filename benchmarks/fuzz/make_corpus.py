@@ -2,12 +2,13 @@
 
 ``corpus/torchfile``: a scvi-tools-format ``model.pt`` of a tiny jaxvi model (written without
 torch), a file with every record scvi-tools' files hold, and the hostile files of
-``tests/hostile_pickles.py`` (issue 17). ``corpus/modeldir``: a tiny saved jaxvi model in the
+``tests/io/conftest.py`` (issue 17). ``corpus/modeldir``: a tiny saved jaxvi model in the
 ``modeldir`` input layout. Run from the repository root: ``python benchmarks/fuzz/make_corpus.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 import sys
@@ -18,16 +19,22 @@ import pandas as pd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # this checkout's jaxvi and test helpers
+sys.path[:0] = [ROOT]  # this checkout's jaxvi
 
-import hostile_pickles as hp  # noqa: E402
+# the hostile-file builders live in the reader tests' conftest (loaded by path)
+_spec = importlib.util.spec_from_file_location(
+    "hostile_pickles", os.path.join(ROOT, "tests", "io", "conftest.py")
+)
+hp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hp)
 
 
 def main() -> None:
     import anndata as ad
 
-    from jaxvi import SCVI, torchfile
+    from jaxvi import SCVI
     from jaxvi import io as jio
+    from jaxvi.io import torchfile
 
     tdir = os.path.join(HERE, "corpus", "torchfile")
     mdir = os.path.join(HERE, "corpus", "modeldir")

@@ -18,9 +18,9 @@ import pytest
 import scipy.sparse as sp
 
 from jaxvi import SCVI
-from jaxvi import checkpoint as ckpt
 from jaxvi import io as jio
 from jaxvi.train import FitProgress, TrainState
+from jaxvi.train import checkpoint as ckpt
 
 TRAIN = {"batch_size": 32, "enable_progress_bar": False}
 

@@ -1,5 +1,5 @@
 """Property-based fuzzing of the two readers of untrusted files (issue 17, "Also"):
-:func:`jaxvi.torchfile.load` (scvi-tools' ``model.pt``) and :func:`jaxvi.io.read_model_dir`
+:func:`jaxvi.io.torchfile.load` (scvi-tools' ``model.pt``) and :func:`jaxvi.io.read_model_dir`
 (jaxvi's ``model.json`` + ``model.npz``).
 
 Valid files are mutated (truncation, byte flips, pickle-opcode substitution, JSON values
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxvi import io as jio
-from jaxvi import torchfile
+from jaxvi.io import torchfile
 
 EXAMPLES = int(os.environ.get("JAXVI_FUZZ_EXAMPLES", "60"))  # more for a longer local run
 FUZZ = settings(

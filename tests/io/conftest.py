@@ -1,9 +1,11 @@
-"""Hand-assembled hostile ``torch.save`` files for the reader tests and the fuzz harness.
+"""Fixtures of the reader tests: hand-assembled hostile ``torch.save`` files (issue 17).
 
 :mod:`pickle` cannot write most of these (a dtype whose state clears its object flag, a BUILD
 on an array that already has views, ...), so they are assembled opcode by opcode. Each
 builder returns the bytes of ``data.pkl``; :func:`torch_zip` wraps them (and raw storages)
-in the zip layout of ``torch.save``.
+in the zip layout of ``torch.save``. Tests get the builders through the :func:`hp` fixture
+(test files do not import one another); ``benchmarks/fuzz/make_corpus.py`` loads this file
+by path to write the fuzz corpus.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import sys
+import types
 import zipfile
+
+import pytest
 
 P = pickle
 NONE, TRUE, FALSE = P.NONE, P.NEWTRUE, P.NEWFALSE
@@ -184,3 +190,9 @@ def uninitialised_array(n: int = 4096) -> bytes:
     )
     empty = call(glob("numpy", "ndarray"), tup(i(n)), s("f8"))
     return program(dict_of(unbuilt=unbuilt, empty=empty))
+
+
+@pytest.fixture(scope="session")
+def hp() -> types.ModuleType:
+    """The builders of this module (``hp.program(...)``, ``hp.torch_zip(...)``, ...)."""
+    return sys.modules[__name__]

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from jaxvi._settings import settings
+from jaxvi.data._columns import _categories, _codes, _numeric_column, _warn_small_categories
 
 __all__ = [
     "UNS_KEY",
@@ -446,19 +447,6 @@ def column_sums(adata, layer: str | None, weights: np.ndarray) -> tuple[np.ndarr
     return sums, nonzero
 
 
-def _warn_small_categories(codes: np.ndarray, name: str) -> None:
-    """scvi-tools' warning for categories (by code) with fewer than 3 cells."""
-    counts = np.bincount(codes)
-    for cat, n in enumerate(counts):
-        if 0 < n < 3:
-            warnings.warn(
-                f"Category {cat} in adata.obs['{name}'] has fewer than 3 cells. Models may "
-                "not train properly.",
-                UserWarning,
-                stacklevel=4,
-            )
-
-
 def check_counts_structure(adata, layer: str | None = None) -> None:
     """Refuse sparse counts whose structure would make a later densification write outside
     its buffer: ``indptr`` of the wrong length, not starting at 0 or decreasing, ``data`` /
@@ -557,48 +545,3 @@ def _check_counts(source: _CountsSource, layer) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _categories(adata, key, arg) -> list[str]:
-    if key is None:
-        return ["0"]
-    if key not in adata.obs:
-        raise ValueError(f"`{arg}`: column '{key}' not found in adata.obs.")
-    col = adata.obs[key]
-    if col.isna().any():
-        raise ValueError(
-            f"adata.obs['{key}'] has {int(col.isna().sum())} missing values; fill them first."
-        )
-    cat = col.astype("category")
-    return [str(c) for c in cat.cat.categories]
-
-
-def _codes(adata, key, categories) -> np.ndarray:
-    if key is None:
-        return np.zeros(adata.n_obs, np.int32)
-    if key not in adata.obs:
-        raise ValueError(f"Column '{key}' not found in adata.obs.")
-    col = adata.obs[key]
-    if col.isna().any():
-        raise ValueError(f"adata.obs['{key}'] has missing values.")
-    values = col.astype(str).to_numpy()
-    lookup = pd.Index(categories)
-    codes = lookup.get_indexer(values)
-    if np.any(codes < 0):
-        unseen = sorted(set(values[codes < 0]))[:5]
-        raise ValueError(
-            f"adata.obs['{key}'] has categories the model was not set up with: {unseen}."
-        )
-    return codes.astype(np.int32)
-
-
-def _numeric_column(adata, key) -> np.ndarray:
-    if key not in adata.obs:
-        raise ValueError(f"Column '{key}' not found in adata.obs.")
-    col = adata.obs[key]
-    if not pd.api.types.is_numeric_dtype(col):
-        raise ValueError(f"adata.obs['{key}'] must be numeric, got dtype {col.dtype}.")
-    vals = col.to_numpy(dtype=np.float32)
-    if not np.all(np.isfinite(vals)):
-        raise ValueError(f"adata.obs['{key}'] contains NaN or infinite values.")
-    return vals

@@ -93,7 +93,7 @@ def test_billion_laughs_is_refused_quickly(hp, tmp_path):
     payload = hp.billion_laughs()
     assert len(payload) < 400
     path = _write(hp, tmp_path, "laughs.pt", payload)
-    proc = _load_in_child(path, timeout=20.0)
+    proc = _load_in_child(path)  # the child imports JAX first: the bound covers that too
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("REFUSED:"), proc.stdout
     assert "expand" in proc.stdout, proc.stdout

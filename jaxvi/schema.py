@@ -220,13 +220,14 @@ def check_registry(f: _Fields, reg) -> int:
 
 
 def check_model_meta(
-    meta, where: str = "model.json", config_fields: Collection[str] | None = None
+    meta, where: str = "model.json", configs: Mapping[str, Collection[str]] | None = None
 ) -> None:
     """Validate the whole of a ``model.json`` (after its arrays declaration was checked).
 
-    ``config_fields`` are the names ``config`` may hold (the fields of
-    :class:`jaxvi.module.VAEConfig`, passed in by the reader because this module sits below
-    the architecture); None skips that check.
+    ``configs`` maps each model name a file may hold to the names its ``config`` may hold
+    (the fields of :class:`jaxvi.module.VAEConfig` for ``"SCVI"``, passed in by the reader
+    because this module sits below the architecture); None accepts ``"SCVI"`` and skips the
+    field check.
 
     Raises
     ------
@@ -236,8 +237,9 @@ def check_model_meta(
     """
     f = _Fields(where)
     f.obj(meta, "(top level)")
-    if f.get(meta, "model_name", "model_name") != "SCVI":
-        f.fail("model_name", f"must be 'SCVI', got {meta['model_name']!r:.60}")
+    known = ("SCVI",) if configs is None else tuple(configs)
+    if f.get(meta, "model_name", "model_name") not in known:
+        f.fail("model_name", f"must be one of {list(known)}, got {meta['model_name']!r:.60}")
     f.str_(meta.get("jaxvi_version", ""), "jaxvi_version")
     manifest = check_manifest(where, f.get(meta, "arrays", "arrays"))
     n_cells = check_registry(f, f.get(meta, "registry", "registry"))
@@ -254,9 +256,10 @@ def check_model_meta(
         f.obj(emb, "init_params.batch_embedding_kwargs")
 
     config = f.obj(f.get(meta, "config", "config"), "config")
-    unknown = [] if config_fields is None else sorted(set(config) - set(config_fields))
+    fields = None if configs is None else configs[meta["model_name"]]
+    unknown = [] if fields is None else sorted(set(config) - set(fields))
     if unknown:
-        f.fail(f"config.{unknown[0]}", "is not a VAEConfig field")
+        f.fail(f"config.{unknown[0]}", f"is not a {meta['model_name']} config field")
     elements = _array_elements(manifest)
     for key in _INT_CONFIG:
         # no size can exceed the number of values the directory holds: bounds the work

@@ -9,6 +9,15 @@ import numpy as np
 import pandas as pd
 
 
+class MissingColumnError(KeyError, ValueError):
+    """A registered ``adata.obs`` column is absent. Both a ``KeyError`` (what scvi-tools
+    raises, and its callers catch) and a ``ValueError`` (what jaxvi raised before); the
+    message is shown without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _warn_small_categories(codes: np.ndarray, name: str) -> None:
     """scvi-tools' warning for categories (by code) with fewer than 3 cells."""
     counts = np.bincount(codes)
@@ -26,7 +35,7 @@ def _categories(adata, key, arg) -> list[str]:
     if key is None:
         return ["0"]
     if key not in adata.obs:
-        raise ValueError(f"`{arg}`: column '{key}' not found in adata.obs.")
+        raise MissingColumnError(f"`{arg}`: column '{key}' not found in adata.obs.")
     col = adata.obs[key]
     if col.isna().any():
         raise ValueError(
@@ -40,7 +49,7 @@ def _codes(adata, key, categories) -> np.ndarray:
     if key is None:
         return np.zeros(adata.n_obs, np.int32)
     if key not in adata.obs:
-        raise ValueError(f"Column '{key}' not found in adata.obs.")
+        raise MissingColumnError(f"Column '{key}' not found in adata.obs.")
     col = adata.obs[key]
     if col.isna().any():
         raise ValueError(f"adata.obs['{key}'] has missing values.")
@@ -57,7 +66,7 @@ def _codes(adata, key, categories) -> np.ndarray:
 
 def _numeric_column(adata, key) -> np.ndarray:
     if key not in adata.obs:
-        raise ValueError(f"Column '{key}' not found in adata.obs.")
+        raise MissingColumnError(f"Column '{key}' not found in adata.obs.")
     col = adata.obs[key]
     if not pd.api.types.is_numeric_dtype(col):
         raise ValueError(f"adata.obs['{key}'] must be numeric, got dtype {col.dtype}.")

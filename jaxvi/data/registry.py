@@ -24,10 +24,17 @@ import pandas as pd
 import scipy.sparse as sp
 
 from jaxvi._settings import settings
-from jaxvi.data._columns import _categories, _codes, _numeric_column, _warn_small_categories
+from jaxvi.data._columns import (
+    MissingColumnError,
+    _categories,
+    _codes,
+    _numeric_column,
+    _warn_small_categories,
+)
 
 __all__ = [
     "UNS_KEY",
+    "MissingColumnError",
     "cell_totals",
     "check_counts_structure",
     "column_sums",

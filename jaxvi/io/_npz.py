@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 
 from jaxvi import safefs, schema
-from jaxvi.module import VAEConfig
+from jaxvi.module import SCANVAEConfig, VAEConfig
 
 __all__ = [
     "FORMAT_VERSION",
@@ -111,6 +111,7 @@ def write_model_dir(
     npz_name: str = MODEL_NPZ,
     kind: str = "jaxvi",
     version: int = FORMAT_VERSION,
+    adata_name: str = ADATA_FILE,
 ) -> None:
     """Write ``json_name`` (``meta`` plus format fields, the array manifest and its own
     checksum), ``npz_name`` and maybe the AnnData as one atomic switch of ``dir_path``.
@@ -145,11 +146,11 @@ def write_model_dir(
         with open(os.path.join(stage, npz_name), "xb") as f:
             np.savez(f, **arrays)
         if adata is not None:
-            adata.write_h5ad(os.path.join(stage, ADATA_FILE))
+            adata.write_h5ad(os.path.join(stage, adata_name))
         with open(os.path.join(stage, json_name), "x") as f:
             json.dump(meta, f, indent=1)
 
-    safefs.replace_directory(dir_path, fill, (json_name, npz_name, ADATA_FILE), refuse_existing)
+    safefs.replace_directory(dir_path, fill, (json_name, npz_name, adata_name), refuse_existing)
 
 
 def read_model_dir(
@@ -178,27 +179,42 @@ def read_model_dir(
         shape or dtype differ from the declaration in the JSON, and any array that would need
         pickle (code execution) to load.
     """
-    meta, arrays, _ = _read_snapshot(dir_path, json_name, npz_name, kind, max_version, False)
+    meta, arrays, _ = _read_snapshot(dir_path, json_name, npz_name, kind, max_version, None)
     return meta, arrays
 
 
-def read_saved_model(dir_path: str, read_adata: bool = True):
+def read_saved_model(
+    dir_path: str,
+    read_adata: bool = True,
+    *,
+    json_name: str = MODEL_JSON,
+    npz_name: str = MODEL_NPZ,
+    adata_name: str = ADATA_FILE,
+):
     """``(meta, arrays, adata)`` of a directory written by :meth:`jaxvi.SCVI.save`, all from
-    one version of it (``adata`` the saved ``adata.h5ad`` read into memory, or None when
+    one version of it (``adata`` the saved ``adata_name`` read into memory, or None when
     there is none or ``read_adata`` is False). Checks as :func:`read_model_dir`."""
-    return _read_snapshot(dir_path, MODEL_JSON, MODEL_NPZ, "jaxvi", FORMAT_VERSION, read_adata)
+    return _read_snapshot(
+        dir_path, json_name, npz_name, "jaxvi", FORMAT_VERSION, adata_name if read_adata else None
+    )
 
 
 def _check_model_meta(meta, where: str) -> None:
     # schema cannot import the architecture (jaxvi.module imports jaxvi.data, which imports
     # schema), so the config's field names come from here
-    schema.check_model_meta(meta, where, config_fields=VAEConfig.__dataclass_fields__)
+    schema.check_model_meta(meta, where, configs=_CONFIGS)
+
+
+_CONFIGS = {
+    "SCVI": VAEConfig.__dataclass_fields__,
+    "SCANVI": SCANVAEConfig.__dataclass_fields__,
+}
 
 
 _VALIDATORS = {"jaxvi": _check_model_meta, "jaxvi-checkpoint": schema.check_checkpoint_meta}
 
 
-def _read_snapshot(dir_path, json_name, npz_name, kind, max_version, read_adata):
+def _read_snapshot(dir_path, json_name, npz_name, kind, max_version, adata_name):
     """Open ``dir_path`` once and read its files relative to that handle; retried when a
     concurrent save switched the directory and deleted the old version mid-read."""
     for attempt in range(5):
@@ -209,7 +225,7 @@ def _read_snapshot(dir_path, json_name, npz_name, kind, max_version, read_adata)
                 f"No saved {kind} in {dir_path} (no such directory)."
             ) from None
         try:
-            return _read_from(dir_fd, dir_path, json_name, npz_name, kind, max_version, read_adata)
+            return _read_from(dir_fd, dir_path, json_name, npz_name, kind, max_version, adata_name)
         except FileNotFoundError:
             if attempt == 4 or not _switched(dir_path, dir_fd):
                 raise
@@ -225,7 +241,7 @@ def _switched(dir_path: str, dir_fd: int) -> bool:
         return True
 
 
-def _read_from(dir_fd, dir_path, json_name, npz_name, kind, max_version, read_adata):
+def _read_from(dir_fd, dir_path, json_name, npz_name, kind, max_version, adata_name):
     json_path = os.path.join(dir_path, json_name)
     npz_path = os.path.join(dir_path, npz_name)
     try:
@@ -276,17 +292,17 @@ def _read_from(dir_fd, dir_path, json_name, npz_name, kind, max_version, read_ad
     if declared is not None:
         _check_manifest(npz_path, declared, arrays)
     adata = None
-    if read_adata:
-        adata = _read_adata(dir_fd, os.path.join(dir_path, ADATA_FILE))
+    if adata_name is not None:
+        adata = _read_adata(dir_fd, adata_name, os.path.join(dir_path, adata_name))
     return meta, arrays, adata
 
 
-def _read_adata(dir_fd: int, path: str):
+def _read_adata(dir_fd: int, name: str, path: str):
     """The saved AnnData of the snapshot, or None when the save has none."""
     import anndata
 
     try:
-        f = safefs.open_regular(ADATA_FILE, dir_fd, path)
+        f = safefs.open_regular(name, dir_fd, path)
     except FileNotFoundError:
         return None
     with f:

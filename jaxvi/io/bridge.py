@@ -25,6 +25,10 @@ Linear weights are transposed; everything else is copied as is. The converters w
 arrays and never import torch: a state dict of tensors is accepted (each value is read through
 ``.detach().cpu().numpy()``) and :func:`variables_to_state_dict` returns NumPy arrays, which
 ``torch.from_numpy`` turns into what ``load_state_dict`` takes.
+
+scANVI's ``SCANVAE`` state dicts (the VAE's keys plus the classifier, ``encoder_z2_z1``,
+``decoder_z1_z2`` and ``y_prior``) go through the ``scanvae_*`` functions of
+:mod:`jaxvi.io.scanvi_bridge`, which convert the VAE part with the functions here.
 """
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ _FIELDS = (
     "extra_categorical_covs",
     "extra_continuous_covs",
 )
+# A minified model's extra fields: the AnnData itself (obsm / obs / uns) says it is minified.
+_MINIFIED_FIELDS = ("latent_qzm", "latent_qzv", "observed_lib_size", "minify_type")
 
 
 def is_scvi_tools_dir(dir_path: str, prefix: str | None = None) -> bool:
@@ -138,8 +140,8 @@ def registry_from_scvi(registry: dict, var_names: list[str]) -> dict:
     Raises
     ------
     ValueError
-        For another model class or setup method, unknown setup arguments or fields (e.g. a
-        minified model's), naming them.
+        For another model class or setup method, unknown setup arguments or fields, naming
+        them (a minified model's fields are accepted).
     """
     name = registry.get("model_name")
     if name != "SCVI":
@@ -152,11 +154,10 @@ def registry_from_scvi(registry: dict, var_names: list[str]) -> dict:
     if unknown:
         raise ValueError(f"Unsupported scvi-tools setup arguments: {unknown}.")
     fields = dict(registry.get("field_registries", {}))
-    extra = sorted(set(fields) - set(_FIELDS))
+    extra = sorted(set(fields) - set(_FIELDS) - set(_MINIFIED_FIELDS))
     if extra:
         raise ValueError(
-            f"The saved registry has fields jaxvi does not read: {extra} (a minified or "
-            "non-SCVI setup); load it in scvi-tools and save an unminified SCVI."
+            f"The saved registry has fields jaxvi does not read: {extra} (a non-SCVI setup)."
         )
     setup_args = {k: args.get(k) for k in _SETUP_ARGS}
     for k in ("categorical_covariate_keys", "continuous_covariate_keys"):

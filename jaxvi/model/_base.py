@@ -21,33 +21,28 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi import io, posterior
+from jaxvi import posterior
 from jaxvi._settings import settings
-from jaxvi._version import __version__
-from jaxvi.analysis import de
 from jaxvi.data import DataSource, make_source
 from jaxvi.data import registry as reglib
-from jaxvi.io import scvi_tools
-from jaxvi.model import scarches
+from jaxvi.model import _saveload, scarches
+from jaxvi.model._manager import RegistryMethods
 from jaxvi.model._minify import MINIFY_UNS_KEY, minified_copy
-from jaxvi.model._parts import (
-    ModelParts,
-    QueryTraining,
-    check_accelerator,
-    check_variables,
-    history_from_json,
-    history_to_json,
-)
+from jaxvi.model._parts import ModelParts, check_accelerator, check_variables
+from jaxvi.model._queries import QueryMethods
 from jaxvi.model._training import TrainOutcome, run_training
-from jaxvi.module import KL_GLOBAL, KL_LOCAL, RECONSTRUCTION, ModelDef
+from jaxvi.model.callbacks import epoch_hooks
+from jaxvi.module import ModelDef
 from jaxvi.parallel import resolve_devices, to_host
 from jaxvi.train import NonFiniteError, TrainingInterrupted
 
 __all__ = ["BaseModel"]
 
 
-class BaseModel(abc.ABC):
-    """Abstract base of jaxvi's models (scvi-tools' ``BaseModelClass`` and mixins, flat).
+class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
+    """Abstract base of jaxvi's models (scvi-tools' ``BaseModelClass`` and mixins; the
+    queries every model answers are in :class:`~jaxvi.model._queries.QueryMethods`, the
+    AnnData and registry accessors in :class:`~jaxvi.model._manager.RegistryMethods`).
 
     Subclasses set ``_model_name``, ``_non_kwargs`` (named constructor arguments, as
     scvi-tools saves them) and ``_model_kwargs`` (accepted ``**kwargs``), and implement the
@@ -77,7 +72,7 @@ class BaseModel(abc.ABC):
     def _init_from_parts(self, parts: ModelParts) -> None:
         """Set every attribute of the model from ``parts``: the one place a model is made."""
         self.registry_ = parts.registry
-        self.adata = parts.adata
+        self._adata = parts.adata
         self.init_params_ = dict(parts.init_params)
         self.config = parts.config or self._make_config(self.registry_, self.init_params_)
         self.module = self._make_module(self.config)
@@ -189,6 +184,8 @@ class BaseModel(abc.ABC):
         checkpoint_every_n_epochs: int = 1,
         checkpoint_keep: int = 2,
         resume: str | None = None,
+        callbacks: list | None = None,
+        logger=None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with scvi-tools' recipe (see :func:`jaxvi.train.fit`).
@@ -215,11 +212,15 @@ class BaseModel(abc.ABC):
         early_stopping
             Stop when ``elbo_validation`` has not improved for 45 epochs.
         datasplitter_kwargs
-            ``{"drop_last": bool}`` (drop the ragged last minibatch instead of masking it).
+            ``{"drop_last": bool}`` (drop the ragged last minibatch instead of masking it),
+            ``{"external_indexing": [train, validation, test]}`` (index arrays; missing
+            ones are empty, as scvi-tools).
         plan_config, plan_kwargs
             Training-plan options with scvi-tools' names (``lr``, ``weight_decay``, ``eps``,
             ``optimizer``, ``n_epochs_kl_warmup``, ``n_steps_kl_warmup``,
             ``reduce_lr_on_plateau``, ...); ``plan_kwargs`` override ``plan_config``.
+            ``on_step=True`` (with ``on_epoch=True``) names the per-epoch history entries
+            ``<name>_epoch`` as scvi-tools; jaxvi keeps no per-step values.
         check_val_every_n_epoch
             Compute validation metrics every this many epochs (never by default).
         enable_progress_bar
@@ -239,9 +240,15 @@ class BaseModel(abc.ABC):
             A checkpoint (or a ``checkpoint_dir``: its newest) to continue from. The run goes
             on to ``max_epochs`` in total, bit-identical to an uninterrupted one; the split,
             seed and earlier history come from the checkpoint, and other settings must match.
+        callbacks, logger
+            :mod:`jaxvi.model.callbacks`: objects called at each epoch end (with the model
+            and the epoch's history row; they can stop training), and loggers (one or a
+            list; ``log_metrics(metrics, step)``, e.g. its ``CSVLogger`` or a Lightning
+            logger).
         **trainer_kwargs
             ``early_stopping_monitor``, ``early_stopping_patience`` (45),
             ``early_stopping_min_delta`` (0), ``early_stopping_mode`` ("min"),
+            ``early_stopping_warmup_epochs`` (0: checks of the monitor ignored at first),
             ``gradient_clip_val``, ``precision`` (Lightning's names: ``"32-true"`` exact
             float32 matmuls, ``"bf16-mixed"`` bfloat16 matmul inputs with float32
             accumulation, ``"tf32"``; default JAX's, which is TF32 on recent NVIDIA GPUs).
@@ -263,6 +270,12 @@ class BaseModel(abc.ABC):
         check_accelerator(accelerator)
         options = {k: v for k, v in locals().items() if k not in ("self", "accelerator")}
         options.update(options.pop("trainer_kwargs"))
+        hparams = {**self.init_params_, "max_epochs": max_epochs, "batch_size": batch_size}
+        start, epoch_end, end = epoch_hooks(
+            self, options.pop("callbacks"), options.pop("logger"), hparams
+        )
+        if start is not None:
+            start()
         try:
             outcome = run_training(
                 self._engine_model(),
@@ -272,13 +285,18 @@ class BaseModel(abc.ABC):
                 config_json=dataclasses.asdict(self.config),
                 history=self.history_,
                 query_training=self._query_training,
+                epoch_callback=epoch_end,
                 **options,
             )
         except (TrainingInterrupted, NonFiniteError) as err:
             self._set_trained(err.outcome)
+            if end is not None:
+                end("failed")
             raise
         self._epoch_fn = outcome.epoch_fn
         self._set_trained(outcome)
+        if end is not None:
+            end("success")
 
     def _set_trained(self, outcome: TrainOutcome) -> None:
         state = outcome.state
@@ -294,251 +312,6 @@ class BaseModel(abc.ABC):
         self.train_indices_, self.validation_indices_, self.test_indices_ = (
             np.asarray(a) for a in outcome.indices
         )
-
-    # ---------------------------------------------------------------- queries
-    def get_latent_representation(
-        self,
-        adata=None,
-        indices=None,
-        give_mean: bool = True,
-        mc_samples: int = 5000,
-        batch_size: int | None = None,
-        return_dist: bool = False,
-    ):
-        """Latent coordinates of each cell.
-
-        Returns
-        -------
-        ``(cells, n_latent)`` float32: the posterior mean (for ``"ln"`` the Monte-Carlo mean of
-        ``softmax(z)`` over ``mc_samples`` draws), one sample with ``give_mean=False``, or
-        ``(qz_mean, qz_var)`` with ``return_dist=True``.
-        """
-        _, query = self._query(adata, indices, batch_size)
-        mode = "dist" if return_dist else ("mean" if give_mean else "sample")
-        program = posterior.latent_program(self.module, mode, int(mc_samples))
-        out = posterior.run_query(program, query)
-        if return_dist:
-            return tuple(np.asarray(a, np.float32) for a in out)
-        return np.asarray(out, np.float32)
-
-    def get_importance_weights(
-        self,
-        adata=None,
-        indices=None,
-        zs=None,
-        transform_batch=None,
-        max_cells: int = 1024,
-        truncation: bool = False,
-        n_mc_samples: int = 500,
-        n_mc_samples_per_pass: int = 250,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Normalised importance weights of latent draws ``zs`` of the cells ``indices``.
-
-        ``zs`` is ``(cells, n_latent)`` or ``(n_samples, cells, n_latent)`` (pre-softmax for
-        ``"ln"``); the likelihoods of the draws are recomputed from the model. See
-        :func:`jaxvi.posterior.get_importance_weights`.
-
-        Returns
-        -------
-        float64 ``(n_draws,)`` summing to one.
-        """
-        return self._importance_weights(
-            adata,
-            indices,
-            zs,
-            transform_batch,
-            batch_size,
-            None,
-            max_cells=max_cells,
-            truncation=truncation,
-            n_mc_samples=n_mc_samples,
-            n_mc_samples_per_pass=n_mc_samples_per_pass,
-        )
-
-    def _importance_weights(
-        self, adata, indices, zs, transform_batch, batch_size, rows, **kwargs
-    ) -> np.ndarray:
-        """:func:`jaxvi.posterior.get_importance_weights` of draws ``zs`` of ``indices``
-        (``rows``: the cell of each draw, when repeated), for :meth:`get_importance_weights`
-        and importance-resampled expression."""
-        if self.minified_data_type is not None:
-            raise ValueError(
-                "Importance weights need the counts of the anchor cells; this model's AnnData "
-                "is minified."
-            )
-        codes = self._batch_codes(transform_batch)
-        if len(codes) > 1:
-            raise NotImplementedError(
-                "Importance weights cannot be computed when expression levels are averaged "
-                "across batches."
-            )
-        _, query = self._query(adata, indices, batch_size)
-        return posterior.get_importance_weights(query, zs, int(codes[0]), rows=rows, **kwargs)
-
-    def differential_expression(
-        self,
-        adata=None,
-        groupby: str | None = None,
-        group1=None,
-        group2: str | None = None,
-        idx1=None,
-        idx2=None,
-        mode: str = "vanilla",
-        delta: float | None = 0.25,
-        batch_size: int | None = None,
-        all_stats: bool = True,
-        batch_correction: bool = False,
-        batchid1=None,
-        batchid2=None,
-        fdr_target: float = 0.05,
-        silent: bool = False,
-        weights: str | None = "uniform",
-        filter_outlier_cells: bool = False,
-        importance_weighting_kwargs: dict | None = None,
-        **kwargs,
-    ) -> pd.DataFrame:
-        """Bayesian differential expression between groups of cells (scvi-tools' semantics).
-
-        See :func:`jaxvi.analysis.de.differential_expression` for every argument. Returns a
-        DataFrame indexed by gene: ``proba_m1, proba_m2, bayes_factor, scale1, scale2``
-        (vanilla) or
-        ``proba_de, proba_not_de, bayes_factor, scale1, scale2, pseudocounts, delta,
-        lfc_mean, ...`` (change), raw statistics, ``is_de_fdr_<target>`` (change) and the
-        ``comparison`` / ``group1`` / ``group2`` columns, one block per comparison.
-        """
-        return de.differential_expression(
-            self,
-            adata=adata,
-            groupby=groupby,
-            group1=group1,
-            group2=group2,
-            idx1=idx1,
-            idx2=idx2,
-            mode=mode,
-            delta=delta,
-            batch_size=batch_size,
-            all_stats=all_stats,
-            batch_correction=batch_correction,
-            batchid1=batchid1,
-            batchid2=batchid2,
-            fdr_target=fdr_target,
-            silent=silent,
-            weights=weights,
-            filter_outlier_cells=filter_outlier_cells,
-            importance_weighting_kwargs=importance_weighting_kwargs,
-            **kwargs,
-        )
-
-    def get_likelihood_parameters(
-        self,
-        adata=None,
-        indices=None,
-        n_samples: int = 1,
-        give_mean: bool = False,
-        batch_size: int | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Parameters of p(x | z) with z ~ q(z | x): ``"mean"`` (``px_rate``), ``"dropout"``
-        (zero-inflation probability, zinb), ``"dispersions"`` (theta; the scale for normal).
-
-        Arrays are ``(cells, genes)``, ``(n_samples, cells, genes)`` with ``n_samples > 1``
-        unless ``give_mean``. Works for every likelihood (the reference fails for poisson and
-        normal). See :func:`jaxvi.posterior.get_likelihood_parameters`.
-        """
-        _, query = self._query(adata, indices, batch_size)
-        return posterior.get_likelihood_parameters(query, n_samples, give_mean)
-
-    def posterior_predictive_sample(
-        self,
-        adata=None,
-        indices=None,
-        transform_batch=None,
-        n_samples: int = 1,
-        gene_list=None,
-        batch_size: int | None = None,
-    ):
-        """Counts drawn from p(x | z), z ~ q(z | x): ``sparse.GCXS`` float32 of shape
-        ``(cells, genes)``, or ``(cells, genes, n_samples)`` when ``n_samples > 1``."""
-        _, query = self._query(adata, indices, batch_size)
-        genes = posterior.gene_indices(self.registry_["var_names"], gene_list)
-        codes = self._batch_codes(transform_batch)
-        return posterior.posterior_predictive_sample(query, codes, genes, n_samples)
-
-    def get_marginal_ll(
-        self,
-        adata=None,
-        indices=None,
-        n_mc_samples: int = 1000,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-        n_mc_samples_per_pass: int = 1,
-    ):
-        """Importance-weighted estimate of log p(x) with ``n_mc_samples`` draws of q.
-
-        Returns
-        -------
-        float (the mean of per-minibatch means, as scvi-tools), or ``(cells,)`` values.
-        """
-        self._refuse_if_minified("get_marginal_ll")
-        _, query = self._query(adata, indices, batch_size)
-        return posterior.get_marginal_ll(query, n_mc_samples, return_mean, n_mc_samples_per_pass)
-
-    def get_latent_library_size(
-        self,
-        adata=None,
-        indices=None,
-        give_mean: bool = True,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Library size ``(cells, 1)``: the LogNormal mean of q(l | x) with ``give_mean``
-        (latent library models only), else ``exp(library)`` (observed totals or a draw)."""
-        self._refuse_if_minified("get_latent_library_size")
-        _, query = self._query(adata, indices, batch_size)
-        return posterior.get_latent_library_size(query, give_mean)
-
-    def get_feature_correlation_matrix(
-        self,
-        adata=None,
-        indices=None,
-        n_samples: int = 10,
-        batch_size: int = 64,
-        rna_size_factor: int = 1000,
-        transform_batch=None,
-        correlation_type: str = "spearman",
-    ) -> pd.DataFrame:
-        """Gene-gene correlation ``(genes, genes)`` of denoised expression samples."""
-        adata, query = self._query(adata, indices, batch_size)
-        codes = self._batch_codes(transform_batch)
-        return posterior.get_feature_correlation_matrix(
-            query, adata.var_names, codes, n_samples, rna_size_factor, correlation_type
-        )
-
-    def get_elbo(
-        self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True
-    ):
-        """Evidence lower bound (higher is better) with one z sample per cell, KL weight 1.
-
-        Returns
-        -------
-        float, the mean over cells, or ``(cells,)`` per-cell values with ``return_mean=False``.
-        """
-        self._refuse_if_minified("get_elbo")
-        terms = self._elbo_terms(adata, indices, batch_size)
-        elbo = -sum(terms[name] for name in (RECONSTRUCTION, KL_LOCAL, KL_GLOBAL) if name in terms)
-        return float(np.mean(elbo)) if return_mean else elbo
-
-    def get_reconstruction_error(
-        self, adata=None, indices=None, batch_size: int | None = None, return_mean: bool = True
-    ) -> dict:
-        """Reconstruction negative log-likelihood (positive; lower is better).
-
-        Returns
-        -------
-        ``{"reconstruction_loss": float}`` (mean over cells) or ``(cells,)`` values.
-        """
-        self._refuse_if_minified("get_reconstruction_error")
-        rec = self._elbo_terms(adata, indices, batch_size)[RECONSTRUCTION]
-        return {"reconstruction_loss": float(np.mean(rec)) if return_mean else rec}
 
     # ----------------------------------------------------------- minification
     def minify_adata(
@@ -583,111 +356,43 @@ class BaseModel(abc.ABC):
         overwrite: bool = False,
         save_anndata: bool = False,
         format: str = "jaxvi",
+        **anndata_write_kwargs,
     ) -> None:
-        """Save to ``dir_path``: ``model.json`` (settings, registry, history), ``model.npz``.
+        """Save to ``dir_path``: ``{prefix}model.json`` (settings, registry, history) and
+        ``{prefix}model.npz``; nothing executes code on load.
 
-        Nothing executes code on load. ``save_anndata`` also writes ``adata.h5ad``.
-        ``format="scvi-tools"`` writes scvi-tools' ``model.pt`` instead
-        (:func:`jaxvi.io.scvi_tools.write_scvi_tools`), which scvi-tools' ``load`` reads.
+        ``save_anndata`` also writes ``{prefix}adata.h5ad``. ``format="scvi-tools"`` writes
+        scvi-tools' ``{prefix}model.pt`` instead (:func:`jaxvi.io.scvi_tools.write_scvi_tools`),
+        which scvi-tools' ``load`` reads. ``anndata_write_kwargs`` are accepted for
+        scvi-tools' signature and ignored (the AnnData is written with its defaults).
         """
-        if format not in ("jaxvi", "scvi-tools"):
-            raise ValueError(f"format must be 'jaxvi' or 'scvi-tools', got {format!r}.")
-        if save_anndata and self.adata is None:
-            raise ValueError("save_anndata=True but the model has no AnnData.")
-        adata = self.adata if save_anndata else None
-        indices = (self.train_indices_, self.validation_indices_, self.test_indices_)
-        variables = jax.device_get(self.variables)
-        if format == "scvi-tools":
-            return scvi_tools.write_scvi_tools(
-                dir_path,
-                state_dict=self._to_state_dict(variables),
-                registry=self.registry_,
-                init_params=self.init_params_,
-                non_kwargs=self._non_kwargs,
-                history=self.history_,
-                is_trained=self.is_trained_,
-                indices=indices,
-                adata=adata,
-                prefix=prefix,
-                overwrite=overwrite,
-            )
-        if prefix is not None:
-            raise NotImplementedError("`prefix` is not supported; use a separate directory.")
-        meta = {
-            "model_name": self._model_name,
-            "jaxvi_version": __version__,
-            "init_params": self.init_params_,
-            "config": dataclasses.asdict(self.config),
-            "registry": self.registry_,
-            "is_trained": self.is_trained_,
-            "history": history_to_json(self.history_),
-            "indices": {
-                name: None if arr is None else [int(i) for i in arr]
-                for name, arr in zip(("train", "validation", "test"), indices, strict=True)
-            },
-        }
-        io.write_model_dir(
-            dir_path, meta, io.flatten_tree(variables), overwrite=overwrite, adata=adata
-        )
+        del anndata_write_kwargs
+        _saveload.save_model(self, dir_path, prefix, overwrite, save_anndata, format)
 
     @classmethod
-    def load(cls, dir_path: str, adata=None):
-        """Load a model saved by :meth:`save`; ``adata`` (same genes) or the saved one.
+    def load(cls, dir_path: str, adata=None, prefix: str | None = None, **kwargs):
+        """Load a model saved by :meth:`save` (with the same ``prefix``), or by scvi-tools
+        (a ``{prefix}model.pt``, read with :meth:`from_scvi_tools`, minified ones included).
 
-        Without ``adata`` and without a saved ``adata.h5ad`` the model loads with no data;
-        pass ``adata`` to its query methods. A scvi-tools directory (``model.pt``, no
-        ``model.json``) is read with :meth:`from_scvi_tools`.
+        ``adata`` (same genes) or the saved one; without both the model loads with no data
+        (pass ``adata`` to its queries). ``kwargs`` (scvi-tools' ``accelerator``,
+        ``device``, ``backup_url``, ...) are accepted and ignored.
         """
-        if not os.path.exists(os.path.join(dir_path, io.MODEL_JSON)) and (
-            scvi_tools.is_scvi_tools_dir(dir_path)
-        ):
-            return cls.from_scvi_tools(dir_path, adata=adata)
-        # model.json, model.npz and adata.h5ad from one version, schema-checked (jaxvi.schema)
-        meta, arrays, saved_adata = io.read_saved_model(dir_path, read_adata=adata is None)
-        if meta.get("model_name") != cls._model_name:
-            raise ValueError(
-                f"{dir_path} holds a {meta.get('model_name')!r} model, not {cls._model_name}."
-            )
-        idx = meta["indices"]
-        parts = ModelParts(
-            registry=meta["registry"],
-            init_params=meta["init_params"],
-            variables=io.unflatten_tree(arrays),
-            adata=saved_adata if adata is None else adata,
-            history=history_from_json(meta["history"]),
-            is_trained=bool(meta["is_trained"]),
-            indices=tuple(
-                None if idx[k] is None else np.asarray(idx[k])
-                for k in ("train", "validation", "test")
-            ),
-            config=cls._config_from_json(meta["config"]),
-        )
-        return cls._from_parts(parts)
+        del kwargs
+        read = _saveload.jaxvi_parts(cls, dir_path, adata, prefix)
+        if read is None:
+            return cls.from_scvi_tools(dir_path, adata=adata, prefix=prefix)
+        return cls._from_parts(*read)
 
     @classmethod
     def from_scvi_tools(cls, dir_path: str, adata=None, prefix: str | None = None):
         """Load a model saved by scvi-tools' ``save`` (no torch needed, no code run).
 
-        ``adata`` (the model's genes, known categories) or the saved ``adata.h5ad`` if any.
+        ``adata`` (the model's genes, known categories) or the saved ``adata.h5ad`` if any;
+        a minified one (counts absent, q(z | x) and library sizes kept) gives a minified
+        model that answers every query that needs no counts.
         """
-        read = scvi_tools.read_scvi_tools(dir_path, prefix)
-        unknown = sorted(set(read["init_params"]) - set(cls._non_kwargs) - cls._model_kwargs)
-        if unknown:
-            raise ValueError(
-                f"The saved model uses {cls._model_name} arguments jaxvi does not support: "
-                f"{unknown}."
-            )
-        config = cls._make_config(read["registry"], read["init_params"])
-        parts = ModelParts(
-            registry=read["registry"],
-            init_params=read["init_params"],
-            variables=cls._from_state_dict(read["state_dict"], config),
-            adata=adata,
-            history=read["history"],
-            is_trained=read["is_trained"],
-            indices=read["indices"],
-        )
-        return cls._from_parts(parts, read["adata_path"])
+        return cls._from_parts(*_saveload.scvi_tools_parts(cls, dir_path, adata, prefix))
 
     # ----------------------------------------------------------------- scArches
     @staticmethod
@@ -735,20 +440,6 @@ class BaseModel(abc.ABC):
                 f"reference_model must be a jaxvi {cls._model_name} or the path of a saved "
                 f"jaxvi or scvi-tools model, got {type(reference_model).__name__}."
             )
-        if inplace_subset_query_vars:
-            scarches.subset_query_genes(adata, reference_model.registry_["var_names"])
-        registry = scarches.query_registry(reference_model.registry_, adata)
-        if not transfer_batch and len(registry["batch_categories"]) > len(
-            reference_model.registry_["batch_categories"]
-        ):
-            raise ValueError(
-                "This model does not allow for query having batch categories missing from "
-                "the reference."
-            )
-        fresh = cls(adata, **reference_model.init_params_)  # variables in the query's shapes
-        variables = scarches.extend_variables(
-            reference_model.variables, reference_model.config, fresh.variables, fresh.config
-        )
         freeze = scarches.FreezeOptions(
             unfrozen=unfrozen,
             freeze_expression=freeze_expression,
@@ -756,12 +447,11 @@ class BaseModel(abc.ABC):
             freeze_batchnorm_encoder=freeze_batchnorm_encoder,
             freeze_batchnorm_decoder=freeze_batchnorm_decoder,
         )
-        training = QueryTraining(
-            update_mask=scarches.freeze_masks(fresh.config, variables, freeze),
-            network_training=False,  # scvi-tools trains a query model in eval mode
+        return cls._from_parts(
+            scarches.query_parts(
+                cls, adata, reference_model, freeze, inplace_subset_query_vars, transfer_batch
+            )
         )
-        parts = ModelParts(registry, fresh.init_params_, variables, adata, query_training=training)
-        return cls._from_parts(parts)
 
     # ---------------------------------------------------------------- helpers
     def _next_key(self) -> jax.Array:
@@ -779,7 +469,7 @@ class BaseModel(abc.ABC):
             raise ValueError("Data-parallel queries need the counts; this model is minified.")
         self._mesh = mesh
 
-    def _query_inputs(self, adata, indices, batch_size):
+    def _query_inputs(self, adata, indices, batch_size, need_data: bool = True):
         """``(adata, indices, source, batch_size)`` of a query: the model's AnnData and all
         its cells by default, and where they live for queries (:func:`jaxvi.data.make_source`:
         a backed AnnData's counts stay on disk, the cells are sharded over the mesh of
@@ -797,6 +487,8 @@ class BaseModel(abc.ABC):
         if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(f"`indices` out of range for {adata.n_obs} cells.")
         bs = settings.batch_size if batch_size is None else int(batch_size)
+        if not need_data:  # a table lookup (get_batch_representation): nothing to place
+            return adata, indices.astype(np.int64), None, bs
         source: DataSource = make_source(adata, self.registry_, purpose="query", mesh=self._mesh)
         return adata, indices.astype(np.int64), source, bs
 

@@ -23,6 +23,7 @@ from jaxvi.likelihoods import Likelihood, likelihood_name
 from jaxvi.model._base import BaseModel
 from jaxvi.model._parts import ModelParts
 from jaxvi.module import VAE, ModelDef, VAEConfig, init_variables, vae_model_def
+from jaxvi.nn import var_activation_name
 
 __all__ = ["SCVI", "VAE_KWARGS", "config_from_registry", "library_size_prior"]
 
@@ -36,6 +37,7 @@ VAE_KWARGS = frozenset(
         "use_batch_norm",
         "use_layer_norm",
         "batch_embedding_kwargs",
+        "var_activation",
     }
 )
 
@@ -59,7 +61,9 @@ class SCVI(BaseModel):
     **kwargs
         Further ``VAE`` options: ``log_variational``, ``encode_covariates``,
         ``deeply_inject_covariates``, ``batch_representation``, ``use_batch_norm``,
-        ``use_layer_norm``, ``batch_embedding_kwargs`` (``{"embedding_dim": 5}``).
+        ``use_layer_norm``, ``batch_embedding_kwargs`` (``{"embedding_dim": 5}``),
+        ``var_activation`` (the encoder variance activation: a name such as ``"exp"``
+        (default) or ``"softplus"``, or a JAX callable; see :mod:`jaxvi.nn._activations`).
     """
 
     _model_name = "SCVI"
@@ -98,6 +102,8 @@ class SCVI(BaseModel):
         if adata is None and registry is None:
             raise ValueError("SCVI needs an AnnData set up with `SCVI.setup_anndata(adata, ...)`.")
         registry = registry if registry is not None else reglib.get_registry(adata)
+        if "var_activation" in kwargs:  # saved by name: JSON holds no functions
+            kwargs["var_activation"] = var_activation_name(kwargs["var_activation"])
         init_params = {
             "n_hidden": n_hidden,
             "n_latent": n_latent,
@@ -224,10 +230,11 @@ class SCVI(BaseModel):
             ``return_numpy=True``.
         weights
             How ``n_samples_overall`` draws are resampled: ``None``/``"uniform"``, or
-            ``"importance"`` (:meth:`get_importance_weights`; one batch in ``transform_batch``).
+            ``"importance"`` (:meth:`~jaxvi.SCVI.get_importance_weights`; one batch in
+            ``transform_batch``).
         **importance_weighting_kwargs
             ``max_cells``, ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass`` for
-            :meth:`get_importance_weights`.
+            :meth:`~jaxvi.SCVI.get_importance_weights`.
 
         Returns
         -------
@@ -331,6 +338,8 @@ def config_from_registry(reg: dict, init_params: dict) -> VAEConfig:
     cov_keys = reg["setup_args"]["categorical_covariate_keys"] or []
     cov_cats = reg["categorical_covariate_categories"]
     extra = {k: p[k] for k in VAE_KWARGS - {"batch_embedding_kwargs"} if k in p}
+    if "var_activation" in extra:
+        extra["var_activation"] = var_activation_name(extra["var_activation"])
     return VAEConfig(
         n_input=stats["n_vars"],
         n_batch=stats["n_batch"],

@@ -14,8 +14,9 @@ import numpy as np
 
 from jaxvi._settings import settings
 from jaxvi.data import make_source
+from jaxvi.model._compat import external_split, log_flags
 from jaxvi.model._parts import QueryTraining, out_of_memory_as
-from jaxvi.parallel import resolve_devices
+from jaxvi.parallel import resolve_devices, to_host
 from jaxvi.train import (
     FitProgress,
     NonFiniteError,
@@ -35,6 +36,7 @@ TRAINER_KWARGS = {
     "early_stopping_patience",
     "early_stopping_min_delta",
     "early_stopping_mode",
+    "early_stopping_warmup_epochs",
     "gradient_clip_val",
     "precision",
 }
@@ -89,10 +91,14 @@ def run_training(
     checkpoint_every_n_epochs: int = 1,
     checkpoint_keep: int = 2,
     resume: str | None = None,
+    epoch_callback=None,
     **trainer_kwargs,
 ) -> TrainOutcome:
     """Train ``engine_model`` from ``variables`` on ``adata`` (arguments as
     :meth:`jaxvi.model.BaseModel.train`).
+
+    ``epoch_callback(state, epoch, global_step, metrics) -> bool`` runs after every epoch
+    (before the checkpoint); True stops training after that epoch.
 
     Raises
     ------
@@ -110,6 +116,7 @@ def run_training(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     plan_kw = {**(plan_config or {}), **(plan_kwargs or {})}
+    rename = log_flags(plan_kw)
     if "gradient_clip_val" in trainer_kwargs:
         plan_kw["gradient_clip_val"] = trainer_kwargs.pop("gradient_clip_val")
     precision = trainer_kwargs.pop("precision", None)
@@ -129,7 +136,7 @@ def run_training(
     if int(max_epochs) < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
     if external is not None:
-        train_idx, val_idx, test_idx = (np.asarray(a, np.int64) for a in external)
+        train_idx, val_idx, test_idx = external_split(external, n_obs, int(batch_size), drop_last)
     else:
         train_idx, val_idx, test_idx = split_indices(
             n_obs,
@@ -210,15 +217,35 @@ def run_training(
                 history=history_before,
                 drop_last=drop_last,
                 progress=progress,
-                on_epoch_end=checkpointer,
+                on_epoch_end=_epoch_end(epoch_callback, checkpointer, rename),
                 update_mask=query_training.update_mask,
                 network_training=query_training.network_training,
                 **trainer_kwargs,
             )
     except (TrainingInterrupted, NonFiniteError) as err:
         # Keep the last completed epoch (interruption) or the last finite step.
-        err.outcome = TrainOutcome(err.state, err.history, splits, mesh, None)
+        history = {rename(k): v.rename(columns=rename) for k, v in err.history.items()}
+        err.outcome = TrainOutcome(err.state, history, splits, mesh, None)
         if isinstance(err, TrainingInterrupted) and checkpointer is not None:
             checkpointer.write(err.state, err.progress)
         raise
+    history = {rename(k): v.rename(columns=rename) for k, v in history.items()}
     return TrainOutcome(state, history, splits, mesh, epoch_fn)
+
+
+def _epoch_end(epoch_callback, checkpointer, rename):
+    """The engine's ``on_epoch_end(state, progress)``: the user's callbacks first (a stop
+    they ask for is then part of the checkpoint), then the checkpoint."""
+    if epoch_callback is None:
+        return checkpointer
+
+    def on_epoch_end(state, progress):
+        last = {name: rows[-1] for name, rows in progress.rows.items() if rows}
+        epoch = max(int(e) for e, _ in last.values())
+        metrics = {rename(k): float(v) for k, (e, v) in last.items() if int(e) == epoch}
+        if epoch_callback(state, epoch, int(to_host(state.step)), metrics):
+            progress.stopped_early = True
+        if checkpointer is not None:
+            checkpointer(state, progress)
+
+    return on_epoch_end

@@ -50,6 +50,7 @@ from jaxvi import io
 from jaxvi.data import registry as reglib
 from jaxvi.io import scvi_tools
 from jaxvi.io.bridge import leaf_paths, set_path, torch_key
+from jaxvi.model._parts import ModelParts, QueryTraining
 from jaxvi.module import VAEConfig
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "extend_variables",
     "freeze_masks",
     "prepare_query_anndata",
+    "query_parts",
     "query_registry",
     "reference_var_names",
     "subset_query_genes",
@@ -375,3 +377,39 @@ def freeze_masks(config: VAEConfig, variables: dict, options: FreezeOptions) -> 
                     mask[-n_cat:] = True  # kernel (in, out): the last rows are the one-hots
         set_path(update, path, mask)
     return update
+
+
+def query_parts(
+    cls, adata, reference_model, freeze: FreezeOptions, subset_genes: bool, transfer_batch: bool
+):
+    """The :class:`~jaxvi.model.ModelParts` of a query model of class ``cls``: the query's
+    registry, the reference's variables extended to the query's categories, and the freeze
+    masks (see :meth:`jaxvi.model.BaseModel.load_query_data`).
+
+    Raises
+    ------
+    KeyError
+        A registered covariate column is missing from the query (also a ``ValueError``:
+        :class:`jaxvi.data.registry.MissingColumnError`).
+    ValueError
+        New batch categories with ``transfer_batch=False``, or genes that differ.
+    """
+    if subset_genes:
+        subset_query_genes(adata, reference_model.registry_["var_names"])
+    registry = query_registry(reference_model.registry_, adata)
+    if not transfer_batch and len(registry["batch_categories"]) > len(
+        reference_model.registry_["batch_categories"]
+    ):
+        raise ValueError(
+            "This model does not allow for query having batch categories missing from "
+            "the reference."
+        )
+    fresh = cls(adata, **reference_model.init_params_)  # variables in the query's shapes
+    variables = extend_variables(
+        reference_model.variables, reference_model.config, fresh.variables, fresh.config
+    )
+    training = QueryTraining(
+        update_mask=freeze_masks(fresh.config, variables, freeze),
+        network_training=False,  # scvi-tools trains a query model in eval mode
+    )
+    return ModelParts(registry, fresh.init_params_, variables, adata, query_training=training)

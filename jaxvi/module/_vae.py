@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxvi.data import Minibatch
 from jaxvi.likelihoods import FREE_GATE_SCALE, PxParams, get_likelihood
 from jaxvi.module._base import KL_LOCAL, RECONSTRUCTION, LossOutput, ModelDef
-from jaxvi.nn import DecoderSCVI, Encoder
+from jaxvi.nn import DecoderSCVI, Encoder, get_var_activation
 
 __all__ = [
     "GenerativeOutputs",
@@ -69,6 +69,7 @@ class VAEConfig:
     use_layer_norm: str = "none"
     use_size_factor_key: bool = False
     use_observed_lib_size: bool = True
+    var_activation: str = "exp"
 
     def __post_init__(self):
         """Validate the options with messages naming the allowed values."""
@@ -78,6 +79,7 @@ class VAEConfig:
         _check_choice("use_layer_norm", self.use_layer_norm, NORM_OPTIONS)
         _check_choice("batch_representation", self.batch_representation, ("one-hot", "embedding"))
         get_likelihood(self.gene_likelihood)
+        get_var_activation(self.var_activation)
         for name in ("n_input", "n_hidden", "n_latent", "n_layers", "n_batch", "n_labels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(
@@ -165,6 +167,7 @@ class VAE(nn.Module):
             "use_batch_norm": enc_bn,
             "use_layer_norm": enc_ln,
             "inject_covariates": c.deeply_inject_covariates,
+            "var_activation": c.var_activation,
         }
         self.z_encoder = Encoder(c.n_latent, n_layers=c.n_layers, **common)
         self.l_encoder = Encoder(1, n_layers=1, **common)

@@ -1,5 +1,10 @@
 """Neural-network building blocks initialised like their PyTorch counterparts."""
 
+from jaxvi.nn._activations import (
+    get_var_activation,
+    register_var_activation,
+    var_activation_name,
+)
 from jaxvi.nn._layers import (
     BatchNorm,
     DecoderSCVI,
@@ -20,5 +25,8 @@ __all__ = [
     "Encoder",
     "FCLayers",
     "LayerNorm",
+    "get_var_activation",
     "one_hot_covariates",
+    "register_var_activation",
+    "var_activation_name",
 ]

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxvi.nn._activations import get_var_activation
+
 __all__ = [
     "BatchNorm",
     "Dense",
@@ -190,7 +192,9 @@ class FCLayers(nn.Module):
 
 
 class Encoder(nn.Module):
-    """scVI's Gaussian encoder: ``q_m = W_m h``, ``q_v = exp(W_v h) + var_eps``.
+    """scVI's Gaussian encoder: ``q_m = W_m h``, ``q_v = act(W_v h) + var_eps``.
+
+    ``var_activation`` names ``act`` (:mod:`jaxvi.nn._activations`; ``"exp"`` as scvi-tools).
 
     Returns the mean and variance, each of shape ``(..., cells, n_output)``; sampling and the
     ``"ln"`` softmax transform are done by the caller with an explicit key.
@@ -205,6 +209,7 @@ class Encoder(nn.Module):
     use_layer_norm: bool = False
     inject_covariates: bool = True
     var_eps: float = 1e-4
+    var_activation: str = "exp"
 
     @nn.compact
     def __call__(
@@ -228,7 +233,8 @@ class Encoder(nn.Module):
             name="encoder",
         )(x, cats, training=training, mask=mask)
         q_m = Dense(self.n_output, name="mean_encoder")(h)
-        q_v = jnp.exp(Dense(self.n_output, name="var_encoder")(h)) + self.var_eps
+        act = get_var_activation(self.var_activation)
+        q_v = act(Dense(self.n_output, name="var_encoder")(h)) + self.var_eps
         return q_m, q_v
 
 

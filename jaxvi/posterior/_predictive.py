@@ -21,6 +21,7 @@ Where scvi-tools 1.4.2 fails or is inexact, jaxvi chooses as follows (each funct
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import jax
@@ -63,19 +64,39 @@ def _check_positive(name: str, value) -> int:
 
 def batch_codes(categories, transform_batch) -> np.ndarray:
     """Batch codes ``(T,)`` to decode with: ``[-1]`` (each cell's own batch) for None, else
-    the codes of the category or list of categories ``transform_batch`` in ``categories``.
+    the codes of the category or list of categories ``transform_batch`` in ``categories``
+    (None in a list: each cell's own batch).
+
+    A value matches as scvi-tools matches it, equal to the category as the user wrote it in
+    the batch column; the registry keeps categories as strings, so a number also matches a
+    category that reads as the same number (``1`` and ``1.0`` match ``"1.0"``).
 
     Raises ``ValueError`` naming a value that is not a category.
     """
     if transform_batch is None:
         return np.array([-1])
     cats = [str(c) for c in categories]
-    values = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+    numeric: dict[float, int] = {}
+    for i, c in enumerate(cats):
+        try:
+            numeric.setdefault(float(c), i)
+        except ValueError:
+            pass
+    values = (
+        list(transform_batch)
+        if isinstance(transform_batch, list | tuple | np.ndarray)
+        else [transform_batch]
+    )
     codes = []
     for v in values:
-        if str(v) not in cats:
+        if v is None:
+            codes.append(-1)
+        elif str(v) in cats:
+            codes.append(cats.index(str(v)))
+        elif isinstance(v, numbers.Number) and not isinstance(v, bool) and float(v) in numeric:
+            codes.append(numeric[float(v)])
+        else:
             raise ValueError(f"transform_batch {v!r} is not a batch category ({cats[:10]}).")
-        codes.append(cats.index(str(v)))
     return np.asarray(codes)
 
 

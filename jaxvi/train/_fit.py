@@ -212,6 +212,7 @@ def fit(
     early_stopping_patience: int = 45,
     early_stopping_min_delta: float = 0.0,
     early_stopping_mode: str = "min",
+    early_stopping_warmup_epochs: int = 0,
     progress_bar: bool = True,
     history: dict[str, pd.DataFrame] | None = None,
     epoch_offset: int = 0,
@@ -247,6 +248,9 @@ def fit(
     check_val_every_n_epoch, early_stopping, early_stopping_monitor, early_stopping_patience,
     early_stopping_min_delta, early_stopping_mode
         Validation and early stopping, with Lightning's names and defaults.
+    early_stopping_warmup_epochs
+        The first this many checks of the monitored metric count neither as improvements
+        nor against the patience (scvi-tools' ``LoudEarlyStopping``).
     progress_bar
         Show a tqdm bar.
     history
@@ -421,7 +425,10 @@ def fit(
                     hp = dict(state.opt_state.hyperparams)
                     hp["learning_rate"] = source.replicate(np.asarray(new_lr, np.float32))
                     state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
-            if early_stopping and early_stopping_monitor in metrics:
+            # scvi-tools' warm-up: the first N checks of the monitor are ignored entirely
+            if early_stopping and early_stopping_monitor in metrics and (
+                len(progress.rows[early_stopping_monitor]) > early_stopping_warmup_epochs
+            ):
                 current = sign * metrics[early_stopping_monitor]
                 if current < progress.stop_best - early_stopping_min_delta:
                     progress.stop_best, progress.stop_wait = current, 0

@@ -287,9 +287,14 @@ def test_reader_refuses_other_models():
     reg = registry_to_scvi(adata.uns["_jaxvi"])
     with pytest.raises(ValueError, match="SCANVI"):
         registry_from_scvi({**reg, "model_name": "SCANVI"}, adata.uns["_jaxvi"]["var_names"])
-    fields = {**reg["field_registries"], "latent_qzm": {}}
-    with pytest.raises(ValueError, match="latent_qzm"):
+    # a minified model's fields are read (issue 16); another model's are refused
+    fields = {**reg["field_registries"], "protein_expression": {}}
+    with pytest.raises(ValueError, match="protein_expression"):
         registry_from_scvi({**reg, "field_registries": fields}, adata.uns["_jaxvi"]["var_names"])
+    genes = adata.uns["_jaxvi"]["var_names"]
+    minified = {**reg["field_registries"], "latent_qzm": {}, "observed_lib_size": {}}
+    back = registry_from_scvi({**reg, "field_registries": minified}, genes)
+    assert back == registry_from_scvi(reg, genes)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from jaxvi import SCVI
-from jaxvi.data import gather, to_device
+from jaxvi.data import gather, sharded_cell_data, to_device
 from jaxvi.data.registry import registry_arrays
 from jaxvi.module import vae_loss
-from jaxvi.parallel import data_mesh, sharded_cell_data
+from jaxvi.parallel import data_mesh
 
 
 def make_adata(n_cells=300, n_genes=40, seed=0):

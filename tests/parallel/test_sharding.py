@@ -120,3 +120,24 @@ def test_streaming_on_eight_devices_equals_one(worker_env, worker_script, tmp_pa
     assert out["query_shards"] == [8]
     assert out["query_latent_rel_diff"] < 1e-5
     assert out["query_elbo_rel_diff"] < 1e-5
+
+
+def test_a_second_model_on_eight_devices_equals_one(worker_env, worker_script):
+    """The model defined outside the package (tests/train/second_model.py) trains data-parallel
+    on 8 fake CPU devices with the same results as on one, and is queried on the mesh."""
+    proc = subprocess.run(
+        [sys.executable, worker_script("engine_mesh_worker.py")],
+        env=worker_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n_devices"] == 8
+    assert out["loss_fell"]
+    assert out["param_rel_diff"] < 1e-5
+    assert out["penalty_train_rel_diff"] < 1e-5
+    assert out["elbo_val_rel_diff"] < 1e-5
+    assert out["query_rel_diff"] < 1e-5

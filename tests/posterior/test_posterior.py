@@ -322,9 +322,9 @@ def scvi_ref():
 
 
 @pytest.fixture(scope="module")
-def parity(scvi_ref):
+def parity(scvi_ref, make_adata):
     """:func:`parity_models`."""
-    return parity_models()
+    return parity_models(make_adata)
 
 
 def test_likelihood_parameters_match_scvi(parity):

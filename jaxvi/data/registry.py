@@ -24,6 +24,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from jaxvi._settings import settings
+from jaxvi.data._checks import (
+    check_counts_piece,
+    check_csr_parts,
+    check_index_range,
+    check_indptr,
+)
 from jaxvi.data._columns import (
     MissingColumnError,
     _categories,
@@ -36,6 +42,8 @@ __all__ = [
     "UNS_KEY",
     "MissingColumnError",
     "cell_totals",
+    "check_counts_piece",
+    "check_csr_parts",
     "check_counts_structure",
     "column_sums",
     "count_pieces",
@@ -176,6 +184,9 @@ def registry_arrays(adata, registry: dict, counts: bool = True) -> dict:
         _counts_source(adata, args["layer"])  # a missing layer is still an error; nothing read
     else:
         x = _get_counts(adata, args["layer"])
+        # queries read data setup_anndata never saw: broken structure would make a later
+        # densification write outside its buffer, bad values would give NaN silently
+        check_counts_piece(x, f"adata.layers['{args['layer']}']" if args["layer"] else "adata.X")
         if sp.issparse(x):
             x = sp.csr_matrix(x, dtype=np.float32)
         else:
@@ -480,37 +491,17 @@ def _check_structure(src: _CountsSource, layer) -> None:
         return
     where = f"adata.layers['{layer}']" if layer else "adata.X"
     n_major, n_minor = src.shape if src.layout == "csr" else src.shape[::-1]
-    axis = "column" if src.layout == "csr" else "row"
-    indptr = np.asarray(src.indptr[...])
-    if indptr.ndim != 1 or len(indptr) != n_major + 1:
-        raise ValueError(
-            f"{where} is a broken {src.layout.upper()} matrix: its indptr has "
-            f"{indptr.shape} entries, expected {n_major + 1}."
-        )
-    if indptr.dtype.kind not in "iu" or np.dtype(src.indices.dtype).kind not in "iu":
-        raise ValueError(f"{where} is a broken sparse matrix: non-integer indptr or indices.")
-    indptr = indptr.astype(np.int64)
-    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
-        raise ValueError(
-            f"{where} is a broken {src.layout.upper()} matrix: its indptr does not rise "
-            "monotonically from 0."
-        )
-    nnz = int(indptr[-1])
-    if src.data.shape[0] != nnz or src.indices.shape[0] != nnz:
-        raise ValueError(
-            f"{where} is a broken {src.layout.upper()} matrix: indptr ends at {nnz} but data "
-            f"has {src.data.shape[0]} and indices {src.indices.shape[0]} entries."
-        )
+    nnz = check_indptr(
+        np.asarray(src.indptr[...]),
+        np.dtype(src.indices.dtype),
+        (src.data.shape[0], src.indices.shape[0]),
+        n_major,
+        src.layout,
+        where,
+    )
     step = _piece_elements()
     for s in range(0, nnz, step):
-        idx = np.asarray(src.indices[s : s + step])
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= n_minor:
-            raise ValueError(
-                f"{where} is a broken {src.layout.upper()} matrix: it holds {axis} index "
-                f"{lo if lo < 0 else hi}, outside [0, {n_minor}) (scipy's densification would "
-                "write outside its buffer)."
-            )
+        check_index_range(np.asarray(src.indices[s : s + step]), n_minor, src.layout, where)
 
 
 def _check_counts(source: _CountsSource, layer) -> None:

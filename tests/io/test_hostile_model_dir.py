@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from jaxvi import SCVI
 from jaxvi import io as jio
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _adata(n=30, g=8, seed=0):

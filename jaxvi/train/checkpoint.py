@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 
 import jax
 import numpy as np
@@ -230,7 +231,23 @@ class Checkpointer:
         """Write a checkpoint after epoch ``progress.epoch`` if due (or ``force``)."""
         if not force and progress.epoch % int(self.every_n_epochs) != 0:
             return
-        self.write(state, progress)
+        self.try_write(state, progress)
+
+    def try_write(self, state: TrainState, progress: FitProgress) -> str | None:
+        """:meth:`write`, but a failed write (disk full, permissions: any ``OSError``) is a
+        warning, not an error: the training it would record is still in memory and is kept.
+        Returns the checkpoint's path, or None when it could not be written."""
+        try:
+            return self.write(state, progress)
+        except OSError as e:
+            warnings.warn(
+                f"The checkpoint after epoch {int(progress.epoch)} could not be written to "
+                f"{self.directory} ({e}); training goes on and keeps its progress in memory, "
+                "but this epoch cannot be resumed from disk.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return None
 
     def write(self, state: TrainState, progress: FitProgress) -> str:
         """Write now, then delete this run's checkpoints beyond its newest ``keep`` (never

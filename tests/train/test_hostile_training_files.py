@@ -214,3 +214,29 @@ def test_checkpoints_respect_the_umask(one_checkpoint):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
     for name in os.listdir(path):
         assert stat.S_IMODE(os.stat(os.path.join(path, name)).st_mode) == 0o644, name
+
+
+def test_a_failed_checkpoint_write_keeps_the_training(tmp_path, monkeypatch):
+    """Defect 16: a disk-full error while writing the epoch-2 checkpoint used to end train()
+    and throw away its in-memory progress. Now it is a warning naming the epoch; training
+    runs to the end, the model keeps all 3 epochs, and the other checkpoints are written."""
+    real = ckpt.write_checkpoint
+
+    def full_at_epoch_2(directory, state, meta, name=None):
+        if meta["progress"]["epoch"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(directory, state, meta, name)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", full_at_epoch_2)
+    adata = ad.AnnData(_counts())
+    SCVI.setup_anndata(adata)
+    model = SCVI(adata, n_hidden=8, n_latent=2)
+    before = np.asarray(model.variables["params"]["decoder"]["px_scale_decoder"]["kernel"])
+    with pytest.warns(UserWarning, match=r"after epoch 2 could not be written .*No space left"):
+        model.train(max_epochs=3, checkpoint_dir=str(tmp_path), **TRAIN)
+    assert model.is_trained_
+    assert list(model.history["elbo_train"].index) == [0, 1, 2]
+    after = np.asarray(model.variables["params"]["decoder"]["px_scale_decoder"]["kernel"])
+    assert not np.array_equal(before, after)
+    names = sorted(os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path)))
+    assert names == ["epoch_000001", "epoch_000003"]

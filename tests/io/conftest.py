@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-import sys
 import types
 import zipfile
 
@@ -194,5 +193,7 @@ def uninitialised_array(n: int = 4096) -> bytes:
 
 @pytest.fixture(scope="session")
 def hp() -> types.ModuleType:
-    """The builders of this module (``hp.program(...)``, ``hp.torch_zip(...)``, ...)."""
-    return sys.modules[__name__]
+    """The builders of this module (``hp.program(...)``, ``hp.torch_zip(...)``, ...). From
+    ``globals()``, not ``sys.modules[__name__]``: every folder's conftest is named
+    ``conftest``, so that name may be another folder's module."""
+    return types.SimpleNamespace(**{k: v for k, v in globals().items() if not k.startswith("__")})

@@ -557,7 +557,8 @@ def scanvae_model_def(config: SCANVAEConfig, classification_ratio: float = 50.0)
     per cell (scvi-tools' ELBO metrics; no ``kl_global``) and, for a minibatch with a
     ``labelled`` sub-batch, the minibatch scalars ``classification_loss``, ``accuracy``,
     ``f1_score`` and ``calibration_error`` (:func:`classification_metrics`, not
-    differentiated), which scvi-tools logs weighted by the size of the full minibatch.
+    differentiated), which scvi-tools logs weighted by the size of the full minibatch and
+    names ``train_<name>`` / ``validation_<name>`` (``prefixed_terms``).
     ``classification_ratio`` is the training plan's (default 50). Cached per arguments.
     """
     if not isinstance(config, SCANVAEConfig):
@@ -587,4 +588,5 @@ def scanvae_model_def(config: SCANVAEConfig, classification_ratio: float = 50.0)
         init=functools.partial(init_scanvae_variables, config),
         loss=loss,
         trainable=functools.partial(trainable_mask, config),
+        prefixed_terms=frozenset({CLASSIFICATION, ACCURACY, F1_SCORE, CALIBRATION_ERROR}),
     )

@@ -541,6 +541,8 @@ def scanvae_loss(
     ce = true_labels = None
     if labelled is not None:
         true_labels = labelled.labels
+        if labelled.mask is not None:  # padding may carry the unlabelled code, out of range
+            true_labels = jnp.where(labelled.mask > 0, true_labels, 0)
         log_p = jax.nn.log_softmax(logits, axis=-1)
         nll_y = -jnp.take_along_axis(log_p, true_labels[:, None], axis=-1)[:, 0]
         ce = masked_mean(nll_y, labelled.mask)

@@ -390,7 +390,11 @@ class SCANVI(BaseModel):
 
         Every step pairs a minibatch of the training cells (the ELBO, labels enumerated)
         with a minibatch of the labelled training cells (the classifier's cross-entropy,
-        times ``classification_ratio``); see ``docs/user_guide/scanvi.md``.
+        times ``classification_ratio``); see ``docs/user_guide/scanvi.md``. Arguments not
+        listed here are :meth:`jaxvi.SCVI.train`'s. The history adds
+        ``train_classification_loss``, ``train_accuracy``, ``train_f1_score``,
+        ``train_calibration_error`` (and ``validation_...`` with validation), as scvi-tools
+        logs them, and has no ``kl_weight`` (scvi-tools' scANVI plan does not log it).
 
         Parameters
         ----------
@@ -407,11 +411,6 @@ class SCANVI(BaseModel):
             scVI's plan options and ``classification_ratio`` (50).
         adversarial_classifier
             TOTALANVI's option; must be None or False.
-
-        Every other argument is :meth:`jaxvi.SCVI.train`'s. The history adds
-        ``train_classification_loss``, ``train_accuracy``, ``train_f1_score``,
-        ``train_calibration_error`` (and ``validation_...`` with validation), as scvi-tools
-        logs them, and has no ``kl_weight`` (scvi-tools' scANVI plan does not log it).
         """
         if adversarial_classifier:
             raise ValueError("adversarial_classifier is TOTALANVI's option, not scANVI's.")
@@ -480,9 +479,9 @@ class SCANVI(BaseModel):
 
         Returns
         -------
-        ``(cells,)`` ndarray of label names, or with ``soft`` a DataFrame ``(cells,
-        n_labels)`` of probabilities, indexed by ``obs_names``, one column per class (the
-        registry's categories without the unlabelled one).
+        ``(cells,)`` ndarray of label names, or with ``soft`` a DataFrame
+        ``(cells, n_labels)`` of probabilities, indexed by ``obs_names``, one column per
+        class (the registry's categories without the unlabelled one).
 
         Raises
         ------

@@ -8,7 +8,7 @@ It declares its registry (labels with an unlabelled category), constructor argum
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import warnings
 from typing import final
 
@@ -24,18 +24,21 @@ from jaxvi.io.scanvi_bridge import (
     scanvae_state_dict_to_variables,
     scanvae_variables_to_state_dict,
 )
+from jaxvi.model import scarches
 from jaxvi.model._base import BaseModel
 from jaxvi.model._minify import MINIFY_UNS_KEY
 from jaxvi.model._parts import ModelParts
+from jaxvi.model._scanvi_arches import scanvi_query_parts
 from jaxvi.model._scanvi_parts import (
     UNLABELED_KEY,
     label_values,
     labelled_groups,
     model_n_labels,
+    scanvi_config,
     scanvi_registry,
     semi_supervised_split,
 )
-from jaxvi.model._scvi import SCVI, VAE_KWARGS, config_from_registry, library_size_prior
+from jaxvi.model._scvi import SCVI, VAE_KWARGS, library_size_prior
 from jaxvi.module import (
     SCANVAE,
     ModelDef,
@@ -51,13 +54,6 @@ __all__ = ["SCANVI", "SCANVI_KWARGS"]
 
 # SCANVI's ``**model_kwargs``: scVI's VAE options and SCANVAE's own.
 SCANVI_KWARGS = VAE_KWARGS | {"latent_distribution", "classifier_parameters", "y_prior"}
-# ``classifier_parameters`` keys -> SCANVAEConfig fields.
-_CLASSIFIER_FIELDS = {
-    "n_hidden": "classifier_n_hidden",
-    "n_layers": "classifier_n_layers",
-    "dropout_rate": "classifier_dropout_rate",
-    "logits": "classifier_logits",
-}
 
 
 @final
@@ -141,7 +137,6 @@ class SCANVI(BaseModel):
                 "unlabeled_category, ...)`."
             )
         registry = registry if registry is not None else reglib.get_registry(adata)
-        _check_scanvi_registry(registry)
         if "var_activation" in model_kwargs:
             model_kwargs["var_activation"] = var_activation_name(model_kwargs["var_activation"])
         if model_kwargs.get("y_prior") is not None:  # JSON-friendly: a list of floats
@@ -158,8 +153,19 @@ class SCANVI(BaseModel):
             "linear_classifier": linear_classifier,
             **model_kwargs,
         }
-        labels = None if adata is None else label_values(adata, registry)
-        config = self._make_config(registry, init_params, model_n_labels(registry, labels))
+        self._init_from_parts(self._new_parts(adata, registry, init_params))
+
+    @classmethod
+    def _new_parts(
+        cls, adata, registry: dict, init_params: dict, n_labels: int | None = None
+    ) -> ModelParts:
+        """The parts of a fresh model: the config (``n_labels`` by scvi-tools' rule from
+        ``adata``'s labels unless given) and freshly initialised variables."""
+        _check_scanvi_registry(registry)
+        if n_labels is None:
+            labels = None if adata is None else label_values(adata, registry)
+            n_labels = model_n_labels(registry, labels)
+        config = cls._make_config(registry, init_params, n_labels)
         means = variances = None
         if not config.use_observed_lib_size:
             if adata is None:
@@ -169,7 +175,7 @@ class SCANVI(BaseModel):
             means, variances = library_size_prior(totals, arrays["batch_index"], config.n_batch)
         key = jax.random.key(settings.seed)
         variables = init_scanvae_variables(config, key, means, variances)
-        self._init_from_parts(ModelParts(registry, init_params, variables, adata, config=config))
+        return ModelParts(registry, init_params, variables, adata, config=config)
 
     def _init_from_parts(self, parts: ModelParts) -> None:
         """:meth:`BaseModel._init_from_parts`, then the label attributes of scvi-tools'
@@ -187,29 +193,7 @@ class SCANVI(BaseModel):
     def _make_config(
         cls, registry: dict, init_params: dict, n_labels: int | None = None
     ) -> SCANVAEConfig:
-        """The :class:`SCANVAEConfig`: scVI's VAE part from the registry and the arguments,
-        then the classifier options and ``n_labels`` (default: the categories but one)."""
-        p = dict(init_params)
-        p.setdefault("latent_distribution", "normal")
-        classifier = dict(p.pop("classifier_parameters", None) or {})
-        unknown = sorted(set(classifier) - set(_CLASSIFIER_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"Unsupported classifier_parameters {unknown}; jaxvi supports "
-                f"{sorted(_CLASSIFIER_FIELDS)}."
-            )
-        y_prior = p.pop("y_prior", None)
-        linear = bool(p.pop("linear_classifier", False))
-        vae = config_from_registry(registry, p)
-        if n_labels is None:
-            n_labels = len(registry["labels_categories"]) - 1
-        fields = {f.name: getattr(vae, f.name) for f in dataclasses.fields(vae)}
-        fields["n_labels"] = int(n_labels)
-        options = {_CLASSIFIER_FIELDS[k]: v for k, v in classifier.items()}
-        if "classifier_logits" in options:
-            options["classifier_logits"] = bool(options["classifier_logits"])
-        prior = None if y_prior is None else tuple(float(v) for v in y_prior)
-        return SCANVAEConfig(**fields, linear_classifier=linear, y_prior=prior, **options)
+        return scanvi_config(registry, init_params, n_labels)
 
     @classmethod
     def _config_from_json(cls, config: dict) -> SCANVAEConfig:
@@ -524,9 +508,58 @@ class SCANVI(BaseModel):
         super().save(dir_path, prefix, overwrite, save_anndata, format, **anndata_write_kwargs)
 
     @classmethod
-    def load_query_data(cls, adata, reference_model, *args, **kwargs):
-        """scArches for scANVI is not supported yet (it is for :class:`jaxvi.SCVI`)."""
-        raise NotImplementedError("SCANVI.load_query_data (scArches for scANVI) is not built yet.")
+    def load_query_data(
+        cls,
+        adata,
+        reference_model,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device="auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+        transfer_batch: bool = True,
+    ) -> SCANVI:
+        """A query model initialised from a reference scANVI (scArches), ready to
+        :meth:`train` and :meth:`predict` (label transfer).
+
+        ``reference_model`` is a trained :class:`SCANVI` or the directory of a saved one
+        (jaxvi's format). The query gets the reference's labels (an unknown label is a
+        ``ValueError``; a missing labels column is filled with the unlabelled category) and
+        new batch categories. Freezing follows scvi-tools (:mod:`jaxvi.model.scarches` and
+        :mod:`jaxvi.model._scanvi_arches`): with ``freeze_classifier`` the classifier does
+        not change; the ``z2`` networks keep their weights. The model trains with its
+        network in evaluation mode, as scvi-tools' query models.
+        """
+        del accelerator, device, freeze_dropout  # as scVI's load_query_data
+        if isinstance(reference_model, str | os.PathLike):
+            reference_model = cls.load(str(reference_model), adata=None)
+        elif not isinstance(reference_model, cls):
+            raise TypeError(
+                "reference_model must be a jaxvi SCANVI or the path of a saved one, got "
+                f"{type(reference_model).__name__}."
+            )
+        freeze = scarches.FreezeOptions(
+            unfrozen=unfrozen,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        )
+        parts = scanvi_query_parts(
+            cls,
+            adata,
+            reference_model,
+            freeze,
+            freeze_classifier,
+            inplace_subset_query_vars,
+            transfer_batch,
+        )
+        return cls._from_parts(parts)
 
 
 def _check_scanvi_registry(registry: dict) -> None:

@@ -8,12 +8,15 @@ Each follows scvi-tools 1.4.2 (``LabelsWithUnlabeledObsField``, ``SCANVI.__init_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
 import numpy as np
 
 from jaxvi.data import registry as reglib
+from jaxvi.model._scvi import config_from_registry
+from jaxvi.module import SCANVAEConfig
 from jaxvi.train import PairedCells
 
 __all__ = [
@@ -21,12 +24,20 @@ __all__ = [
     "label_values",
     "labelled_groups",
     "model_n_labels",
+    "scanvi_config",
     "scanvi_registry",
     "semi_supervised_split",
 ]
 
 # Where the registry keeps the unlabelled category (scvi-tools: a setup argument).
 UNLABELED_KEY = "unlabeled_category"
+# ``classifier_parameters`` keys -> SCANVAEConfig fields.
+_CLASSIFIER_FIELDS = {
+    "n_hidden": "classifier_n_hidden",
+    "n_layers": "classifier_n_layers",
+    "dropout_rate": "classifier_dropout_rate",
+    "logits": "classifier_logits",
+}
 
 
 def label_values(adata, registry: dict) -> np.ndarray:
@@ -111,6 +122,41 @@ def model_n_labels(registry: dict, labels: np.ndarray | None) -> int:
     if unlabeled in values or len(values) == n - 1:
         return n - 1
     return n
+
+
+def scanvi_config(registry: dict, init_params: dict, n_labels: int | None = None) -> SCANVAEConfig:
+    """The :class:`~jaxvi.module.SCANVAEConfig` of a registry and ``SCANVI`` arguments:
+    scVI's VAE part (:func:`jaxvi.model.config_from_registry`), then the classifier options
+    (``linear_classifier``, ``classifier_parameters``, ``y_prior``) and ``n_labels``
+    (default: the categories but one).
+
+    Raises
+    ------
+    ValueError
+        ``classifier_parameters`` keys other than ``n_hidden``, ``n_layers``,
+        ``dropout_rate``, ``logits``, or an invalid option (:class:`SCANVAEConfig`).
+    """
+    p = dict(init_params)
+    p.setdefault("latent_distribution", "normal")
+    classifier = dict(p.pop("classifier_parameters", None) or {})
+    unknown = sorted(set(classifier) - set(_CLASSIFIER_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Unsupported classifier_parameters {unknown}; jaxvi supports "
+            f"{sorted(_CLASSIFIER_FIELDS)}."
+        )
+    y_prior = p.pop("y_prior", None)
+    linear = bool(p.pop("linear_classifier", False))
+    vae = config_from_registry(registry, p)
+    if n_labels is None:
+        n_labels = len(registry["labels_categories"]) - 1
+    fields = {f.name: getattr(vae, f.name) for f in dataclasses.fields(vae)}
+    fields["n_labels"] = int(n_labels)
+    options = {_CLASSIFIER_FIELDS[k]: v for k, v in classifier.items()}
+    if "classifier_logits" in options:
+        options["classifier_logits"] = bool(options["classifier_logits"])
+    prior = None if y_prior is None else tuple(float(v) for v in y_prior)
+    return SCANVAEConfig(**fields, linear_classifier=linear, y_prior=prior, **options)
 
 
 def _split_counts(n, train_size, validation_size, batch_size, drop_last, train_size_is_none):

@@ -294,6 +294,51 @@ def test_from_scvi_model_then_train(make_adata):
         model.train(max_epochs=1, n_samples_per_label=0, enable_progress_bar=False)
 
 
+# --------------------------------------------------------------------------- scArches
+def test_load_query_data_label_transfer(trained, make_adata):
+    query = make_adata(n=64, g=30, seed=5)
+    query.obs["batch"] = "c"
+    lab = query.obs["cell_type"].astype(str).to_numpy().copy()
+    lab[lab != "t0"] = UNKNOWN
+    query.obs["lab"] = lab
+    model = SCANVI.load_query_data(query, trained)
+    reg = model.registry_
+    assert reg["batch_categories"] == ["a", "b", "c"]
+    assert reg["labels_categories"] == trained.registry_["labels_categories"]
+    assert model.n_labels == trained.n_labels
+    assert not model.is_trained
+    mask = model._query_training.update_mask
+    assert not any(m.any() for _, m in leaf_paths(mask["classifier"]))
+    assert not any(m.any() for _, m in leaf_paths(mask["encoder_z2_z1"]))
+    z1 = dict(leaf_paths(mask["decoder_z1_z2"]))
+    assert all(m.all() == p[-2].endswith("_bn") for p, m in z1.items())  # affine BN only
+    unfrozen = SCANVI.load_query_data(query.copy(), trained, freeze_classifier=False)
+    assert all(m.all() for _, m in leaf_paths(unfrozen._query_training.update_mask["classifier"]))
+    model.train(max_epochs=1, batch_size=BATCH, enable_progress_bar=False)
+    before = dict(leaf_paths(jax.device_get(trained.variables["params"])))
+    after = dict(leaf_paths(jax.device_get(model.variables["params"])))
+    for path, value in before.items():
+        if path[0] in ("classifier", "encoder_z2_z1"):
+            np.testing.assert_array_equal(after[path], value, err_msg="/".join(path))
+    assert assert_moved(before, after, ("decoder_z1_z2", "decoder", "layer0_bn", "scale"))
+    predicted = model.predict()
+    assert predicted.shape == (64,)
+    assert set(predicted) <= {"t0", "t1", "t2"}
+    bad = make_adata(n=20, g=30, seed=6)
+    bad.obs["lab"] = "t9"
+    with pytest.raises(ValueError, match="never saw"):
+        SCANVI.load_query_data(bad, trained)
+    missing = make_adata(n=20, g=30, seed=7)
+    with pytest.warns(UserWarning, match="Missing labels key"):
+        filled = SCANVI.load_query_data(missing, trained)
+    assert set(filled.adata.obs["lab"]) == {UNKNOWN}
+
+
+def assert_moved(before: dict, after: dict, path: tuple) -> bool:
+    """Whether the parameter at ``path`` changed in training."""
+    return not np.array_equal(before[path], after[path])
+
+
 # ----------------------------------------------------------------- scvi-tools parity
 @pytest.fixture(scope="module")
 def scvi_tools():

@@ -25,7 +25,7 @@ import pytest
 import jaxvi
 from jaxvi import SCANVI, SCVI
 from jaxvi.io.bridge import leaf_paths
-from jaxvi.model._scanvi_parts import semi_supervised_split
+from jaxvi.model._scanvi_parts import model_n_labels, semi_supervised_split
 
 UNKNOWN = "Unknown"
 SMALL = {"n_hidden": 16, "n_latent": 4}
@@ -120,17 +120,21 @@ def test_label_codes_put_the_unlabelled_category_last(make_adata):
     assert adata.uns["_jaxvi"]["labels_categories"] == ["c", "a", "b", UNKNOWN]  # a swap
     codes = dict(zip(adata.obs["lab"].astype(str), adata.obs["_scvi_labels"], strict=True))
     assert codes == {"c": 0, "a": 1, "b": 2, UNKNOWN: 3}
-    model = SCANVI(adata, **SMALL)
-    assert model.n_labels == 3
-    assert model.unlabeled_category_ == UNKNOWN
-    assert model.config.n_labels == 3
+    registry = adata.uns["_jaxvi"]
+    assert registry["setup_args"]["unlabeled_category"] == UNKNOWN
+    assert model_n_labels(registry, adata.obs["lab"].astype(str).to_numpy()) == 3
 
 
 def test_absent_unlabelled_category_is_appended(make_adata):
     adata = make_adata(n=40, g=10)
     SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="none")
-    assert adata.uns["_jaxvi"]["labels_categories"] == ["t0", "t1", "t2", "none"]
-    assert SCANVI(adata, **SMALL).n_labels == 3
+    registry = adata.uns["_jaxvi"]
+    assert registry["labels_categories"] == ["t0", "t1", "t2", "none"]
+    assert model_n_labels(registry, adata.obs["cell_type"].astype(str).to_numpy()) == 3
+    # scvi-tools' quirk: no unlabelled cell and an unused category: every category counts
+    adata.obs["lab"] = pd.Categorical(adata.obs["cell_type"], categories=["t0", "t1", "t2", "t3"])
+    SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category="none")
+    assert model_n_labels(adata.uns["_jaxvi"], adata.obs["lab"].astype(str).to_numpy()) == 5
 
 
 def test_setup_and_constructor_errors(make_adata):
@@ -155,11 +159,17 @@ def test_setup_and_constructor_errors(make_adata):
         SCANVI(adata, dispersion="gene-label")
     with pytest.raises(TypeError, match="unexpected"):
         SCANVI(adata, not_an_option=1)
-    model = SCANVI(adata, **SMALL)
+    with pytest.raises(TypeError, match="reference_model"):
+        SCANVI.load_query_data(adata, object())
+
+
+def test_untrained_model_does_not_predict(trained):
+    model = SCANVI(trained.adata, **SMALL)  # the fixture's configuration: nothing compiles
+    assert model.n_labels == 3
+    assert model.unlabeled_category_ == UNKNOWN
+    assert not model.is_trained
     with pytest.raises(RuntimeError, match="not been trained"):
         model.predict()
-    with pytest.raises(NotImplementedError):
-        SCANVI.load_query_data(adata, model)
 
 
 def test_classifier_options_reach_the_config(make_adata):

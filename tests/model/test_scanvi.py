@@ -1,14 +1,16 @@
 """The ``jaxvi.SCANVI`` model class: scvi-tools 1.4.2's ``SCANVI`` API on jaxvi's engine.
 
 Without scvi-tools: the API and its defaults, the labels registry (the unlabelled category's
-code) and its errors, semi-supervised training (history names, the split of labelled and
-unlabelled cells), ``predict`` (hard labels are the argmax of the soft probabilities), the
-queries inherited from scVI, save / load, and ``from_scvi_model`` (every scVI weight copied,
-the shorter default epoch count). With scvi-tools (skipped otherwise): the label codes and
-the semi-supervised split equal scvi-tools', and the same weights loaded into scvi-tools'
-``SCANVI`` give the same class probabilities and the same validation classification metrics
-(computed by scvi-tools over its own validation loader).
-"""
+code, the class count) and its errors, the classifier options, semi-supervised training
+(history names, the split of labelled and unlabelled cells), ``predict`` (hard labels are the
+argmax of the soft probabilities), the queries inherited from scVI, save / load,
+``from_scvi_model`` (every scVI weight copied; what ``train`` then hands the engine: the
+shorter default epoch count, ``classification_ratio``, ``n_samples_per_label``) and
+``load_query_data`` (label transfer: frozen networks unchanged by query training). With
+scvi-tools (skipped otherwise): the label codes, the architecture and the semi-supervised
+split equal scvi-tools', and the same weights loaded into scvi-tools' ``SCANVI`` give the
+same class probabilities and the same validation classification metrics (computed by
+scvi-tools over its own validation loader)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import pytest
 import jaxvi
 from jaxvi import SCANVI, SCVI
 from jaxvi.io.bridge import leaf_paths
-from jaxvi.model._scanvi_parts import model_n_labels, semi_supervised_split
+from jaxvi.io.scanvi_bridge import scanvae_config_from_scvi
+from jaxvi.model._scanvi_parts import model_n_labels, scanvi_config, semi_supervised_split
+from jaxvi.module import scanvae_model_def
 
 UNKNOWN = "Unknown"
 SMALL = {"n_hidden": 16, "n_latent": 4}
@@ -51,6 +55,10 @@ HISTORY_KEYS = {
     "validation_f1_score",
     "validation_calibration_error",
 }
+
+
+class _Captured(Exception):
+    """Raised by a stand-in for the engine once it has seen its arguments."""
 
 
 def labelled(make_adata, n=120, seed=0) -> anndata.AnnData:
@@ -172,22 +180,41 @@ def test_untrained_model_does_not_predict(trained):
         model.predict()
 
 
+def params(**options) -> dict:
+    """``SCANVI`` arguments as the model keeps them: the defaults, ``SMALL`` and ``options``."""
+    defaults = {
+        "n_layers": 1,
+        "dropout_rate": 0.1,
+        "dispersion": "gene",
+        "gene_likelihood": "zinb",
+        "use_observed_lib_size": True,
+        "linear_classifier": False,
+    }
+    return {**defaults, **SMALL, **options}
+
+
 def test_classifier_options_reach_the_config(make_adata):
     adata = make_adata(n=40, g=10)
     SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category=UNKNOWN)
-    m = SCANVI(
-        adata,
-        linear_classifier=True,
-        y_prior=np.array([0.5, 0.25, 0.25]),
-        classifier_parameters={"dropout_rate": 0.3},
-        **SMALL,
+    registry = adata.uns["_jaxvi"]
+    c = scanvi_config(
+        registry,
+        params(
+            linear_classifier=True,
+            y_prior=[0.5, 0.25, 0.25],
+            classifier_parameters={"dropout_rate": 0.3, "logits": False},
+        ),
+        3,
     )
-    c = m.config
     assert c.linear_classifier
     assert c.classifier_hidden == 0
     assert c.classifier_dropout == 0.3
+    assert not c.classifier_logits
     assert c.y_prior == (0.5, 0.25, 0.25)
-    np.testing.assert_allclose(m.variables["buffers"]["y_prior"], [[0.5, 0.25, 0.25]])
+    assert c.n_labels == 3
+    assert c.n_input == 10
+    with pytest.raises(ValueError, match="y_prior"):
+        scanvi_config(registry, params(y_prior=[0.5, 0.5]), 3)
 
 
 # ------------------------------------------------------------------------------- training
@@ -235,7 +262,6 @@ def test_inherited_queries(trained):
     assert np.isfinite(trained.get_elbo())
     assert trained.get_normalized_expression(n_samples=2).shape == (n, g)
     assert np.isfinite(trained.get_marginal_ll(indices=np.arange(8), n_mc_samples=4))
-    assert trained.posterior_predictive_sample(indices=np.arange(5)).shape == (5, g)
     de = trained.differential_expression(groupby="cell_type", group1="t0", silent=True)
     assert len(de) == g
     assert np.all(np.isfinite(de["bayes_factor"]))
@@ -259,7 +285,7 @@ def test_save_load_round_trip(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------- from scVI
-def test_from_scvi_model_then_train(make_adata):
+def test_from_scvi_model(make_adata, monkeypatch):
     adata = labelled(make_adata, n=100, seed=2)
     SCVI.setup_anndata(adata, batch_key="batch")
     scvi_model = SCVI(adata, **SMALL)
@@ -288,20 +314,31 @@ def test_from_scvi_model_then_train(make_adata):
         np.testing.assert_array_equal(got[path], value, err_msg="/".join(path))
     assert any(p[1] == "classifier" for p in got)
     assert not any(p[1] == "classifier" for p in ref)
-    # The default epochs after from_scvi_model: min(10, max(2, round(400 / 3))) = 10 here.
-    # classification_ratio 0 and no KL warm-up: the loss is the ELBO alone.
-    model.train(
-        batch_size=BATCH,
-        n_samples_per_label=5,
-        plan_kwargs={"classification_ratio": 0, "n_epochs_kl_warmup": None},
-        enable_progress_bar=False,
+    # What train() hands the engine (captured, nothing compiled): the default epochs after
+    # from_scvi_model, min(10, max(2, round(400 / 3))) = 10 here; the loss with the plan's
+    # classification_ratio; labelled cells per class, at most n_samples_per_label per epoch.
+    captured = {}
+
+    def run_training(engine_model, **kwargs):
+        captured.update(kwargs, engine_model=engine_model)
+        raise _Captured
+
+    monkeypatch.setattr("jaxvi.model._base.run_training", run_training)
+    with pytest.raises(_Captured):
+        model.train(
+            batch_size=BATCH, n_samples_per_label=5, plan_kwargs={"classification_ratio": 7}
+        )
+    assert captured["max_epochs"] == 10
+    assert captured["engine_model"] is scanvae_model_def(model.config, 7.0)
+    assert "classification_ratio" not in captured["plan_kwargs"]
+    train, val, _ = captured["split_fn"](
+        100, 0.9, None, batch_size=BATCH, shuffle=True, seed=0, drop_last=False
     )
-    h = model.history
-    assert len(h["train_loss"]) == 10
-    np.testing.assert_allclose(h["train_loss"].to_numpy(), h["elbo_train"].to_numpy(), rtol=1e-5)
-    assert np.all(h["train_classification_loss"].to_numpy() > 0)
-    with pytest.raises(ValueError, match="n_samples_per_label"):
-        model.train(max_epochs=1, n_samples_per_label=0, enable_progress_bar=False)
+    paired = captured["paired_fn"](train, val)
+    lab = adata.obs["lab"].to_numpy()
+    assert [sorted(set(lab[g])) for g in paired.train_groups] == [["t0"], ["t1"], ["t2"]]
+    assert paired.n_per_group == 5
+    assert sum(map(len, paired.train_groups)) == int(np.sum(lab[train] != UNKNOWN))
 
 
 # --------------------------------------------------------------------------- scArches
@@ -324,7 +361,18 @@ def test_load_query_data_label_transfer(trained, make_adata):
     assert all(m.all() == p[-2].endswith("_bn") for p, m in z1.items())  # affine BN only
     unfrozen = SCANVI.load_query_data(query.copy(), trained, freeze_classifier=False)
     assert all(m.all() for _, m in leaf_paths(unfrozen._query_training.update_mask["classifier"]))
-    model.train(max_epochs=1, batch_size=BATCH, enable_progress_bar=False)
+    model.train(
+        max_epochs=1,
+        batch_size=BATCH,
+        n_samples_per_label=8,
+        plan_kwargs={"classification_ratio": 0.0, "n_epochs_kl_warmup": None},
+        enable_progress_bar=False,
+    )
+    h = model.history  # ratio 0, KL weight 1: the loss is the ELBO alone
+    np.testing.assert_allclose(h["train_loss"].to_numpy(), h["elbo_train"].to_numpy(), rtol=1e-5)
+    assert np.all(h["train_classification_loss"].to_numpy() > 0)
+    with pytest.raises(ValueError, match="n_samples_per_label"):
+        model.train(max_epochs=1, n_samples_per_label=0, enable_progress_bar=False)
     before = dict(leaf_paths(jax.device_get(trained.variables["params"])))
     after = dict(leaf_paths(jax.device_get(model.variables["params"])))
     for path, value in before.items():
@@ -359,6 +407,7 @@ def scvi_tools():
 
 
 def test_label_codes_and_split_match_scvi_tools(make_adata, scvi_tools):
+    import torch
     from scvi.dataloaders import SemiSupervisedDataSplitter
 
     adata = labelled(make_adata, n=150, seed=3)
@@ -367,10 +416,16 @@ def test_label_codes_and_split_match_scvi_tools(make_adata, scvi_tools):
     SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category=UNKNOWN)
     scvi_tools.model.SCANVI.setup_anndata(ref, labels_key="lab", unlabeled_category=UNKNOWN)
     np.testing.assert_array_equal(adata.obs["_scvi_labels"], ref.obs["_scvi_labels"])
-    theirs = scvi_tools.model.SCANVI(ref, **SMALL)
-    ours = SCANVI(adata, **SMALL)
-    assert ours.n_labels == theirs.n_labels
-    assert list(ours._label_mapping) == list(theirs._label_mapping)
+    options = {"classifier_parameters": {"n_hidden": 8, "dropout_rate": 0.2}}
+    prior = [0.2, 0.3, 0.5]
+    theirs = scvi_tools.model.SCANVI(ref, y_prior=torch.tensor([prior]), **options, **SMALL)
+    registry = adata.uns["_jaxvi"]
+    n_labels = model_n_labels(registry, adata.obs["lab"].astype(str).to_numpy())
+    assert n_labels == theirs.n_labels
+    assert registry["labels_categories"] == list(theirs._label_mapping)
+    # the same architecture: jaxvi's config and the one read from scvi-tools' module
+    ours = scanvi_config(registry, params(y_prior=prior, **options), n_labels)
+    assert ours == scanvae_config_from_scvi(theirs)
     is_labelled = adata.obs["lab"].to_numpy() != UNKNOWN
     for train_size, validation_size, shuffle in (
         (0.9, None, True),

@@ -165,6 +165,12 @@ class SCANVI(BaseModel):
         if n_labels is None:
             labels = None if adata is None else label_values(adata, registry)
             n_labels = model_n_labels(registry, labels)
+        if n_labels < 1:
+            raise ValueError(
+                "The labels column has no category besides the unlabelled one: scANVI needs "
+                "at least one class (cells may all be unlabelled if the column is categorical "
+                "with the classes among its categories)."
+            )
         config = cls._make_config(registry, init_params, n_labels)
         means = variances = None
         if not config.use_observed_lib_size:

@@ -169,6 +169,11 @@ def test_setup_and_constructor_errors(make_adata):
         SCANVI(adata, not_an_option=1)
     with pytest.raises(TypeError, match="reference_model"):
         SCANVI.load_query_data(adata, object())
+    only = make_adata(n=20, g=10)
+    only.obs["lab"] = UNKNOWN
+    SCANVI.setup_anndata(only, labels_key="lab", unlabeled_category=UNKNOWN)
+    with pytest.raises(ValueError, match="at least one class"):
+        SCANVI(only)
 
 
 def test_untrained_model_does_not_predict(trained):

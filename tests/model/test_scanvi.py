@@ -287,6 +287,14 @@ def test_save_load_round_trip(trained, tmp_path):
         SCVI.load(str(tmp_path / "m"))
     with pytest.raises(NotImplementedError):
         trained.save(str(tmp_path / "pt"), format="scvi-tools")
+    # minified (q(z | x) kept, counts dropped): the classifier reads the cached posterior
+    qzm, qzv = loaded.get_latent_representation(return_dist=True)
+    loaded.adata.obsm["X_latent_qzm"], loaded.adata.obsm["X_latent_qzv"] = qzm, qzv
+    loaded.minify_adata()
+    assert loaded.minified_data_type == "latent_posterior_parameters"
+    np.testing.assert_allclose(
+        loaded.predict(soft=True).to_numpy(), trained.predict(soft=True).to_numpy(), atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------- from scVI

@@ -62,6 +62,8 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
             parts = parts._replace(adata=anndata.read_h5ad(adata_path))
         if parts.adata is not None:
             reglib.registry_arrays(parts.adata, parts.registry, counts=False)  # genes, categories
+            # broken CSR/CSC structure would make a later densification write out of bounds
+            reglib.check_counts_structure(parts.adata, parts.registry["setup_args"]["layer"])
             parts.adata.uns[reglib.UNS_KEY] = parts.registry
         model = cls.__new__(cls)
         model._init_from_parts(parts)

@@ -241,7 +241,7 @@ def run_training(
         history = {rename(k): v.rename(columns=rename) for k, v in err.history.items()}
         err.outcome = TrainOutcome(err.state, history, splits, mesh, None)
         if isinstance(err, TrainingInterrupted) and checkpointer is not None:
-            checkpointer.write(err.state, err.progress)
+            checkpointer.try_write(err.state, err.progress)
         raise
     history = {rename(k): v.rename(columns=rename) for k, v in history.items()}
     return TrainOutcome(state, history, splits, mesh, epoch_fn)

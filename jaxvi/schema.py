@@ -154,11 +154,13 @@ _BOOL_CONFIG = (
 )
 
 
-def check_registry(f: _Fields, reg) -> int:
-    """A registry of :func:`jaxvi.registry.setup_anndata`; returns its cell count."""
+def check_registry(f: _Fields, reg, model_name: str = "SCVI") -> int:
+    """A registry of :func:`jaxvi.registry.setup_anndata` (``model_name`` ``"SCVI"``) or of
+    ``SCANVI.setup_anndata`` (``"SCANVI"``: an ``unlabeled_category`` among the labels);
+    returns its cell count."""
     f.obj(reg, "registry")
-    if f.get(reg, "model_name", "registry.model_name") != "SCVI":
-        f.fail("registry.model_name", "must be 'SCVI'")
+    if f.get(reg, "model_name", "registry.model_name") != model_name:
+        f.fail("registry.model_name", f"must be {model_name!r}")
     args = f.obj(f.get(reg, "setup_args", "registry.setup_args"), "registry.setup_args")
     for key in _SETUP_ARGS:
         field = f"registry.setup_args.{key}"
@@ -216,7 +218,35 @@ def check_registry(f: _Fields, reg) -> int:
         f.fail(
             "registry.var_names" if not genes else "registry.batch_categories", "must not be empty"
         )
+    if model_name == "SCANVI":
+        field = "registry.setup_args.unlabeled_category"
+        unlabeled = f.get(args, "unlabeled_category", field)
+        if type(unlabeled) not in (str, int, float) or str(unlabeled) not in labels:
+            f.fail(field, "must be a string or number among registry.labels_categories")
     return n_cells
+
+
+def _check_scanvi_config(f: _Fields, config: dict, n_categories: int, elements: int) -> None:
+    """scANVI's config fields: the classifier options and the label prior."""
+    n_labels = config["n_labels"]
+    if n_labels not in (n_categories - 1, n_categories):
+        f.fail("config.n_labels", f"is {n_labels} but the registry has {n_categories} labels")
+    for key in ("linear_classifier", "classifier_logits"):
+        f.bool_(f.get(config, key, f"config.{key}"), f"config.{key}")
+    for key in ("classifier_n_hidden", "classifier_n_layers"):
+        value = config.get(key)
+        if value is not None:
+            hi = _MAX_LAYERS if key.endswith("layers") else max(elements, 1)
+            f.int_(value, f"config.{key}", 0, hi)
+    rate = config.get("classifier_dropout_rate")
+    if rate is not None and not 0.0 <= f.float_(rate, "config.classifier_dropout_rate") < 1.0:
+        f.fail("config.classifier_dropout_rate", f"must be in [0, 1), got {rate}")
+    prior = config.get("y_prior")
+    if prior is not None:
+        if not isinstance(prior, list) or len(prior) != n_labels:
+            f.fail("config.y_prior", f"must be null or a list of {n_labels} numbers")
+        if not all(type(p) in (int, float) and p >= 0 for p in prior):
+            f.fail("config.y_prior", "must hold non-negative numbers")
 
 
 def check_model_meta(
@@ -242,7 +272,8 @@ def check_model_meta(
         f.fail("model_name", f"must be one of {list(known)}, got {meta['model_name']!r:.60}")
     f.str_(meta.get("jaxvi_version", ""), "jaxvi_version")
     manifest = check_manifest(where, f.get(meta, "arrays", "arrays"))
-    n_cells = check_registry(f, f.get(meta, "registry", "registry"))
+    model_name = meta["model_name"]
+    n_cells = check_registry(f, f.get(meta, "registry", "registry"), model_name)
     reg = meta["registry"]
 
     init = f.obj(f.get(meta, "init_params", "init_params"), "init_params")
@@ -250,7 +281,8 @@ def check_model_meta(
         f.int_(f.get(init, key, f"init_params.{key}"), f"init_params.{key}", 1, _MAX_DIM)
     f.float_(f.get(init, "dropout_rate", "init_params.dropout_rate"), "init_params.dropout_rate")
     for key in ("dispersion", "gene_likelihood", "latent_distribution"):
-        f.str_(f.get(init, key, f"init_params.{key}"), f"init_params.{key}")
+        if key in init or model_name == "SCVI":  # scANVI's latent_distribution is a kwarg
+            f.str_(f.get(init, key, f"init_params.{key}"), f"init_params.{key}")
     emb = init.get("batch_embedding_kwargs")
     if emb is not None:
         f.obj(emb, "init_params.batch_embedding_kwargs")
@@ -285,12 +317,16 @@ def check_model_meta(
     for key in _BOOL_CONFIG:
         f.bool_(f.get(config, key, f"config.{key}"), f"config.{key}")
     stats = reg["summary_stats"]
+    if model_name == "SCANVI":  # its classes: the label categories but the unlabelled one
+        _check_scanvi_config(f, config, stats["n_labels"], elements)
     for key, stat in (
         ("n_input", "n_vars"),
         ("n_batch", "n_batch"),
         ("n_labels", "n_labels"),
         ("n_continuous_cov", "n_extra_continuous_covs"),
     ):
+        if key == "n_labels" and model_name == "SCANVI":
+            continue
         if config[key] != stats[stat]:
             f.fail(f"config.{key}", f"is {config[key]} but the registry has {stats[stat]}")
     cat_keys = reg["setup_args"]["categorical_covariate_keys"] or []

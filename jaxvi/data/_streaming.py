@@ -43,7 +43,7 @@ from jaxvi.data._cells import (
 )
 from jaxvi.data._placement import shard_local_rows
 from jaxvi.data._source import Block, DataSource, HostSource
-from jaxvi.data.registry import registry_arrays
+from jaxvi.data.registry import check_counts_piece, check_csr_parts, registry_arrays
 from jaxvi.parallel import local_cell_range, to_host
 
 __all__ = ["BackedCounts", "StreamingSource", "backed_cell_data", "bounded_runs", "read_rows"]
@@ -112,12 +112,19 @@ class _Reader:
             self.order = pd.Index(names).get_indexer(registry["var_names"])
 
     def _range(self, lo: int, hi: int) -> np.ndarray | sp.csr_matrix:
+        layer = self.registry["setup_args"]["layer"]
+        where = f"adata.layers['{layer}']" if layer else "adata.X"
         if self.indptr is None:
-            return np.asarray(self.x[lo:hi], np.float32)
+            x = np.asarray(self.x[lo:hi], np.float32)
+            check_counts_piece(x, where)
+            return x
         s, e = int(self.indptr[lo]), int(self.indptr[hi])
         data = np.asarray(self.x["data"][s:e], np.float32)
         idx = np.asarray(self.x["indices"][s:e])
-        return sp.csr_matrix((data, idx, self.indptr[lo : hi + 1] - s), (hi - lo, self.n_genes))
+        indptr = self.indptr[lo : hi + 1] - s
+        # checked before scipy sees them: its densification trusts the indices
+        check_csr_parts(data, idx, indptr, self.n_genes, where)
+        return sp.csr_matrix((data, idx, indptr), (hi - lo, self.n_genes))
 
     def _run_rows(self, run: np.ndarray) -> np.ndarray | sp.csr_matrix:
         lo, hi = int(run[0]), int(run[-1]) + 1

@@ -24,11 +24,27 @@ import pandas as pd
 import scipy.sparse as sp
 
 from jaxvi._settings import settings
+from jaxvi.data._checks import (
+    check_counts_piece,
+    check_csr_parts,
+    check_index_range,
+    check_indptr,
+)
+from jaxvi.data._columns import (
+    MissingColumnError,
+    _categories,
+    _codes,
+    _numeric_column,
+    _warn_small_categories,
+)
 
 __all__ = [
     "UNS_KEY",
     "MissingColumnError",
     "cell_totals",
+    "check_counts_piece",
+    "check_csr_parts",
+    "check_counts_structure",
     "column_sums",
     "count_pieces",
     "get_registry",
@@ -37,15 +53,6 @@ __all__ = [
 ]
 
 UNS_KEY = "_jaxvi"
-
-
-class MissingColumnError(KeyError, ValueError):
-    """A registered ``adata.obs`` column is absent. Both a ``KeyError`` (what scvi-tools
-    raises, and its callers catch) and a ``ValueError`` (what jaxvi raised before); the
-    message is shown without ``KeyError``'s quotes."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def setup_anndata(
@@ -177,6 +184,9 @@ def registry_arrays(adata, registry: dict, counts: bool = True) -> dict:
         _counts_source(adata, args["layer"])  # a missing layer is still an error; nothing read
     else:
         x = _get_counts(adata, args["layer"])
+        # queries read data setup_anndata never saw: broken structure would make a later
+        # densification write outside its buffer, bad values would give NaN silently
+        check_counts_piece(x, f"adata.layers['{args['layer']}']" if args["layer"] else "adata.X")
         if sp.issparse(x):
             x = sp.csr_matrix(x, dtype=np.float32)
         else:
@@ -455,38 +465,75 @@ def column_sums(adata, layer: str | None, weights: np.ndarray) -> tuple[np.ndarr
     return sums, nonzero
 
 
-def _warn_small_categories(codes: np.ndarray, name: str) -> None:
-    """scvi-tools' warning for categories (by code) with fewer than 3 cells."""
-    counts = np.bincount(codes)
-    for cat, n in enumerate(counts):
-        if 0 < n < 3:
-            warnings.warn(
-                f"Category {cat} in adata.obs['{name}'] has fewer than 3 cells. Models may "
-                "not train properly.",
-                UserWarning,
-                stacklevel=4,
-            )
+def check_counts_structure(adata, layer: str | None = None) -> None:
+    """Refuse sparse counts whose structure would make a later densification write outside
+    its buffer: ``indptr`` of the wrong length, not starting at 0 or decreasing, ``data`` /
+    ``indices`` lengths other than ``indptr[-1]``, or an index outside the matrix. Reads
+    ``indptr`` (``O(rows)``) and ``indices`` in bounded pieces; nothing for dense counts.
+
+    Parameters
+    ----------
+    adata
+        An AnnData, in memory or backed.
+    layer
+        Layer with the counts (None: ``X``).
+
+    Raises
+    ------
+    ValueError
+        Naming the matrix and the first problem found.
+    """
+    _check_structure(_counts_source(adata, layer), layer)
+
+
+def _check_structure(src: _CountsSource, layer) -> None:
+    if src.layout == "dense":
+        return
+    where = f"adata.layers['{layer}']" if layer else "adata.X"
+    n_major, n_minor = src.shape if src.layout == "csr" else src.shape[::-1]
+    nnz = check_indptr(
+        np.asarray(src.indptr[...]),
+        np.dtype(src.indices.dtype),
+        (src.data.shape[0], src.indices.shape[0]),
+        n_major,
+        src.layout,
+        where,
+    )
+    step = _piece_elements()
+    for s in range(0, nnz, step):
+        check_index_range(np.asarray(src.indices[s : s + step]), n_minor, src.layout, where)
 
 
 def _check_counts(source: _CountsSource, layer) -> None:
-    """Refuse non-numeric, NaN, infinite or negative counts; warn on non-integers. One pass
-    in bounded pieces; the problems are reported in that order whatever piece they are in."""
+    """Refuse broken sparse structure, non-numeric or complex, NaN, infinite, negative
+    counts or counts beyond float32's range; warn on non-integers. One pass in bounded
+    pieces; the problems are reported in that order whatever piece they are in."""
     where = f"adata.layers['{layer}']" if layer else "adata.X"
+    _check_structure(source, layer)
     size = int(source.indptr[-1]) if source.layout != "dense" else int(np.prod(source.shape))
+    if size and np.issubdtype(source.dtype, np.complexfloating):
+        raise ValueError(f"{where} has complex dtype {source.dtype}; scVI needs counts.")
     if size and not np.issubdtype(source.dtype, np.number):
         raise ValueError(f"{where} must be numeric, got dtype {source.dtype}.")
     floating = np.issubdtype(source.dtype, np.floating)
-    nonfinite = negative = nonint = False
+    wide = floating and np.dtype(source.dtype).itemsize > 4
+    nonfinite = negative = nonint = too_large = False
     for piece in _pieces(source, _piece_elements()):
         values = piece.values
         if floating and not np.all(np.isfinite(values)):
             nonfinite = True
             break
         negative = negative or bool(np.any(values < 0))
+        too_large = too_large or (wide and bool(np.any(values > np.finfo(np.float32).max)))
         if floating and not nonint:
             nonint = bool(np.any(values != np.round(values)))
     if nonfinite:
         raise ValueError(f"{where} contains NaN or infinite values; scVI needs raw counts.")
+    if too_large:
+        raise ValueError(
+            f"{where} contains values above float32's maximum (3.4e38), which scVI computes in; "
+            "these are not counts."
+        )
     if negative:
         raise ValueError(f"{where} contains negative values; scVI needs raw counts.")
     if nonint:
@@ -496,48 +543,3 @@ def _check_counts(source: _CountsSource, layer) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _categories(adata, key, arg) -> list[str]:
-    if key is None:
-        return ["0"]
-    if key not in adata.obs:
-        raise MissingColumnError(f"`{arg}`: column '{key}' not found in adata.obs.")
-    col = adata.obs[key]
-    if col.isna().any():
-        raise ValueError(
-            f"adata.obs['{key}'] has {int(col.isna().sum())} missing values; fill them first."
-        )
-    cat = col.astype("category")
-    return [str(c) for c in cat.cat.categories]
-
-
-def _codes(adata, key, categories) -> np.ndarray:
-    if key is None:
-        return np.zeros(adata.n_obs, np.int32)
-    if key not in adata.obs:
-        raise MissingColumnError(f"Column '{key}' not found in adata.obs.")
-    col = adata.obs[key]
-    if col.isna().any():
-        raise ValueError(f"adata.obs['{key}'] has missing values.")
-    values = col.astype(str).to_numpy()
-    lookup = pd.Index(categories)
-    codes = lookup.get_indexer(values)
-    if np.any(codes < 0):
-        unseen = sorted(set(values[codes < 0]))[:5]
-        raise ValueError(
-            f"adata.obs['{key}'] has categories the model was not set up with: {unseen}."
-        )
-    return codes.astype(np.int32)
-
-
-def _numeric_column(adata, key) -> np.ndarray:
-    if key not in adata.obs:
-        raise MissingColumnError(f"Column '{key}' not found in adata.obs.")
-    col = adata.obs[key]
-    if not pd.api.types.is_numeric_dtype(col):
-        raise ValueError(f"adata.obs['{key}'] must be numeric, got dtype {col.dtype}.")
-    vals = col.to_numpy(dtype=np.float32)
-    if not np.all(np.isfinite(vals)):
-        raise ValueError(f"adata.obs['{key}'] contains NaN or infinite values.")
-    return vals

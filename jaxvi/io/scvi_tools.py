@@ -25,6 +25,7 @@ import uuid
 import numpy as np
 import pandas as pd
 
+from jaxvi import schema
 from jaxvi.io import _npz, torchfile
 
 __all__ = [
@@ -111,6 +112,14 @@ def read_scvi_tools_files(dir_path: str, prefix: str | None = None) -> dict:
     bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise ValueError(f"{path}: state dict entries that are not tensors: {bad[:5]}.")
+    for k, v in state.items():  # weights are floating; only batch-norm counters are integers
+        kinds = "iu" if k.endswith("num_batches_tracked") else "f"
+        if v.dtype.kind not in kinds:
+            raise ValueError(
+                f"{path}: weight {k} has dtype {v.dtype}, expected "
+                f"{'an integer' if kinds == 'iu' else 'a floating'} dtype."
+            )
+    schema.check_weights(state, path)  # finite, batch-norm variances >= 0
     var_names = saved["var_names"]
     if isinstance(var_names, dict):
         raise ValueError(f"{path} holds a multi-modal (MuData) model; jaxvi reads SCVI only.")

@@ -62,6 +62,8 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
             parts = parts._replace(adata=anndata.read_h5ad(adata_path))
         if parts.adata is not None:
             reglib.registry_arrays(parts.adata, parts.registry, counts=False)  # genes, categories
+            # broken CSR/CSC structure would make a later densification write out of bounds
+            reglib.check_counts_structure(parts.adata, parts.registry["setup_args"]["layer"])
             parts.adata.uns[reglib.UNS_KEY] = parts.registry
         model = cls.__new__(cls)
         model._init_from_parts(parts)
@@ -261,13 +263,21 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
             When a loss, gradient or update became NaN/inf; the message names the epoch and
             step, and the model keeps the last finite parameters.
         """
+        options = {k: v for k, v in locals().items() if k not in ("self", "accelerator")}
+        options.update(options.pop("trainer_kwargs"))
+        self._train(accelerator, options)
+
+    def _train(self, accelerator, options: dict, engine_model=None, **engine_options) -> None:
+        """The body of :meth:`train`: ``options`` are its arguments by name; a model's own
+        ``train`` may pass another ``engine_model`` and :func:`run_training`'s ``split_fn``
+        / ``paired_fn`` as ``engine_options``."""
         if self.adata is None:
             raise ValueError("This model has no AnnData to train on (loaded without data).")
         if self.minified_data_type is not None:
             raise ValueError("A model with minified data cannot be trained.")
         check_accelerator(accelerator)
-        options = {k: v for k, v in locals().items() if k not in ("self", "accelerator")}
-        options.update(options.pop("trainer_kwargs"))
+        options = dict(options)
+        max_epochs, batch_size = options["max_epochs"], options["batch_size"]
         hparams = {**self.init_params_, "max_epochs": max_epochs, "batch_size": batch_size}
         start, epoch_end, end = epoch_hooks(
             self, options.pop("callbacks"), options.pop("logger"), hparams
@@ -276,7 +286,7 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
             start()
         try:
             outcome = run_training(
-                self._engine_model(),
+                self._engine_model() if engine_model is None else engine_model,
                 variables=self.variables,
                 adata=self.adata,
                 registry=self.registry_,
@@ -285,6 +295,7 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
                 query_training=self._query_training,
                 epoch_callback=epoch_end,
                 **options,
+                **engine_options,
             )
         except (TrainingInterrupted, NonFiniteError) as err:
             self._set_trained(err.outcome)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from jaxvi import io
+from jaxvi import io, schema
 from jaxvi.module import ModelDef
 from jaxvi.parallel.memory import is_out_of_memory, out_of_memory_error
 
@@ -86,12 +86,14 @@ class ModelParts(NamedTuple):
 
 
 def check_variables(variables: dict, model_def: ModelDef) -> None:
-    """Refuse ``variables`` whose arrays do not match the model's in names and shapes.
+    """Refuse ``variables`` whose arrays do not match the model's in names, shapes and
+    dtypes, or hold non-finite values or negative batch-norm variances
+    (:func:`jaxvi.schema.check_weights`).
 
     Raises
     ------
     ValueError
-        Naming the missing, extra or mis-shaped arrays.
+        Naming the missing, extra, mis-shaped, mistyped or non-finite arrays.
     """
     shapes = jax.eval_shape(model_def.init, jax.random.key(0))
     expected = {k: v.shape for k, v in io.flatten_tree(_empty_like(shapes)).items()}
@@ -103,6 +105,8 @@ def check_variables(variables: dict, model_def: ModelDef) -> None:
     for k, shape in expected.items():
         if got[k].shape != shape:
             raise ValueError(f"Saved array {k} has shape {got[k].shape}, expected {shape}.")
+    dtypes = {k: v.dtype for k, v in io.flatten_tree(_empty_like(shapes)).items()}
+    schema.check_weights(got, "saved model", dtypes)  # dtypes, finite, variances >= 0
 
 
 def _empty_like(shapes):

@@ -97,20 +97,18 @@ def jaxvi_parts(cls, dir_path: str, adata, prefix: str | None):
         scvi_tools.is_scvi_tools_dir(dir_path, prefix)
     ):
         return None
-    meta, arrays = io.read_model_dir(
-        dir_path, json_name=names["json_name"], npz_name=names["npz_name"]
-    )
+    # model.json, model.npz and the AnnData from one version, schema-checked (jaxvi.schema)
+    meta, arrays, saved_adata = io.read_saved_model(dir_path, read_adata=adata is None, **names)
     if meta.get("model_name") != cls._model_name:
         raise ValueError(
             f"{dir_path} holds a {meta.get('model_name')!r} model, not {cls._model_name}."
         )
-    saved_adata = os.path.join(dir_path, names["adata_name"])
     idx = meta["indices"]
     parts = ModelParts(
         registry=meta["registry"],
         init_params=meta["init_params"],
         variables=io.unflatten_tree(arrays),
-        adata=adata,
+        adata=saved_adata if adata is None else adata,
         history=history_from_json(meta["history"]),
         is_trained=bool(meta["is_trained"]),
         indices=tuple(
@@ -118,7 +116,7 @@ def jaxvi_parts(cls, dir_path: str, adata, prefix: str | None):
         ),
         config=cls._config_from_json(meta["config"]),
     )
-    return parts, saved_adata if os.path.exists(saved_adata) else None
+    return parts, None
 
 
 def scvi_tools_parts(cls, dir_path: str, adata, prefix: str | None):

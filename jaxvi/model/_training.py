@@ -92,6 +92,8 @@ def run_training(
     checkpoint_keep: int = 2,
     resume: str | None = None,
     epoch_callback=None,
+    split_fn=None,
+    paired_fn=None,
     **trainer_kwargs,
 ) -> TrainOutcome:
     """Train ``engine_model`` from ``variables`` on ``adata`` (arguments as
@@ -99,6 +101,12 @@ def run_training(
 
     ``epoch_callback(state, epoch, global_step, metrics) -> bool`` runs after every epoch
     (before the checkpoint); True stops training after that epoch.
+
+    ``split_fn(n_obs, train_size, validation_size, batch_size, shuffle, seed, drop_last)
+    -> (train, validation, test)`` replaces scVI's split (:func:`jaxvi.train.split_indices`;
+    not with ``external_indexing``); ``paired_fn(train, validation)`` returns the
+    :class:`jaxvi.train.PairedCells` of every step's second minibatch (or None), from the
+    final split (a resumed run's included).
 
     Raises
     ------
@@ -138,7 +146,7 @@ def run_training(
     if external is not None:
         train_idx, val_idx, test_idx = external_split(external, n_obs, int(batch_size), drop_last)
     else:
-        train_idx, val_idx, test_idx = split_indices(
+        train_idx, val_idx, test_idx = (split_fn or split_indices)(
             n_obs,
             train_size,
             validation_size,
@@ -171,6 +179,11 @@ def run_training(
         history_before = ckpt.history_from_json(meta["history_before"])
         progress = FitProgress(**meta["progress"])
         state = ckpt.restore_state(state, meta, arrays)
+    paired = None if paired_fn is None else paired_fn(train_idx, val_idx)
+    if paired is not None:
+        run["paired"] = paired.describe()
+        if resume is not None:
+            ckpt.check_same_run(meta, run)
     checkpointer = None
     if checkpoint_dir is not None:
         checkpointer = ckpt.Checkpointer(
@@ -220,6 +233,7 @@ def run_training(
                 on_epoch_end=_epoch_end(epoch_callback, checkpointer, rename),
                 update_mask=query_training.update_mask,
                 network_training=query_training.network_training,
+                paired=paired,
                 **trainer_kwargs,
             )
     except (TrainingInterrupted, NonFiniteError) as err:
@@ -227,7 +241,7 @@ def run_training(
         history = {rename(k): v.rename(columns=rename) for k, v in err.history.items()}
         err.outcome = TrainOutcome(err.state, history, splits, mesh, None)
         if isinstance(err, TrainingInterrupted) and checkpointer is not None:
-            checkpointer.write(err.state, err.progress)
+            checkpointer.try_write(err.state, err.progress)
         raise
     history = {rename(k): v.rename(columns=rename) for k, v in history.items()}
     return TrainOutcome(state, history, splits, mesh, epoch_fn)

@@ -61,9 +61,14 @@ class ModelDef:
         ``trainable(params) -> pytree of bool`` like ``params``: which parameters the
         optimizer may update (PyTorch never updates a parameter without a gradient, so
         parameters the loss does not use are marked False).
+    prefixed_terms
+        Names of terms reported as ``train_<name>`` / ``validation_<name>`` (scvi-tools'
+        ``log_with_mode``, e.g. scANVI's classification metrics) instead of
+        ``<name>_train`` / ``<name>_validation``.
     """
 
     name: str
     init: Callable[[jax.Array], dict]
     loss: Callable[..., tuple[LossOutput, dict]]
     trainable: Callable[[dict], dict]
+    prefixed_terms: frozenset[str] = frozenset()

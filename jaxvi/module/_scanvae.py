@@ -541,6 +541,8 @@ def scanvae_loss(
     ce = true_labels = None
     if labelled is not None:
         true_labels = labelled.labels
+        if labelled.mask is not None:  # padding may carry the unlabelled code, out of range
+            true_labels = jnp.where(labelled.mask > 0, true_labels, 0)
         log_p = jax.nn.log_softmax(logits, axis=-1)
         nll_y = -jnp.take_along_axis(log_p, true_labels[:, None], axis=-1)[:, 0]
         ce = masked_mean(nll_y, labelled.mask)
@@ -557,7 +559,8 @@ def scanvae_model_def(config: SCANVAEConfig, classification_ratio: float = 50.0)
     per cell (scvi-tools' ELBO metrics; no ``kl_global``) and, for a minibatch with a
     ``labelled`` sub-batch, the minibatch scalars ``classification_loss``, ``accuracy``,
     ``f1_score`` and ``calibration_error`` (:func:`classification_metrics`, not
-    differentiated), which scvi-tools logs weighted by the size of the full minibatch.
+    differentiated), which scvi-tools logs weighted by the size of the full minibatch and
+    names ``train_<name>`` / ``validation_<name>`` (``prefixed_terms``).
     ``classification_ratio`` is the training plan's (default 50). Cached per arguments.
     """
     if not isinstance(config, SCANVAEConfig):
@@ -587,4 +590,5 @@ def scanvae_model_def(config: SCANVAEConfig, classification_ratio: float = 50.0)
         init=functools.partial(init_scanvae_variables, config),
         loss=loss,
         trainable=functools.partial(trainable_mask, config),
+        prefixed_terms=frozenset({CLASSIFICATION, ACCURACY, F1_SCORE, CALIBRATION_ERROR}),
     )

@@ -4,9 +4,11 @@ A query is a value, :class:`Query` (the module or model definition, its variable
 :class:`~jaxvi.data.DataSource`, the cells, a key and the chunk size), and every program goes
 through the one chunked runner, :func:`run_query`. Latent representation, normalised
 expression, likelihood parameters, posterior predictive samples, marginal log-likelihood,
-library size, denoised expression, importance weights and the ELBO terms.
+library size, denoised expression, importance weights, the ELBO terms and scANVI's class
+probabilities.
 """
 
+from jaxvi.posterior._classify import classify_program, predict_probabilities
 from jaxvi.posterior._importance import (
     anchors_per_group,
     get_importance_weights,
@@ -52,6 +54,7 @@ __all__ = [
     "batch_codes",
     "bucket",
     "chunks_per_call",
+    "classify_program",
     "denoised_program",
     "elbo_terms_program",
     "expression_and_latent_program",
@@ -73,6 +76,7 @@ __all__ = [
     "normalize_log_weights",
     "normalized_expression_program",
     "posterior_predictive_sample",
+    "predict_probabilities",
     "predictive_program",
     "run_query",
 ]

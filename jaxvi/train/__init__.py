@@ -12,6 +12,7 @@ state (:class:`TrainState`, :class:`EpochInfo`) are their own modules.
 from jaxvi.train import checkpoint
 from jaxvi.train._epoch import epoch_grid, make_evaluate, make_step, make_train_epoch
 from jaxvi.train._fit import evaluate, fit, history_metrics
+from jaxvi.train._paired import PairedCells, paired_grid, paired_positions
 from jaxvi.train._plan import (
     PlanConfig,
     Plateau,
@@ -38,6 +39,7 @@ __all__ = [
     "EpochInfo",
     "FitProgress",
     "NonFiniteError",
+    "PairedCells",
     "PlanConfig",
     "Plateau",
     "StepInfo",
@@ -55,6 +57,8 @@ __all__ = [
     "make_optimizer",
     "make_step",
     "make_train_epoch",
+    "paired_grid",
+    "paired_positions",
     "split_indices",
     "steps_per_epoch",
     "variables_of",

@@ -180,21 +180,33 @@ def make_train_epoch(
 
     Returns
     -------
-    ``epoch(key, state, data, idx, mask, kl_weights) -> (state, EpochInfo)``: ``key`` the
-    steps' key (step ``i`` uses ``fold_in(key, i)``), ``data`` a :class:`jaxvi.data.CellData`,
-    ``idx`` and ``mask`` the ``(n_steps, batch_size)`` grid of :func:`epoch_grid` and
-    ``kl_weights`` ``(n_steps,)`` float32.
+    ``epoch(key, state, data, idx, mask, kl_weights, pair_idx=None, pair_mask=None) ->
+    (state, EpochInfo)``: ``key`` the steps' key (step ``i`` uses ``fold_in(key, i)``),
+    ``data`` a :class:`jaxvi.data.CellData`, ``idx`` and ``mask`` the
+    ``(n_steps, batch_size)`` grid of :func:`epoch_grid` and ``kl_weights`` ``(n_steps,)``
+    float32. ``pair_idx`` and ``pair_mask`` ``(n_steps, pair_size)``, when given, are a
+    second grid: step ``i``'s minibatch carries the cells of its row as
+    ``Minibatch.labelled`` (:func:`jaxvi.train.paired_grid`; scANVI's labelled cells).
     """
     guard = _check_guard(guard)
     step = make_step(model_def, tx, guard=guard, network_training=network_training)
 
-    def epoch(key, state: TrainState, data: CellData, idx, mask, kl_weights):
+    def epoch(
+        key,
+        state: TrainState,
+        data: CellData,
+        idx,
+        mask,
+        kl_weights,
+        pair_idx=None,
+        pair_mask=None,
+    ):
         n_steps = idx.shape[0]
 
         def body(carry, xs):
             state, bad_step, bad_kind = carry
-            i, idx_i, mask_i, kl_i = xs
-            batch = gather(data, idx_i, mask_i)
+            i, idx_i, mask_i, kl_i, pair_i = xs
+            batch = _paired_batch(data, idx_i, mask_i, pair_i)
             new, info = step(jax.random.fold_in(key, i), state, batch, kl_i, bad_step < 0)
             first = (info.kind != 0) & (bad_step < 0)
             sums = info._replace(kind=None)
@@ -206,7 +218,9 @@ def make_train_epoch(
             return (new, bad_step, bad_kind), sums
 
         carry = (state, jnp.int32(-1), jnp.int32(0))
-        xs = (jnp.arange(n_steps, dtype=jnp.int32), idx, mask, kl_weights.astype(jnp.float32))
+        pair = None if pair_idx is None else (pair_idx, jnp.asarray(pair_mask, jnp.float32))
+        steps = jnp.arange(n_steps, dtype=jnp.int32)
+        xs = (steps, idx, mask, kl_weights.astype(jnp.float32), pair)
         (state, bad_step, bad_kind), sums = jax.lax.scan(body, carry, xs)
         if guard == "detect":
             params_ok = jnp.isfinite(_tree_sum(state.params))
@@ -224,24 +238,36 @@ def make_evaluate(model_def: ModelDef):
 
     Returns
     -------
-    ``evaluate(key, variables, data, idx, mask=None, kl_weight=1.0) -> (loss, terms)`` for
-    ``idx`` (and ``mask``) of shape ``(n_chunks, batch)``: ``loss`` ``(n_chunks,)`` is each
-    chunk's loss (the mean over its real cells at ``kl_weight``), ``terms`` maps each named
-    term of the loss to ``(n_chunks, batch)`` per-cell values (``(n_chunks,)`` for a scalar
-    term). One draw per cell from ``fold_in(key, chunk)`` (as scvi-tools' ``get_elbo`` and
-    validation), or the posterior mean when ``key`` is None.
+    ``evaluate(key, variables, data, idx, mask=None, kl_weight=1.0, pair_idx=None,
+    pair_mask=None) -> (loss, terms)`` for ``idx`` (and ``mask``) of shape
+    ``(n_chunks, batch)``: ``loss`` ``(n_chunks,)`` is each chunk's loss (the mean over its
+    real cells at ``kl_weight``), ``terms`` maps each named term of the loss to
+    ``(n_chunks, batch)`` per-cell values (``(n_chunks,)`` for a scalar term). One draw per
+    cell from ``fold_in(key, chunk)`` (as scvi-tools' ``get_elbo`` and validation), or the
+    posterior mean when ``key`` is None. ``pair_idx`` / ``pair_mask`` ``(n_chunks, m)``: a
+    second minibatch per chunk, as in :func:`make_train_epoch`.
     """
 
-    def run(key, variables, data, idx, mask=None, kl_weight=1.0):
+    def run(key, variables, data, idx, mask=None, kl_weight=1.0, pair_idx=None, pair_mask=None):
         def body(_, xs):
-            i, idx_i, mask_i = xs
-            batch = gather(data, idx_i, mask_i)
+            i, idx_i, mask_i, pair_i = xs
+            batch = _paired_batch(data, idx_i, mask_i, pair_i)
             k = None if key is None else jax.random.fold_in(key, i)
             out, _ = model_def.loss(k, variables, batch, training=False, kl_weight=kl_weight)
             return None, (out.loss, dict(out.terms))
 
         masks = None if mask is None else jnp.asarray(mask, jnp.float32)
-        _, outs = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx, masks))
+        pair = None if pair_idx is None else (pair_idx, jnp.asarray(pair_mask, jnp.float32))
+        _, outs = jax.lax.scan(body, None, (jnp.arange(idx.shape[0]), idx, masks, pair))
         return outs
 
     return jax.jit(run)
+
+
+def _paired_batch(data: CellData, idx, mask, pair):
+    """The minibatch of ``idx``, with the cells of ``pair = (pair_idx, pair_mask)`` (one row
+    of the second grid) as its ``labelled`` minibatch when given."""
+    batch = gather(data, idx, mask)
+    if pair is None:
+        return batch
+    return batch._replace(labelled=gather(data, pair[0], pair[1]))

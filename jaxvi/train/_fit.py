@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxvi._compilation import compile_ahead
 from jaxvi.data import DataSource, as_source, pad_indices
 from jaxvi.module import KL_GLOBAL, KL_LOCAL, RECONSTRUCTION, ModelDef
 from jaxvi.parallel import to_host
+from jaxvi.train._announced import _Announced, _fold
 from jaxvi.train._epoch import epoch_grid, make_evaluate, make_train_epoch
+from jaxvi.train._paired import PairedCells, paired_grid, paired_positions
 from jaxvi.train._plan import (
     PlanConfig,
     Plateau,
@@ -52,28 +53,6 @@ from jaxvi.train._state import (
 __all__ = ["evaluate", "fit", "history_metrics"]
 
 ELBO_TERMS = (RECONSTRUCTION, KL_LOCAL, KL_GLOBAL)
-
-
-class _Announced:
-    """A jitted function compiled ahead (:func:`jaxvi._compilation.compile_ahead`: timed,
-    logged, shown on the bar) the first time it meets a new signature of arguments, so the
-    compile is never hidden in an epoch's time."""
-
-    def __init__(self, fn, what: str, bar):
-        self.fn, self.what, self.bar, self.seen = fn, what, bar, set()
-
-    def __call__(self, *args):
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        sig = (tree, tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
-        if sig not in self.seen:
-            self.seen.add(sig)
-            compile_ahead(self.fn, args, self.what, self.bar)
-        return self.fn(*args)
-
-
-def _fold(key, i: int):
-    """``fold_in(key, i)``, the integer moved to the device explicitly."""
-    return jax.random.fold_in(key, jax.device_put(np.int32(i)))
 
 
 class _SignalCatcher:
@@ -108,12 +87,14 @@ class _SignalCatcher:
         return False
 
 
-def history_metrics(means: dict, suffix: str) -> dict:
+def history_metrics(means: dict, suffix: str, prefixed=frozenset()) -> dict:
     """History names of the mean terms ``{name: float}`` of an epoch (``suffix`` is
     ``"train"`` or ``"validation"``): scvi-tools' ELBO metrics (``elbo_<suffix>``, the sum of
     ``reconstruction_loss``, ``kl_local`` and ``kl_global``, each reported, a missing KL as
     0) when the loss reports ``reconstruction_loss``, then every other term as
-    ``<name>_<suffix>``. ``means["elbo"]``, if given, is used as the ELBO."""
+    ``<name>_<suffix>``, or ``<suffix>_<name>`` for the names in ``prefixed``
+    (:attr:`jaxvi.module.ModelDef.prefixed_terms`). ``means["elbo"]``, if given, is used as
+    the ELBO."""
     out = {}
     if RECONSTRUCTION in means:
         parts = [means.get(name, 0.0) for name in ELBO_TERMS]
@@ -122,23 +103,32 @@ def history_metrics(means: dict, suffix: str) -> dict:
             out[f"{name}_{suffix}"] = value
     for name, value in means.items():
         if name not in ELBO_TERMS and name != "elbo":
-            out[f"{name}_{suffix}"] = value
+            out[f"{suffix}_{name}" if name in prefixed else f"{name}_{suffix}"] = value
     return out
 
 
-def _train_metrics(info: EpochInfo, kl_weight: float) -> dict:
+def _train_metrics(info: EpochInfo, kl_weight: float, prefixed=frozenset()) -> dict:
     n = float(info.n_obs)
     means = {name: float(v) / n for name, v in info.terms.items()}
     if RECONSTRUCTION in means:
         means["elbo"] = means[RECONSTRUCTION] + means.get(KL_LOCAL, 0.0)
         if KL_GLOBAL in means:
             means["elbo"] += means[KL_GLOBAL]
-    metrics = {"train_loss": float(info.loss_sum) / n, **history_metrics(means, "train")}
+    metrics = {"train_loss": float(info.loss_sum) / n, **history_metrics(means, "train", prefixed)}
     metrics["kl_weight"] = kl_weight
     return metrics
 
 
-def evaluate(evaluate_fn, variables, source: DataSource, cells, key, batch_size, kl_weight=1.0):
+def evaluate(
+    evaluate_fn,
+    variables,
+    source: DataSource,
+    cells,
+    key,
+    batch_size,
+    kl_weight=1.0,
+    pair_rows=None,
+):
     """The loss and the named terms of ``cells`` in evaluation mode, block by block.
 
     Parameters
@@ -157,6 +147,9 @@ def evaluate(evaluate_fn, variables, source: DataSource, cells, key, batch_size,
         Cells per chunk.
     kl_weight
         The KL weight of the loss.
+    pair_rows
+        ``(m,)`` dataset rows among ``cells``: each chunk is paired with a minibatch of them
+        (:func:`jaxvi.train.paired_grid`, in this order, cycled), or None. Needs one block.
 
     Returns
     -------
@@ -169,10 +162,24 @@ def evaluate(evaluate_fn, variables, source: DataSource, cells, key, batch_size,
     per_cell: dict = {}
     scalars: dict = {}
     w = source.replicate(np.float32(kl_weight))
-    for block in source.blocks(np.asarray(cells), key, shuffle=False):
+    cells = np.asarray(cells)
+    if pair_rows is not None and len(source.block_sizes(cells)) > 1:
+        raise ValueError(_ONE_BLOCK)
+    for block in source.blocks(cells, key, shuffle=False):
         idx, mask = pad_indices(block.cells, batch_size)
+        pair = ()
+        if pair_rows is not None:
+            p_idx, p_mask = paired_grid(pair_rows, idx.shape[0], batch_size)
+            p_idx = paired_positions(p_idx, p_mask, cells, block.cells)
+            pair = (source.replicate(p_idx), source.replicate(p_mask))
         loss, terms = evaluate_fn(
-            block.key, variables, block.data, source.replicate(idx), source.replicate(mask), w
+            block.key,
+            variables,
+            block.data,
+            source.replicate(idx),
+            source.replicate(mask),
+            w,
+            *pair,
         )
         counts = mask.sum(axis=1).astype(np.float64)
         keep = mask.reshape(-1) > 0
@@ -189,13 +196,19 @@ def evaluate(evaluate_fn, variables, source: DataSource, cells, key, batch_size,
     return loss_sum / n_total, out
 
 
-def _validation_metrics(loss: float, terms: dict) -> dict:
+_ONE_BLOCK = (
+    "Paired (labelled) minibatches need every cell of a pass in one block; a streamed AnnData "
+    "is read in several. Train with streaming=False (the cells in memory)."
+)
+
+
+def _validation_metrics(loss: float, terms: dict, prefixed=frozenset()) -> dict:
     means = {name: float(np.mean(v)) for name, v in terms.items()}
     if RECONSTRUCTION in terms:
         per_cell = [terms[n] for n in ELBO_TERMS if n in terms and np.ndim(terms[n])]
         scalar = sum(float(terms[n]) for n in ELBO_TERMS if n in terms and not np.ndim(terms[n]))
         means["elbo"] = float(np.mean(sum(per_cell[1:], per_cell[0]))) + scalar
-    return {"validation_loss": loss, **history_metrics(means, "validation")}
+    return {"validation_loss": loss, **history_metrics(means, "validation", prefixed)}
 
 
 def _check_blocks(sizes, batch_size, drop_last, state, stream):
@@ -216,6 +229,25 @@ def _check_blocks(sizes, batch_size, drop_last, state, stream):
                 "datasplitter_kwargs={'drop_last': True}."
             )
     return steps
+
+
+def _check_paired(n_cells, batch_size, drop_last, state):
+    """Refuse paired minibatches that would be empty, or whose ragged last one holds one
+    cell in a model with batch norm (as :func:`_check_blocks`)."""
+    n_rows = steps_per_epoch(n_cells, batch_size, drop_last)
+    if n_rows == 0:
+        raise ValueError(
+            f"The paired (labelled) training minibatches would be empty: {n_cells} cells with "
+            f"batch_size={batch_size}" + (" and drop_last=True." if drop_last else ".")
+        )
+    if not drop_last and jax.tree_util.tree_leaves(state.batch_stats):
+        if n_cells - (n_rows - 1) * batch_size == 1:
+            raise ValueError(
+                f"The last paired (labelled) minibatch would hold a single cell ({n_cells} "
+                f"labelled training cells, batch_size={batch_size}), and batch norm needs more "
+                "than one value per channel in training. Change batch_size, train_size or "
+                "n_samples_per_label, or pass datasplitter_kwargs={'drop_last': True}."
+            )
 
 
 def fit(
@@ -246,6 +278,7 @@ def fit(
     guard: bool = True,
     update_mask=None,
     network_training: bool = True,
+    paired: PairedCells | None = None,
 ):
     """Train ``model_def`` for up to ``max_epochs`` epochs; return ``(state, history,
     epoch_fn)``.
@@ -299,6 +332,14 @@ def fit(
     update_mask, network_training
         Freeze parameter entries (:func:`jaxvi.train.make_optimizer`); train with the
         network in evaluation mode (:func:`jaxvi.train.make_step`).
+    paired
+        A second minibatch for every step (:class:`jaxvi.train.PairedCells`, scANVI's
+        labelled cells), as scvi-tools' ``ConcatDataLoader``: each epoch the training groups
+        are subsampled and shuffled (from ``seed`` and the epoch), cut into minibatches of
+        ``batch_size`` (``drop_last`` as the main ones) and cycled over the epoch's steps;
+        validation chunks are paired with the validation groups, in order, drawn once. The
+        minibatch carries them as ``Minibatch.labelled``. Needs the cells in one block (not
+        streamed).
 
     Returns
     -------
@@ -340,6 +381,13 @@ def fit(
     eval_fn = make_evaluate(model_def)
     sizes = source.block_sizes(train_idx)
     n_steps = sum(_check_blocks(sizes, batch_size, drop_last, state, len(sizes) > 1))
+    pair_val = None
+    if paired is not None:
+        if len(sizes) > 1:
+            raise ValueError(_ONE_BLOCK)
+        _check_paired(paired.n_cells("train"), batch_size, drop_last, state)
+        if paired.n_cells("validation") > 0:
+            pair_val = paired.rows("validation", np.random.default_rng([seed, 1, 0]))
     mesh = source.mesh
     with jax.transfer_guard("allow"):  # the seed: the only value of the loop set by host code
         k_train, k_val = jax.random.split(jax.random.key(seed))
@@ -353,7 +401,7 @@ def fit(
                 stacklevel=3,
             )
 
-    def run_epoch(fn, state, key, kl_w):
+    def run_epoch(fn, state, key, kl_w, pair_rows):
         """One pass over the training blocks: ``(state, EpochInfo summed over blocks)``."""
         total, start = None, 0
         for block in source.blocks(train_idx, key, shuffle=True):
@@ -362,9 +410,14 @@ def fit(
                 continue
             kl = source.replicate(np.asarray(kl_w[start : start + steps], np.float32))
             start += steps
+            pair = ()
+            if pair_rows is not None:  # one block: its cells are train_idx, in order
+                p_idx, p_mask = paired_grid(pair_rows, steps, batch_size, drop_last=drop_last)
+                p_idx = paired_positions(p_idx, p_mask, train_idx, block.cells)
+                pair = (source.replicate(p_idx), source.replicate(p_mask))
             cells = source.replicate(block.cells)
             k_steps, idx, mask = epoch_grid(block.key, cells, n_steps=steps, batch_size=batch_size)
-            state, info = fn(k_steps, state, block.data, idx, mask, kl)
+            state, info = fn(k_steps, state, block.data, idx, mask, kl, *pair)
             if start > steps:  # a later block: its steps counted in epoch numbering
                 offset = source.replicate(np.int32(start - steps))
                 info = info._replace(bad_step=_shift_bad_step(info.bad_step, offset))
@@ -407,8 +460,13 @@ def fit(
             global_step = int(to_host(state.step))
             kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
             key = source.replicate(_fold(k_train, epoch))
+            pair_rows = None
+            if paired is not None:  # this epoch's draw and order, the same in a replay
+                rng = np.random.default_rng([seed, 0, epoch])
+                pair_rows = paired.rows("train", rng)
+                pair_rows = pair_rows[rng.permutation(len(pair_rows))]
             start_state = state
-            state, info = run_epoch(train_epoch, state, key, kl_w)
+            state, info = run_epoch(train_epoch, state, key, kl_w, pair_rows)
             info = jax.tree_util.tree_map(to_host, info)
             if guard and int(info.bad_step) >= 0:
                 # Replay the epoch with per-step checks: same keys, same minibatches.
@@ -420,7 +478,7 @@ def fit(
                         "the per-step guarded epoch",
                         bar,
                     )
-                state, info = run_epoch(replay_fn, start_state, key, kl_w)
+                state, info = run_epoch(replay_fn, start_state, key, kl_w, pair_rows)
                 info = jax.tree_util.tree_map(to_host, info)
             del start_state
             if int(info.bad_step) >= 0:
@@ -439,14 +497,21 @@ def fit(
                     history=_append_history(history, progress.rows),
                     progress=progress,
                 )
-            metrics = _train_metrics(info, float(kl_w[-1]))
+            metrics = _train_metrics(info, float(kl_w[-1]), model_def.prefixed_terms)
             if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
                 k_epoch = source.replicate(_fold(k_val, epoch))
                 variables = variables_of(state)
                 loss, terms = evaluate(
-                    validate_fn, variables, source, val_idx, k_epoch, batch_size, kl_w[-1]
+                    validate_fn,
+                    variables,
+                    source,
+                    val_idx,
+                    k_epoch,
+                    batch_size,
+                    kl_w[-1],
+                    pair_val,
                 )
-                metrics.update(_validation_metrics(loss, terms))
+                metrics.update(_validation_metrics(loss, terms, model_def.prefixed_terms))
             for name, value in metrics.items():
                 progress.rows.setdefault(name, []).append([epoch, value])
             bar.set_postfix(train_loss=f"{metrics['train_loss']:.4g}", refresh=False)
@@ -458,8 +523,10 @@ def fit(
                     hp["learning_rate"] = source.replicate(np.asarray(new_lr, np.float32))
                     state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
             # scvi-tools' warm-up: the first N checks of the monitor are ignored entirely
-            if early_stopping and early_stopping_monitor in metrics and (
-                len(progress.rows[early_stopping_monitor]) > early_stopping_warmup_epochs
+            if (
+                early_stopping
+                and early_stopping_monitor in metrics
+                and (len(progress.rows[early_stopping_monitor]) > early_stopping_warmup_epochs)
             ):
                 current = sign * metrics[early_stopping_monitor]
                 if current < progress.stop_best - early_stopping_min_delta:

@@ -1,11 +1,17 @@
 """Training checkpoints: everything needed to continue a run exactly, without pickle.
 
 A checkpoint is a directory ``epoch_<NNNNNN>`` holding ``checkpoint.json`` (the run's settings,
-split, history, progress counters and the layout of the optimizer state) and
+split, history, progress counters, run id and the layout of the optimizer state) and
 ``checkpoint.npz`` (parameters, batch-norm statistics, buffers, every optimizer-state leaf
-and the global step). The directory is written under a temporary name and renamed into
-place, so a crash mid-write never leaves a half checkpoint that looks complete; older ones
-beyond ``keep`` are then deleted.
+and the global step). It is written like a saved model (:func:`jaxvi.io.write_model_dir`:
+complete beside, then one atomic switch), so a crash mid-write never leaves a half checkpoint
+that looks complete.
+
+Each :class:`Checkpointer` (one ``train()`` call) is a run with its own id. It never
+overwrites or deletes a checkpoint it did not write: when ``epoch_<N>`` already holds another
+run's checkpoint (a run resumed from an older epoch into the same directory), it writes
+``epoch_<N>-<run id>`` instead, and the keep-last-``keep`` policy deletes only its own older
+checkpoints. "The newest checkpoint" of a directory is the one written last.
 
 The PRNG position needs no storage: every epoch's key is ``fold_in(key(seed), epoch)``, so
 the seed and the epoch number restore it.
@@ -18,7 +24,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
+import warnings
 
 import jax
 import numpy as np
@@ -43,7 +50,7 @@ __all__ = [
 CHECKPOINT_FORMAT_VERSION = 1
 CKPT_JSON = "checkpoint.json"
 CKPT_NPZ = "checkpoint.npz"
-_NAME = re.compile(r"^epoch_(\d{6,})$")
+_NAME = re.compile(r"^epoch_(\d{6,})(-[0-9a-f]{8})?$")
 
 
 def _opt_leaves(opt_state) -> tuple[list[str], list]:
@@ -51,10 +58,13 @@ def _opt_leaves(opt_state) -> tuple[list[str], list]:
     return [jax.tree_util.keystr(p) for p, _ in flat], [leaf for _, leaf in flat]
 
 
-def write_checkpoint(directory: str, state: TrainState, meta: dict) -> str:
-    """Write ``state`` and ``meta`` (JSON-serialisable) as ``directory/epoch_<epoch>``.
+def write_checkpoint(
+    directory: str, state: TrainState, meta: dict, name: str | None = None
+) -> str:
+    """Write ``state`` and ``meta`` (JSON-serialisable) as ``directory/<name>``, replacing a
+    checkpoint of that name atomically.
 
-    ``meta["progress"]["epoch"]`` names the directory. Returns its path.
+    ``name`` defaults to ``epoch_<N>`` with ``N = meta["progress"]["epoch"]``. Returns the path.
     """
     os.makedirs(directory, exist_ok=True)
     host = jax.device_get(state)
@@ -73,39 +83,37 @@ def write_checkpoint(directory: str, state: TrainState, meta: dict) -> str:
             for p, x in zip(paths, leaves, strict=True)
         ],
     }
-    name = f"epoch_{int(meta['progress']['epoch']):06d}"
+    name = name or f"epoch_{int(meta['progress']['epoch']):06d}"
     final = os.path.join(directory, name)
-    tmp = tempfile.mkdtemp(dir=directory, prefix=".tmp-" + name)
-    try:
-        io.write_model_dir(
-            tmp,
-            meta,
-            arrays,
-            overwrite=True,
-            json_name=CKPT_JSON,
-            npz_name=CKPT_NPZ,
-            kind="jaxvi-checkpoint",
-            version=CHECKPOINT_FORMAT_VERSION,
-        )
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    io.write_model_dir(
+        final,
+        meta,
+        arrays,
+        overwrite=True,
+        json_name=CKPT_JSON,
+        npz_name=CKPT_NPZ,
+        kind="jaxvi-checkpoint",
+        version=CHECKPOINT_FORMAT_VERSION,
+    )
     return final
 
 
 def list_checkpoints(directory: str) -> list[str]:
-    """Complete checkpoint directories under ``directory``, oldest first."""
+    """Complete checkpoint directories under ``directory``, oldest written first (ties, on
+    file systems with coarse times, by epoch)."""
     if not os.path.isdir(directory):
         return []
     found = []
     for name in os.listdir(directory):
         m = _NAME.match(name)
-        if m and os.path.exists(os.path.join(directory, name, CKPT_JSON)):
-            found.append((int(m.group(1)), os.path.join(directory, name)))
-    return [p for _, p in sorted(found)]
+        if not m:
+            continue
+        try:
+            written = os.stat(os.path.join(directory, name, CKPT_JSON)).st_mtime_ns
+        except OSError:
+            continue  # incomplete
+        found.append((written, int(m.group(1)), name, os.path.join(directory, name)))
+    return [p for *_, p in sorted(found)]
 
 
 def find_checkpoint(path: str) -> str:
@@ -210,6 +218,8 @@ class Checkpointer:
     keep: int
     meta: dict
     last_path: str | None = None
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    written: list = dataclasses.field(default_factory=list)  # this run's, oldest first
 
     def __post_init__(self):
         if int(self.every_n_epochs) < 1:
@@ -221,14 +231,40 @@ class Checkpointer:
         """Write a checkpoint after epoch ``progress.epoch`` if due (or ``force``)."""
         if not force and progress.epoch % int(self.every_n_epochs) != 0:
             return
-        self.write(state, progress)
+        self.try_write(state, progress)
+
+    def try_write(self, state: TrainState, progress: FitProgress) -> str | None:
+        """:meth:`write`, but a failed write (disk full, permissions: any ``OSError``) is a
+        warning, not an error: the training it would record is still in memory and is kept.
+        Returns the checkpoint's path, or None when it could not be written."""
+        try:
+            return self.write(state, progress)
+        except OSError as e:
+            warnings.warn(
+                f"The checkpoint after epoch {int(progress.epoch)} could not be written to "
+                f"{self.directory} ({e}); training goes on and keeps its progress in memory, "
+                "but this epoch cannot be resumed from disk.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return None
 
     def write(self, state: TrainState, progress: FitProgress) -> str:
-        """Write now, then delete checkpoints beyond the newest ``keep``."""
-        meta = {**self.meta, "progress": dataclasses.asdict(progress)}
-        self.last_path = write_checkpoint(self.directory, state, meta)
-        for old in list_checkpoints(self.directory)[: -int(self.keep)]:
+        """Write now, then delete this run's checkpoints beyond its newest ``keep`` (never
+        another run's)."""
+        meta = {**self.meta, "run_id": self.run_id, "progress": dataclasses.asdict(progress)}
+        name = f"epoch_{int(progress.epoch):06d}"
+        path = os.path.join(self.directory, name)
+        if path not in self.written and os.path.lexists(path):
+            name += f"-{self.run_id[:8]}"  # another run's: keep it
+            path = os.path.join(self.directory, name)
+        self.last_path = write_checkpoint(self.directory, state, meta, name)
+        if self.last_path in self.written:
+            self.written.remove(self.last_path)
+        self.written.append(self.last_path)
+        for old in self.written[: -int(self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
+        del self.written[: -int(self.keep)]
         return self.last_path
 
 

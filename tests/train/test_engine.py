@@ -156,7 +156,15 @@ def test_resume_from_a_checkpoint_file_is_bit_identical(tmp_path):
     adata = _adata()
     source = make_source(adata, get_registry(adata), purpose="train")
     full_state, full_hist, _ = _fit(source, max_epochs=4)
-    writer = checkpoint.Checkpointer(str(tmp_path / "ckpt"), 1, 2, {"model": MODEL.name})
+    run = {  # the run description the checkpoint schema requires (split within n_cells)
+        "model": MODEL.name,
+        "n_cells": 150,
+        "seed": 0,
+        "max_epochs": 4,
+        "split": {"train": list(range(120)), "validation": list(range(120, 150)), "test": []},
+        "history_before": {},
+    }
+    writer = checkpoint.Checkpointer(str(tmp_path / "ckpt"), 1, 2, run)
     _fit(source, max_epochs=2, on_epoch_end=writer)
     names = [p.rsplit("_", 1)[-1] for p in checkpoint.list_checkpoints(str(tmp_path / "ckpt"))]
     assert [int(n) for n in names] == [1, 2]

@@ -334,6 +334,8 @@ def run_worker_once(args, tool: str, dataset: str, epochs: int) -> dict:
     quiet = C.wait_for_quiet(args.wait_quiet, window_s=10.0) if args.wait_quiet > 0 else None
     print(f"[compare_scvi] {TOOL_NAMES[tool]:10s} {dataset:9s} {epochs:4d} epochs ...", flush=True)
     env = dict(os.environ)
+    # jaxvi's persistent compilation cache only with --jax-cache-dir: a plain run compiles.
+    env["JAXVI_CACHE_DIR"] = str(Path(args.jax_cache_dir).resolve()) if args.jax_cache_dir else ""
     if tool == "jaxvi" and args.jax_cache_dir:
         env["JAX_COMPILATION_CACHE_DIR"] = str(Path(args.jax_cache_dir).resolve())
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

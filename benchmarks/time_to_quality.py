@@ -12,6 +12,10 @@ cells, averaged) is reported too.
 Usage::
 
     python benchmarks/time_to_quality.py [--dataset pbmc] [--epochs 400] [--tolerance 0.0]
+    python benchmarks/time_to_quality.py --jax-cache-dir /tmp/c   # jaxvi with a warm cache
+
+With ``--jax-cache-dir`` jaxvi's persistent compilation cache lives there, and a first jaxvi
+run fills it before the measured one (a second run of the same script).
 """
 
 from __future__ import annotations
@@ -45,11 +49,14 @@ def main(argv=None) -> dict:
     p.add_argument("--tolerance", type=float, default=0.0, help="relative slack on the target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", action="store_true")
+    p.add_argument("--jax-cache-dir", default=None, help="warm persistent cache for jaxvi")
     args = p.parse_args(argv)
     args.data_seed, args.train_size, args.elbo_reps, args.batch_size = 0, 0.9, 3, 128
     args.scvi_accelerator = "gpu" if args.accelerator else "cpu"
-    args.wait_quiet, args.worker_timeout, args.jax_cache_dir = 0.0, 7200.0, None
+    args.wait_quiet, args.worker_timeout = 0.0, 7200.0
     args.precision, args.devices, args.validate_every = None, None, 1
+    if args.jax_cache_dir:  # fill the cache: the measured jaxvi run is a second run
+        CS.run_worker_once(args, "jaxvi", args.dataset, 1)
     results = {t: CS.run_worker_once(args, t, args.dataset, args.epochs) for t in CS.TOOLS}
     sc, jx = results["scvi"], results["jaxvi"]
     if sc["validation_digest"] != jx["validation_digest"]:
@@ -77,7 +84,8 @@ def main(argv=None) -> dict:
         "summary": summary,
         "runs": results,
     }
-    out = C.write_json(C.result_path("time_to_quality", args.dataset), payload)
+    tag = args.dataset + ("-warm-cache" if args.jax_cache_dir else "")
+    out = C.write_json(C.result_path("time_to_quality", tag), payload)
     print("saved", out)
     return payload
 

@@ -1,6 +1,6 @@
 """jaxvi: scVI, the single-cell variational autoencoder of scvi-tools, and scANVI, in JAX/Flax."""
 
-from jaxvi import data, likelihoods
+from jaxvi import data, likelihoods, memory
 from jaxvi._settings import settings
 from jaxvi._version import __version__
 from jaxvi.likelihoods import Likelihood, register_likelihood
@@ -13,6 +13,7 @@ __all__ = [
     "Likelihood",
     "data",
     "likelihoods",
+    "memory",
     "register_likelihood",
     "settings",
 ]

@@ -1,8 +1,10 @@
-"""Global settings, as ``scvi.settings``: ``jaxvi.settings.seed`` and ``batch_size``."""
+"""Global settings, as ``scvi.settings``: ``jaxvi.settings.seed``, ``batch_size``, ...."""
 
 from __future__ import annotations
 
 import dataclasses
+
+from jaxvi._compilation import cache_dir, set_cache_dir
 
 __all__ = ["Settings", "settings"]
 
@@ -33,6 +35,11 @@ class Settings:
         with bounded device memory. For a backed AnnData each piece is read from disk when
         its call needs it, so this also bounds what a query reads into host memory at once
         (importance weights move their anchors' counts in groups of at most this size).
+    compilation_cache_dir
+        Where JAX's persistent compilation cache keeps compiled programs, so that a second
+        run of the same script skips compilation (default ``$JAXVI_CACHE_DIR``, else
+        ``$XDG_CACHE_HOME/jaxvi/xla`` or ``~/.cache/jaxvi/xla``); None turns it off. A
+        directory that cannot be written turns it off with a warning.
     """
 
     seed: int = 0
@@ -40,6 +47,14 @@ class Settings:
     stream_chunk_cells: int = 1024
     stream_max_host_bytes: int = 2**30
     inference_bytes_per_call: int = 256 * 2**20
+
+    @property
+    def compilation_cache_dir(self) -> str | None:
+        return cache_dir()
+
+    @compilation_cache_dir.setter
+    def compilation_cache_dir(self, path) -> None:
+        set_cache_dir(path)
 
 
 settings = Settings()

@@ -1,7 +1,21 @@
-"""Shared pytest fixtures. Kept minimal: no global JAX configuration is changed here."""
+"""Shared pytest fixtures. Kept minimal: no global JAX configuration is changed here, except
+that jaxvi's persistent compilation cache goes to a temporary directory of the session (also
+for the subprocesses tests start; unless JAXVI_CACHE_DIR names one), never to the user's
+cache."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
+
+# A directory given in JAXVI_CACHE_DIR is used as it is (e.g. CI keeping a warm cache).
+if "JAXVI_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxvi-test-xla-")
+    os.environ["JAXVI_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture
@@ -30,3 +44,50 @@ def scratch_registry():
             likelihoods.unregister_likelihood(name)
     for lik in before.values():
         likelihoods.register_likelihood(lik, overwrite=True)
+
+
+# The fast subset (``pytest -m "not slow"``, about a quarter of the suite's time) leaves out
+# what trains real models for long, compares against scvi-tools on trained weights, starts
+# subprocesses with their own JAX, or executes notebooks and the docs build. CI runs all.
+SLOW_FILES = (
+    "tests/test_notebook.py",
+    "tests/test_docs.py",
+    "tests/test_benchmarks.py",
+    "tests/parallel/test_sharding.py",
+    "tests/parallel/test_distributed.py",
+    "tests/data/test_streaming.py",
+    "tests/data/test_backed.py",
+    "tests/train/test_trajectory.py",
+    "tests/train/test_compilation.py",
+    "tests/module/test_scanvi_parity.py",
+    "tests/model/test_scanvi.py",
+    "tests/model/test_scarches.py",
+    "tests/model/test_dropin.py",
+    "tests/hub/test_card.py",
+    "tests/analysis/test_de.py",
+    "tests/io/test_fuzz_readers.py",
+    "tests/io/test_hostile_model_dir.py",
+)
+SLOW_TESTS = (
+    "test_demo_main_job_writes_outputs",
+    "test_options_train_and_round_trip",
+    "test_marginal_ll_matches_scvi",
+    "test_likelihood_parameters_match_scvi",
+    "test_latent_library_size_matches_scvi",
+    "test_elbo_matches_scvi",
+    "test_per_gene_gate_is_recovered_by_training",
+    "test_custom_object_trains_saves_and_loads_by_name",
+    "test_guide_example_runs",
+    "test_training_is_deterministic_and_seed_dependent",
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of the fast subset (-m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path in SLOW_FILES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

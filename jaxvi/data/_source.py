@@ -126,8 +126,9 @@ class DataSource(abc.ABC):
 
     def replicate(self, tree):
         """``tree`` placed like this source's small replicated values: on every device of
-        the mesh (each process passing the same values), or unchanged without a mesh."""
-        return tree if self.mesh is None else replicate(tree, self.mesh)
+        the mesh (each process passing the same values), or on JAX's default device. One of
+        the engine's explicit host-to-device transfers (keys, index grids, KL weights)."""
+        return jax.device_put(tree) if self.mesh is None else replicate(tree, self.mesh)
 
 
 @jax.jit

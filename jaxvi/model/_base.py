@@ -465,7 +465,8 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
     # ---------------------------------------------------------------- helpers
     def _next_key(self) -> jax.Array:
         self._n_calls += 1
-        return jax.random.fold_in(jax.random.key(settings.seed), self._n_calls)
+        with jax.transfer_guard("allow"):  # the seed and the call count: set by host code
+            return jax.random.fold_in(jax.random.key(settings.seed), self._n_calls)
 
     def _next_key_int(self) -> int:
         return int(jax.random.randint(self._next_key(), (), 0, 2**31 - 1))

@@ -11,7 +11,6 @@ import warnings
 from typing import final
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -277,9 +276,9 @@ class SCVI(BaseModel):
         if not latent_library and not np.isscalar(library_size):
             raise ValueError(f"library_size must be a number or 'latent', got {library_size!r}.")
         args = (
-            jnp.asarray(codes, jnp.int32),
-            jnp.asarray(gene_idx, jnp.int32),
-            jnp.float32(1.0 if latent_library else library_size),
+            jax.device_put(np.asarray(codes, np.int32)),
+            jax.device_put(_gene_bucket(gene_idx, len(var_names))),
+            jax.device_put(np.float32(1.0 if latent_library else library_size)),
         )
         query = posterior.Query(self.module, self.variables, source, indices, self._next_key(), bs)
         n_samples = int(n_samples)
@@ -287,7 +286,7 @@ class SCVI(BaseModel):
             rows = np.repeat(indices, n_samples)
             program = posterior.expression_and_latent_program(self.module, latent_library)
             exprs, zs = posterior.run_query(
-                program, query.replace(indices=rows), args[0][0], *args[1:]
+                program, query.replace(indices=rows), jax.device_put(np.int32(codes[0])), *args[1:]
             )
             p = self._importance_weights(
                 adata, indices, zs, transform_batch, bs, rows, **importance_weighting_kwargs
@@ -306,7 +305,7 @@ class SCVI(BaseModel):
             blocks = [
                 posterior.run_query(
                     program,
-                    query.replace(key=jax.random.fold_in(query.key, i)),
+                    query.replace(key=jax.random.fold_in(query.key, jax.device_put(np.int32(i)))),
                     *args,
                     cell_axis=1 if block > 1 else 0,
                 )
@@ -314,6 +313,9 @@ class SCVI(BaseModel):
             ]
             exprs = blocks[0] if n_samples == 1 else np.concatenate(blocks, axis=0)[:n_samples]
         exprs = np.asarray(exprs, np.float32)
+        if exprs.shape[-1] != len(gene_idx):  # the gene bucket's extra genes go
+            keep = gene_idx if exprs.shape[-1] == len(var_names) else slice(len(gene_idx))
+            exprs = exprs[..., keep]
         if n_samples_overall is not None:
             flat = exprs.reshape(-1, exprs.shape[-1])
             rng = np.random.default_rng(int(self._next_key_int()))
@@ -330,6 +332,17 @@ class SCVI(BaseModel):
 
 
 # -------------------------------------------------------------------- functions
+def _gene_bucket(gene_idx: np.ndarray, n_genes: int) -> np.ndarray:
+    """The genes a query program computes for ``gene_idx``: padded to a power of two (the
+    first ``len(gene_idx)`` columns are the asked genes), or all genes when that is not
+    fewer, so gene lists of similar lengths share one compiled program."""
+    gene_idx = np.asarray(gene_idx, np.int32)
+    size = 1 << max(len(gene_idx) - 1, 0).bit_length()
+    if size >= n_genes:
+        return np.arange(n_genes, dtype=np.int32)
+    return np.concatenate([gene_idx, np.zeros(size - len(gene_idx), np.int32)])
+
+
 def config_from_registry(reg: dict, init_params: dict) -> VAEConfig:
     """The :class:`VAEConfig` for a registry and ``SCVI.__init__`` arguments."""
     stats = reg["summary_stats"]

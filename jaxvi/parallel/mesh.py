@@ -191,4 +191,5 @@ def to_host(a) -> np.ndarray:
             return np.asarray(a.addressable_data(0))
 
         return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-    return np.asarray(a)
+    # device_get: an explicit device-to-host transfer (allowed under jax.transfer_guard)
+    return np.asarray(jax.device_get(a))

@@ -33,7 +33,6 @@ keeps each draw's own library).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
@@ -129,13 +128,13 @@ def importance_log_weights(
         key=None,
     )
     program = log_weight_program(query.module)
-    fixed = (jnp.int32(code), jnp.asarray(qz_m_p), jnp.asarray(qz_v_p), jnp.asarray(real))
+    fixed = jax.device_put((np.int32(code), qz_m_p, qz_v_p, real))
     prior = None
     groups = []
     for g in range(0, n_anchor, per_group):
         sl = slice(g, g + per_group)
         x_g = _anchor_counts(source, anchor_idx[sl])
-        group_args = (x_g, jnp.asarray(log_px[sl]), jnp.asarray(real[sl]))
+        group_args = (x_g, *jax.device_put((log_px[sl], real[sl])))
         p, lse = run_query(program, draws, *fixed, *group_args, cell_args=(u,))
         del x_g
         if prior is None:

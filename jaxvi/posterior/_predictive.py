@@ -25,7 +25,6 @@ import numbers
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -201,7 +200,10 @@ def posterior_predictive_sample(query: Query, codes=(-1,), gene_idx=None, n_samp
         gene_idx = np.arange(query.module.config.n_input)
     program = predictive_program(query.module, n_samples)
     out = run_query(
-        program, query, jnp.asarray(codes, jnp.int32), jnp.asarray(gene_idx, jnp.int32)
+        program,
+        query,
+        jax.device_put(np.asarray(codes, np.int32)),
+        jax.device_put(np.asarray(gene_idx, np.int32)),
     )
     return sparse.GCXS.from_numpy(np.asarray(out, np.float32), compressed_axes=(0,))
 
@@ -254,7 +256,7 @@ def get_marginal_ll(
         )
         per_pass = n_mc
     program = marginal_ll_program(query.module, per_pass)
-    log_lkl = np.asarray(run_query(program, query, jnp.int32(n_mc)), np.float64)
+    log_lkl = np.asarray(run_query(program, query, jax.device_put(np.int32(n_mc))), np.float64)
     if not return_mean:
         return log_lkl
     bs = int(query.batch_size)
@@ -332,8 +334,8 @@ def get_feature_correlation_matrix(
         denoised = run_query(
             program,
             query.replace(key=jax.random.fold_in(query.key, t)),
-            jnp.int32(code),
-            jnp.float32(rna_size_factor),
+            jax.device_put(np.int32(code)),
+            jax.device_put(np.float32(rna_size_factor)),
             cell_axis=1,
         )
         flat = np.asarray(denoised, np.float64).reshape(-1, denoised.shape[-1])

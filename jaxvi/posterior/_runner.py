@@ -16,7 +16,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxvi._settings import settings
@@ -133,9 +132,10 @@ def run_query(program, query: Query, *args, cell_args=(), cell_axis: int = 0):
             stats["max_bytes_per_call"] = max(stats["max_bytes_per_call"], _count_bytes(data))
         key = query.key
         if call > 0 and key is not None:
-            key = jax.random.fold_in(key, call)
+            key = jax.random.fold_in(key, jax.device_put(np.int32(call)))
         chunks = [_padded(a[start : start + n], padded.shape[0]) for a in cell_args]
-        grid = jnp.asarray(pos.reshape(padded.shape))
+        # The runner's explicit host-to-device transfers: the grid and the cell arguments.
+        grid = jax.device_put(pos.reshape(padded.shape))
         out = program(key, query.variables, data, grid, *chunks, *args)
         parts.append(jax.tree_util.tree_map(lambda a, n=n: to_host(a)[:n], out))
         stats["calls"] += 1
@@ -164,7 +164,7 @@ def _chunked(a: np.ndarray, n_chunks: int, batch_size: int) -> np.ndarray:
 
 def _padded(a: np.ndarray, size: int) -> jax.Array:
     pad = np.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)
-    return jnp.asarray(np.concatenate([a, pad]))
+    return jax.device_put(np.concatenate([a, pad]))
 
 
 def _count_bytes(data) -> int:

@@ -231,8 +231,10 @@ def make_train_epoch(
     return jax.jit(epoch, donate_argnums=() if guard == "detect" else (1,))
 
 
+@functools.lru_cache(maxsize=32)
 def make_evaluate(model_def: ModelDef):
-    """Jitted loss and per-cell terms in evaluation mode (running BN statistics, no dropout).
+    """Jitted loss and per-cell terms in evaluation mode (running BN statistics, no dropout),
+    one per model (repeated fits share its compiled programs).
 
     Returns
     -------

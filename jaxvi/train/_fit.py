@@ -30,6 +30,7 @@ import pandas as pd
 from jaxvi.data import DataSource, as_source, pad_indices
 from jaxvi.module import KL_GLOBAL, KL_LOCAL, RECONSTRUCTION, ModelDef
 from jaxvi.parallel import to_host
+from jaxvi.train._announced import _Announced, _fold
 from jaxvi.train._epoch import epoch_grid, make_evaluate, make_train_epoch
 from jaxvi.train._paired import PairedCells, paired_grid, paired_positions
 from jaxvi.train._plan import (
@@ -388,7 +389,8 @@ def fit(
         if paired.n_cells("validation") > 0:
             pair_val = paired.rows("validation", np.random.default_rng([seed, 1, 0]))
     mesh = source.mesh
-    k_train, k_val = jax.random.split(jax.random.key(seed))
+    with jax.transfer_guard("allow"):  # the seed: the only value of the loop set by host code
+        k_train, k_val = jax.random.split(jax.random.key(seed))
     if mesh is not None:
         state = source.replicate(state)
         if batch_size % mesh.size:
@@ -417,8 +419,8 @@ def fit(
             k_steps, idx, mask = epoch_grid(block.key, cells, n_steps=steps, batch_size=batch_size)
             state, info = fn(k_steps, state, block.data, idx, mask, kl, *pair)
             if start > steps:  # a later block: its steps counted in epoch numbering
-                bad = info.bad_step
-                info = info._replace(bad_step=jnp.where(bad >= 0, bad + start - steps, bad))
+                offset = source.replicate(np.int32(start - steps))
+                info = info._replace(bad_step=_shift_bad_step(info.bad_step, offset))
             total = info if total is None else _add(total, info)
             # A streamed epoch stops at its first non-finite block (a host read per block).
             if start < n_steps and int(to_host(info.bad_step)) >= 0:
@@ -447,6 +449,9 @@ def fit(
         total=stop,
     )
     catcher = _SignalCatcher(lambda m: bar.write(m, file=sys.stderr)) if catch_signals else None
+    # Each program is compiled before its first call, announced, and outside the bar's clock.
+    train_epoch = _Announced(epoch_fn, "the training epoch", bar)
+    validate_fn = _Announced(eval_fn, "the validation program", bar)
     try:
         if catcher is not None:
             catcher.__enter__()
@@ -454,20 +459,24 @@ def fit(
             epoch = epoch_offset + local_epoch
             global_step = int(to_host(state.step))
             kl_w = compute_kl_weight(plan, epoch, np.arange(global_step, global_step + n_steps))
-            key = source.replicate(jax.random.fold_in(k_train, epoch))
+            key = source.replicate(_fold(k_train, epoch))
             pair_rows = None
             if paired is not None:  # this epoch's draw and order, the same in a replay
                 rng = np.random.default_rng([seed, 0, epoch])
                 pair_rows = paired.rows("train", rng)
                 pair_rows = pair_rows[rng.permutation(len(pair_rows))]
             start_state = state
-            state, info = run_epoch(epoch_fn, state, key, kl_w, pair_rows)
+            state, info = run_epoch(train_epoch, state, key, kl_w, pair_rows)
             info = jax.tree_util.tree_map(to_host, info)
             if guard and int(info.bad_step) >= 0:
                 # Replay the epoch with per-step checks: same keys, same minibatches.
                 if replay_fn is None:
-                    replay_fn = make_train_epoch(
-                        model_def, tx, guard="step", network_training=network_training
+                    replay_fn = _Announced(
+                        make_train_epoch(
+                            model_def, tx, guard="step", network_training=network_training
+                        ),
+                        "the per-step guarded epoch",
+                        bar,
                     )
                 state, info = run_epoch(replay_fn, start_state, key, kl_w, pair_rows)
                 info = jax.tree_util.tree_map(to_host, info)
@@ -490,10 +499,11 @@ def fit(
                 )
             metrics = _train_metrics(info, float(kl_w[-1]), model_def.prefixed_terms)
             if validate and (local_epoch + 1) % check_val_every_n_epoch == 0:
-                k_epoch = source.replicate(jax.random.fold_in(k_val, epoch))
+                k_epoch = source.replicate(_fold(k_val, epoch))
+                variables = variables_of(state)
                 loss, terms = evaluate(
-                    eval_fn,
-                    variables_of(state),
+                    validate_fn,
+                    variables,
                     source,
                     val_idx,
                     k_epoch,
@@ -513,8 +523,10 @@ def fit(
                     hp["learning_rate"] = source.replicate(np.asarray(new_lr, np.float32))
                     state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
             # scvi-tools' warm-up: the first N checks of the monitor are ignored entirely
-            if early_stopping and early_stopping_monitor in metrics and (
-                len(progress.rows[early_stopping_monitor]) > early_stopping_warmup_epochs
+            if (
+                early_stopping
+                and early_stopping_monitor in metrics
+                and (len(progress.rows[early_stopping_monitor]) > early_stopping_warmup_epochs)
             ):
                 current = sign * metrics[early_stopping_monitor]
                 if current < progress.stop_best - early_stopping_min_delta:
@@ -550,6 +562,11 @@ def fit(
             catcher.__exit__(*sys.exc_info())
     history = _append_history(history, progress.rows)
     return state, history, epoch_fn
+
+
+@jax.jit
+def _shift_bad_step(bad, offset):
+    return jnp.where(bad >= 0, bad + offset, bad)
 
 
 def _add(total: EpochInfo, info: EpochInfo) -> EpochInfo:

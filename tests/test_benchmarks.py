@@ -33,3 +33,18 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path):
     assert res["streaming"]["streamed"]["cells_per_s"] > 0
     assert res["time_to_quality"]["jaxvi_final_elbo_validation"] > 0
     assert res["peaks"] is None  # no nominal peaks for a CPU
+
+
+def test_compare_scvi_quick_runs_jaxvi(tmp_path):
+    """The side-by-side benchmark wraps jaxvi's epoch to time it; a change of the engine's
+    calling convention must fail here, not in the next benchmark session."""
+    out = tmp_path / "compare.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_scvi.py"), "--quick",
+           "--tools", "jaxvi", "--wait-quiet", "0", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["synthetic"]["tools"]["jaxvi"]
+    assert res["steady_cells_per_s"] > 0
+    assert res["epoch_fn_compilations"] == 1  # the timed wrapper did not recompile
+    assert res["heldout_elbo"] < 0

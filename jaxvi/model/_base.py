@@ -116,6 +116,18 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
     def _to_state_dict(self, variables: dict) -> dict:
         """A scvi-tools state dict of ``variables``."""
 
+    @classmethod
+    def _scvi_tools_config(cls, read: dict) -> tuple[dict, object]:
+        """``(init_params, config)`` of a read scvi-tools directory
+        (:func:`jaxvi.io.scvi_tools.read_scvi_tools`)."""
+        return read["init_params"], cls._make_config(read["registry"], read["init_params"])
+
+    def _scvi_tools_export(self, init_params: dict) -> tuple[dict, tuple[str, ...], dict]:
+        """``(init_params, non_kwargs, extra attributes)`` written to a scvi-tools
+        ``model.pt``: the arguments in scvi-tools' form, and the attributes its class saves
+        besides the common ones."""
+        return init_params, self._non_kwargs, {}
+
     def _engine_model(self) -> ModelDef:
         """What :func:`jaxvi.train.fit` takes to train this model: its ModelDef."""
         return self.model_def

@@ -299,6 +299,13 @@ def _location(value) -> str:
     return f"{where}.{value['attr_name']}['{value['attr_key']}']"
 
 
+def _json_value(value):
+    # arrays in scvi-tools' saved arguments (a SCANVI's ``y_prior`` tensor) show as lists
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def model_card(info: ModelCardInfo) -> str:
     """The model card (``README.md`` text) in scvi-hub's format."""
     header = [
@@ -323,8 +330,12 @@ def model_card(info: ModelCardInfo) -> str:
         cell_wise_cv=metric("cell_wise_cv"),
         gene_wise_cv=metric("gene_wise_cv"),
         de_metrics=metric("diff_exp"),
-        model_init_params=json.dumps(_flatten_params(info.model_init_params), indent=4),
-        model_setup_anndata_args=json.dumps(info.model_setup_anndata_args, indent=4),
+        model_init_params=json.dumps(
+            _flatten_params(info.model_init_params), indent=4, default=_json_value
+        ),
+        model_setup_anndata_args=json.dumps(
+            info.model_setup_anndata_args, indent=4, default=_json_value
+        ),
         model_data_registry=_registry_markdown(info.model_data_registry),
         data_is_minified=MISSING_FIELD if info.data_is_minified is None else info.data_is_minified,
         model_summary_stats=_summary_markdown(info.model_summary_stats),

@@ -36,10 +36,11 @@ def labelled_adata(seed: int = 1):
 
 @pytest.fixture(scope="module")
 def model():
+    """A SCANVI with a class prior, trained 1 epoch."""
     jaxvi.settings.seed = 0
     adata = labelled_adata()
     SCANVI.setup_anndata(adata, labels_key="labels", unlabeled_category=UNKNOWN, batch_key="batch")
-    m = SCANVI(adata, n_hidden=16, n_latent=4)
+    m = SCANVI(adata, n_hidden=16, n_latent=4, y_prior=[0.25, 0.25, 0.5])
     m.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
     return m
 
@@ -62,6 +63,7 @@ def test_hub_round_trip_of_a_scanvi(model, tmp_path, model_format):
     assert "scVI (single-cell variational inference) is" not in h.model_card
     params = h.model_card.split("<strong>Model Parameters</strong>")[1]
     assert '"linear_classifier": false' in params
+    assert '"y_prior": [' in params  # scvi-tools' files hold it as a tensor: shown as a list
     loaded = HubModel(str(d)).model  # the saved adata.h5ad; the class from the files
     assert type(loaded) is SCANVI
     assert loaded.unlabeled_category_ == UNKNOWN
@@ -100,8 +102,9 @@ def test_scvi_tools_scanvi_hub_directory(model, tmp_path):
     ref_model.module.eval()
     d = str(tmp_path / "scvi_dir")
     ref_model.save(d, save_anndata=True)
-    ours, theirs_meta = HubMetadata.from_dir(d, ANNDATA_VERSION), ref.HubMetadata.from_dir(
-        d, ANNDATA_VERSION
+    ours, theirs_meta = (
+        HubMetadata.from_dir(d, ANNDATA_VERSION),
+        ref.HubMetadata.from_dir(d, ANNDATA_VERSION),
     )
     assert ours.to_dict() == dataclasses.asdict(theirs_meta)
     kw = dict(data_modalities=["rna"], data_is_annotated=True)

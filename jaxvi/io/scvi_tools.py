@@ -377,20 +377,30 @@ def registry_to_scvi(registry: dict) -> dict:
 
 def init_params_from_scvi(init_params: dict) -> dict:
     """jaxvi's flat ``init_params_`` from scvi-tools' ``{"non_kwargs": ..., "kwargs":
-    {"kwargs": ...}}`` (which names a model accepts is the model class's business)."""
+    {<name of the ** argument>: ...}}`` (``kwargs`` for SCVI, ``model_kwargs`` for SCANVI;
+    every one is lifted, as scvi-tools' ``load`` does). Which names a model accepts is the
+    model class's business."""
     if "non_kwargs" not in init_params:
         raise ValueError("The saved init_params_ lack 'non_kwargs' (scvi-tools < 0.8?).")
     params = dict(init_params["non_kwargs"])
-    kwargs = dict(init_params.get("kwargs", {}).get("kwargs", {}) or {})
+    nested = init_params.get("kwargs") or {}
+    if not isinstance(nested, dict) or not all(
+        isinstance(v, dict) or v is None for v in nested.values()
+    ):
+        raise ValueError("The saved init_params_['kwargs'] is not a dict of dicts.")
+    kwargs = {k: v for inner in nested.values() for k, v in (inner or {}).items()}
     return {**params, **kwargs}
 
 
-def init_params_to_scvi(init_params: dict, non_kwargs: tuple[str, ...]) -> dict:
+def init_params_to_scvi(
+    init_params: dict, non_kwargs: tuple[str, ...], kwargs_name: str = "kwargs"
+) -> dict:
     """scvi-tools' ``init_params_`` layout (as its model cards show it) from jaxvi's flat one;
-    ``non_kwargs`` are the model's named constructor arguments."""
+    ``non_kwargs`` are the model's named constructor arguments, ``kwargs_name`` the name of
+    its ``**`` argument (``"model_kwargs"`` for SCANVI)."""
     non = {k: init_params[k] for k in non_kwargs}
     kwargs = {k: v for k, v in init_params.items() if k not in non_kwargs}
-    return {"kwargs": {"kwargs": kwargs}, "non_kwargs": non}
+    return {"kwargs": {kwargs_name: kwargs}, "non_kwargs": non}
 
 
 def _indices(value) -> np.ndarray | None:
@@ -456,6 +466,7 @@ def write_scvi_tools(
     prefix: str | None = None,
     overwrite: bool = False,
     extra_attrs: dict | None = None,
+    kwargs_name: str = "kwargs",
 ) -> None:
     """Write a scvi-tools 1.4.2 model directory from plain parts (no torch needed).
 
@@ -479,6 +490,8 @@ def write_scvi_tools(
     extra_attrs
         Further model attributes scvi-tools saves for the class (SCANVI's
         ``unlabeled_category_``, ...); scvi-tools' ``load`` sets them on the model.
+    kwargs_name
+        The name of the model's ``**`` argument in its saved ``init_params_``.
 
     Raises
     ------
@@ -496,7 +509,7 @@ def write_scvi_tools(
     attr_dict = {
         "get_normalized_function_name_": "get_normalized_expression",
         "history_": history,
-        "init_params_": init_params_to_scvi(init_params, non_kwargs),
+        "init_params_": init_params_to_scvi(init_params, non_kwargs, kwargs_name),
         "is_trained_": bool(is_trained),
         "registry_": registry_to_scvi(registry),
         "run_id_": "",

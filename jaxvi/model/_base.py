@@ -122,11 +122,12 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
         (:func:`jaxvi.io.scvi_tools.read_scvi_tools`)."""
         return read["init_params"], cls._make_config(read["registry"], read["init_params"])
 
-    def _scvi_tools_export(self, init_params: dict) -> tuple[dict, tuple[str, ...], dict]:
-        """``(init_params, non_kwargs, extra attributes)`` written to a scvi-tools
-        ``model.pt``: the arguments in scvi-tools' form, and the attributes its class saves
-        besides the common ones."""
-        return init_params, self._non_kwargs, {}
+    def _scvi_tools_export(self, init_params: dict) -> dict:
+        """What :func:`jaxvi.io.scvi_tools.write_scvi_tools` writes of this class:
+        ``init_params`` in scvi-tools' form, ``non_kwargs``, and (if not the defaults)
+        ``kwargs_name`` and ``extra_attrs``, the attributes its class saves besides the
+        common ones."""
+        return {"init_params": init_params, "non_kwargs": self._non_kwargs}
 
     def _engine_model(self) -> ModelDef:
         """What :func:`jaxvi.train.fit` takes to train this model: its ModelDef."""

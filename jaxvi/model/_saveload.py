@@ -53,20 +53,17 @@ def save_model(model, dir_path, prefix, overwrite, save_anndata, format) -> None
             )
         if "var_activation" in init_params:  # scvi-tools' default is None (exp)
             init_params["var_activation"] = None
-        init_params, non_kwargs, extra_attrs = model._scvi_tools_export(init_params)
         return scvi_tools.write_scvi_tools(
             dir_path,
             state_dict=model._to_state_dict(variables),
             registry=model.registry_,
-            init_params=init_params,
-            non_kwargs=non_kwargs,
             history=model.history_,
             is_trained=model.is_trained_,
             indices=indices,
             adata=adata,
             prefix=prefix,
             overwrite=overwrite,
-            extra_attrs=extra_attrs,
+            **model._scvi_tools_export(init_params),
         )
     meta = {
         "model_name": model._model_name,

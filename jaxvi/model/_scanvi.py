@@ -504,17 +504,23 @@ class SCANVI(BaseModel):
         init_params, n_labels = scanvi_params_from_scvi_tools(read)
         return init_params, cls._make_config(read["registry"], init_params, n_labels)
 
-    def _scvi_tools_export(self, init_params: dict) -> tuple[dict, tuple[str, ...], dict]:
+    def _scvi_tools_export(self, init_params: dict) -> dict:
         """The arguments as scvi-tools' SCANVI saves them (``y_prior`` a ``(1, n_labels)``
-        tensor, ``datamodule`` None) and its own saved attributes (``unlabeled_category_``;
-        no ``labels_``: scvi-tools reads the labels from the AnnData it loads with)."""
+        tensor, ``datamodule`` None, ``**model_kwargs``) and its own saved attributes
+        (``unlabeled_category_``; no ``labels_``: scvi-tools reads the labels from the
+        AnnData it loads with)."""
         params = dict(init_params)
         if params.get("y_prior") is not None:
             params["y_prior"] = torchfile.Tensor(np.asarray([params["y_prior"]], np.float32))
         params["datamodule"] = None
         extra = {"unlabeled_category_": self.unlabeled_category_}
         extra.update(dict.fromkeys(("unsupervised_history_", "semisupervised_history_")))
-        return params, (*self._non_kwargs, "datamodule"), extra
+        return {
+            "init_params": params,
+            "non_kwargs": (*self._non_kwargs, "datamodule"),
+            "kwargs_name": "model_kwargs",
+            "extra_attrs": extra,
+        }
 
     @classmethod
     def load_query_data(

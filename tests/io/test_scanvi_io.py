@@ -227,6 +227,7 @@ def test_scvi_tools_scanvi_loads_with_same_predictions(scvi_saved):
         SCVI.load(path)
 
 
+@pytest.mark.slow  # a subprocess with its own JAX
 def test_scvi_tools_scanvi_read_and_written_without_torch(scvi_saved, tmp_path, without_torch):
     scvi = pytest.importorskip("scvi")
     ref, path = scvi_saved

@@ -26,9 +26,6 @@ pytest.importorskip("hatchling")
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FILES = ("jaxvi/data/pbmc68k_reduced_counts.h5ad", "jaxvi/data/pbmc_small.h5ad")
 
-# The wheel's own install carries this test's budget; it is no quick unit test.
-pytestmark = pytest.mark.slow
-
 
 def _run(cmd, timeout=300, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
@@ -108,6 +105,7 @@ print("smoke ok", site, jaxvi.__file__)
 """
 
 
+@pytest.mark.slow  # a JAX start-up, a cold compilation and the demo's t-SNE in a subprocess
 def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo(dist, tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")

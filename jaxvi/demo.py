@@ -110,8 +110,8 @@ def _start_umap_warmup() -> threading.Thread | None:
             import scanpy as sc
 
             dummy = anndata.AnnData(np.zeros((40, 1), np.float32))
-            dummy.obsm["X_scVI"] = np.random.default_rng(0).normal(size=(40, 10)).astype(
-                np.float32
+            dummy.obsm["X_scVI"] = (
+                np.random.default_rng(0).normal(size=(40, 10)).astype(np.float32)
             )
             sc.pp.neighbors(dummy, use_rep="X_scVI", n_neighbors=15, random_state=0)
             sc.tl.umap(dummy, random_state=0)

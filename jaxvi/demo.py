@@ -97,9 +97,11 @@ def _start_umap_warmup() -> threading.Thread | None:
     """Start scanpy's UMAP on a few random cells in a background thread, or return None
     without scanpy.
 
-    umap-learn and pynndescent compile their numba kernels on import and first call (10-30 s
-    on 2 cores); done while the model trains, most of it costs no wall time. The draw is
-    thrown away; an error in it is left for :func:`_write_umap` to raise on the real data.
+    Importing umap-learn compiles pynndescent's numba kernels (15 s on a 2-core CPU, in every
+    new process) and the first neighbour graph compiles umap's (10 s). Begun before training,
+    part of that runs while XLA compiles (which releases the GIL): the demo's UMAP costs
+    about 11 s of wall time at 400 epochs instead of about 25. The draw is thrown away; an
+    error in it is left for :func:`_write_umap` to raise on the real data.
     """
     if importlib.util.find_spec("scanpy") is None:
         return None

@@ -18,7 +18,9 @@ def _worker_env(n_devices: int | None = None) -> dict:
         [str(HERE.parents[1]), str(HERE), env.get("PYTHONPATH", "")]
     )
     if n_devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+        # Appended, so the suite's compile flags (tests/conftest.py) reach the workers too.
+        flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+        env["XLA_FLAGS"] = flags.strip()
     return env
 
 

@@ -1,5 +1,6 @@
 """The benchmark that only a GPU runs in full cannot rot: ``benchmarks/gpu_suite.py --smoke``
-runs every section of it on tiny sizes on the CPU and writes the JSON the GPU run writes."""
+runs every section of it on tiny sizes on the CPU and writes the JSON the GPU run writes; the
+jaxvi-vs-scvi-tools scANVI comparison (``compare_scanvi.py --quick``) runs on 3 epochs."""
 
 from __future__ import annotations
 
@@ -33,3 +34,30 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path):
     assert res["streaming"]["streamed"]["cells_per_s"] > 0
     assert res["time_to_quality"]["jaxvi_final_elbo_validation"] > 0
     assert res["peaks"] is None  # no nominal peaks for a CPU
+
+
+def test_compare_scanvi_quick_runs_both_tools(tmp_path):
+    """``compare_scanvi.py --quick``: both tools train scANVI on the same hidden cells, the
+    JSON has per-tool accuracies, their gap and the speed ratio."""
+    out = tmp_path / "compare_scanvi.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_scanvi.py"), "--quick"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    row = res["results"]["scratch/0"]
+    for tool in ("scvi", "jaxvi"):
+        m = row["tools"][tool]
+        assert m["epochs"] == 3
+        assert m["steady_cells_per_s"] > 0
+        assert 0.0 <= m["accuracy_hidden"] <= 1.0
+    assert row["ratios"]["same_hidden_cells"]
+    assert row["ratios"]["steady_cells_per_s_speedup"] > 0
+    assert res["raw"]["scratch/0/jaxvi"]["n_hidden"] == 350  # half of the 700 PBMC cells
+    acc = {tool: row["tools"][tool]["accuracy_hidden"] for tool in ("scvi", "jaxvi")}
+    gap = 100 * (acc["jaxvi"] - acc["scvi"])
+    assert abs(row["ratios"]["accuracy_gap_pp"] - gap) < 1e-9
+    assert "scratch" in res["summary"]
+    assert "| scratch | 0 |" in res["markdown"]

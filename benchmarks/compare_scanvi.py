@@ -342,7 +342,8 @@ def parent(args) -> dict:
     for t in tools:
         if t not in TOOLS:
             raise SystemExit(f"unknown tool {t!r}; choose from {TOOLS}")
-    payload = C.run_header(TAG)
+    header = C.run_header(TAG)
+    path = Path(args.out) if args.out else C.result_path(TAG, "pbmc")
     t_start = C.now()
     rows: dict = {}
     raw: dict = {}
@@ -374,46 +375,14 @@ def parent(args) -> dict:
                     raw[f"{recipe}/{seed}/scvi"],
                 )
             rows[f"{recipe}/{seed}"] = row
-    summary = summarize(rows)
-    if args.quick:  # a few epochs, tools side by side: no verdict on the targets
-        for s in summary.values():
-            s.pop("targets")
-    table = markdown(rows)
-    git_end = C.git_info()
-    payload.update(
-        {
-            "total_wall_s": C.now() - t_start,
-            "quick": args.quick,
-            "git_end": git_end,
-            "jaxvi_changed_during_run": C.git_changed_between(
-                payload["git"]["commit"], git_end["commit"]
-            )
-            or payload["git"]["dirty_jaxvi_paths"] != git_end["dirty_jaxvi_paths"],
-            "settings": {
-                "data": "jaxvi.data.pbmc68k_reduced() (700 x 765), labels obs['bulk_labels']",
-                "hidden_fraction": args.hidden_fraction,
-                "hidden_cells": "sorted(numpy.random.default_rng(seed).permutation(n)[:k])",
-                "model": "SCANVI defaults (n_hidden 128, n_latent 10, zinb, gene dispersion)",
-                "train": {
-                    "batch_size": args.batch_size,
-                    "train_size": 0.9,
-                    "epochs_scratch": args.epochs or "scvi-tools heuristic (400)",
-                    "pretrain_epochs": args.pretrain_epochs or "scvi-tools heuristic (400)",
-                    "finetune_epochs": args.finetune_epochs or "after pre-training: 10",
-                    "check_val_every_n_epoch": None,
-                },
-                "seeds": seeds,
-                "targets": TARGETS,
-            },
-            "summary": summary,
-            "results": rows,
-            "raw": raw,
-            "markdown": table,
-        }
-    )
+            # Saved after every row: an interrupted run keeps what it finished.
+            payload = results_payload(args, header, rows, raw, seeds, t_start)
+            if not args.no_save:
+                C.write_json(path, payload)
+    payload["complete"] = True
     print()
-    print(table)
-    for recipe, s in summary.items():
+    print(payload["markdown"])
+    for recipe, s in payload["summary"].items():
         print(
             f"\n{recipe}: mean accuracy jaxvi {s['accuracy_mean']['jaxvi']:.4f}, scvi-tools "
             f"{s['accuracy_mean']['scvi']:.4f}; gap {s['accuracy_gap_pp_mean']:+.2f} pp; "
@@ -421,10 +390,49 @@ def parent(args) -> dict:
             f"targets {s.get('targets', '(not judged with --quick)')}"
         )
     if not args.no_save:
-        path = Path(args.out) if args.out else C.result_path(TAG, "pbmc")
         C.write_json(path, payload)
         print(f"\nsaved {path}")
     return payload
+
+
+def results_payload(args, header: dict, rows: dict, raw: dict, seeds: list, t_start) -> dict:
+    """The result JSON as it stands after the rows measured so far."""
+    summary = summarize(rows)
+    if args.quick:  # a few epochs, tools side by side: no verdict on the targets
+        for s in summary.values():
+            s.pop("targets")
+    git_end = C.git_info()
+    return {
+        **header,
+        "complete": False,
+        "total_wall_s": C.now() - t_start,
+        "quick": args.quick,
+        "git_end": git_end,
+        "jaxvi_changed_during_run": C.git_changed_between(
+            header["git"]["commit"], git_end["commit"]
+        )
+        or header["git"]["dirty_jaxvi_paths"] != git_end["dirty_jaxvi_paths"],
+        "settings": {
+            "data": "jaxvi.data.pbmc68k_reduced() (700 x 765), labels obs['bulk_labels']",
+            "hidden_fraction": args.hidden_fraction,
+            "hidden_cells": "sorted(numpy.random.default_rng(seed).permutation(n)[:k])",
+            "model": "SCANVI defaults (n_hidden 128, n_latent 10, zinb, gene dispersion)",
+            "train": {
+                "batch_size": args.batch_size,
+                "train_size": 0.9,
+                "epochs_scratch": args.epochs or "scvi-tools heuristic (400)",
+                "pretrain_epochs": args.pretrain_epochs or "scvi-tools heuristic (400)",
+                "finetune_epochs": args.finetune_epochs or "after pre-training: 10",
+                "check_val_every_n_epoch": None,
+            },
+            "seeds": seeds,
+            "targets": TARGETS,
+        },
+        "summary": summary,
+        "results": rows,
+        "raw": raw,
+        "markdown": markdown(rows),
+    }
 
 
 def main(argv=None):

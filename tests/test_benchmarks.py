@@ -47,6 +47,7 @@ def test_compare_scanvi_quick_runs_both_tools(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["complete"]
     row = res["results"]["scratch/0"]
     for tool in ("scvi", "jaxvi"):
         m = row["tools"][tool]

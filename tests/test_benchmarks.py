@@ -62,3 +62,18 @@ def test_compare_scanvi_quick_runs_both_tools(tmp_path):
     assert abs(row["ratios"]["accuracy_gap_pp"] - gap) < 1e-9
     assert "scratch" in res["summary"]
     assert "| scratch | 0 |" in res["markdown"]
+
+
+def test_compare_scvi_quick_runs_jaxvi(tmp_path):
+    """The side-by-side benchmark wraps jaxvi's epoch to time it; a change of the engine's
+    calling convention must fail here, not in the next benchmark session."""
+    out = tmp_path / "compare.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_scvi.py"), "--quick",
+           "--tools", "jaxvi", "--wait-quiet", "0", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["synthetic"]["tools"]["jaxvi"]
+    assert res["steady_cells_per_s"] > 0
+    assert res["epoch_fn_compilations"] == 1  # the timed wrapper did not recompile
+    assert res["heldout_elbo"] < 0

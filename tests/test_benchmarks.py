@@ -1,14 +1,17 @@
-"""The benchmark that only a GPU runs in full cannot rot: ``benchmarks/gpu_suite.py --smoke``
-runs every section of it on tiny sizes on the CPU and writes the JSON the GPU run writes; the
-jaxvi-vs-scvi-tools scANVI comparison (``compare_scanvi.py --quick``) runs on 3 epochs."""
+"""The benchmarks cannot rot: ``benchmarks/gpu_suite.py --smoke`` runs every section of the
+GPU suite on tiny sizes on the CPU and writes the JSON the GPU run writes; the side-by-side
+scripts run in their quick modes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +80,31 @@ def test_compare_scvi_quick_runs_jaxvi(tmp_path):
     assert res["steady_cells_per_s"] > 0
     assert res["epoch_fn_compilations"] == 1  # the timed wrapper did not recompile
     assert res["heldout_elbo"] < 0
+
+
+def test_integration_quick_scores_latent_spaces(tmp_path):
+    """benchmarks/integration.py trains on the PBMC data with simulated batches and scores
+    every latent space with scib-metrics' Benchmarker (scvi-tools too when installed)."""
+    pytest.importorskip("scib_metrics")
+    out = tmp_path / "integration.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "integration.py"), "--quick",
+           "--datasets", "pbmc", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    res = payload["results"]["pbmc"]
+    # the simulated batches of data seed 0 (notebooks/integration.ipynb draws the same)
+    assert res["batches"] == {"b0": 222, "b1": 225, "b2": 253}
+    has_scvi = importlib.util.find_spec("scvi") is not None
+    tools = ["scvi", "jaxvi"] if has_scvi else ["jaxvi"]
+    assert payload["config"]["tools"] == tools
+    assert bool(payload["skipped"]) is not has_scvi
+    assert sorted(res["scores"]) == sorted(["Unintegrated"] + [f"{t}_seed0" for t in tools])
+    for name, scores in res["scores"].items():
+        for metric in ("Bio conservation", "Batch correction", "Total", "iLISI", "cLISI"):
+            assert 0.0 <= scores[metric] <= 1.0, (name, metric, scores[metric])
+    # PCR comparison of the baseline against itself is 0 by construction
+    assert res["scores"]["Unintegrated"]["PCR comparison"] == pytest.approx(0.0, abs=1e-6)
+    assert "| **Total** | aggregate |" in res["table_md"]
+    assert payload["versions"]["scib-metrics"].startswith("0.5")

@@ -70,3 +70,16 @@ def test_benchmarks_notebook_executes(monkeypatch):
     text = _execute("benchmarks.ipynb", monkeypatch)
     assert "compare_scvi       compare_scvi_" in text
     assert "| synthetic | jaxvi |" in text  # the committed jaxvi vs scvi-tools table
+
+
+def test_integration_notebook_executes(monkeypatch):
+    pytest.importorskip("scanpy")
+    pytest.importorskip("scib_metrics")
+    text = _execute("integration.ipynb", monkeypatch)
+    # the simulated batches of benchmarks/integration.py (data seed 0)
+    assert "batch sizes: {'b0': 222, 'b1': 225, 'b2': 253}" in text
+    assert "epochs: 2  latent: (700, 10)" in text
+    for name in ("Unintegrated", "scVI (jaxvi)"):
+        line = next(li for li in text.splitlines() if li.strip().startswith(f"{name}:"))
+        total = float(line.rsplit("total ", 1)[1])
+        assert 0.0 < total < 1.0, line

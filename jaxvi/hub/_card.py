@@ -24,6 +24,7 @@ from jaxvi.hub._huggingface import import_huggingface_hub
 __all__ = [
     "MISSING_FIELD",
     "NA_FIELD",
+    "PRETEXTS",
     "ModelCard",
     "ModelCardInfo",
     "card_info_from_model",
@@ -50,6 +51,26 @@ model, same defaults).
 - scvi-tools' [scVI user guide](https://docs.scvi-tools.org/en/stable/user_guide/models/scvi.html)
 and [reference mapping with scArches](https://docs.scvi-tools.org/en/stable/tutorials/notebooks/scrna/scarches_scvi_tools.html).
 """
+
+_SCANVI_PRETEXT = """\
+scANVI (single-cell annotation using variational inference) is scVI with a cell-type
+classifier on the latent space, trained on partly labelled single-cell RNA-seq counts. Its
+latent space serves visualisation, clustering and batch integration, as scVI's; its classifier
+predicts the cell types of unlabelled cells, and of new data mapped onto the model (label
+transfer with scArches).
+
+This model was trained with jaxvi, a JAX/Flax implementation of scvi-tools' `SCANVI` (same
+model, same defaults).
+
+- The scANVI paper: [Xu et al., Molecular Systems Biology 2021](https://www.embopress.org/doi/full/10.15252/msb.20209620).
+- scvi-hub, for sharing and reusing pre-trained models:
+[Ergen et al., bioRxiv 2024](https://www.biorxiv.org/content/10.1101/2024.03.01.582887v2).
+- scvi-tools' [scANVI user guide](https://docs.scvi-tools.org/en/stable/user_guide/models/scanvi.html)
+and [reference mapping with scArches](https://docs.scvi-tools.org/en/stable/tutorials/notebooks/scrna/scarches_scvi_tools.html).
+"""
+
+# The card's opening text by model class (scvi-hub's ``pretext``).
+PRETEXTS = {"SCVI": _PRETEXT, "SCANVI": _SCANVI_PRETEXT}
 
 _TEMPLATE = """\
 ---
@@ -172,7 +193,7 @@ class ModelCardInfo:
     license_info
         License identifier of the model (e.g. ``"cc-by-4.0"``).
     model_cls_name
-        ``"SCVI"``.
+        ``"SCVI"`` or ``"SCANVI"`` (the card's opening text describes that model).
     model_init_params
         Constructor arguments (flat dict; nested ``kwargs`` dicts are flattened).
     model_setup_anndata_args
@@ -278,6 +299,13 @@ def _location(value) -> str:
     return f"{where}.{value['attr_name']}['{value['attr_key']}']"
 
 
+def _json_value(value):
+    # arrays in scvi-tools' saved arguments (a SCANVI's ``y_prior`` tensor) show as lists
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def model_card(info: ModelCardInfo) -> str:
     """The model card (``README.md`` text) in scvi-hub's format."""
     header = [
@@ -290,15 +318,24 @@ def model_card(info: ModelCardInfo) -> str:
     def metric(key):
         return report.get(key) or NA_FIELD
 
+    if info.model_cls_name not in PRETEXTS:
+        raise ValueError(
+            f"Model class name {info.model_cls_name} not recognized: jaxvi's cards describe "
+            f"{sorted(PRETEXTS)}."
+        )
     return _TEMPLATE.format(
         header="\n".join(header),
-        pretext=_PRETEXT,
+        pretext=PRETEXTS[info.model_cls_name],
         description=info.description,
         cell_wise_cv=metric("cell_wise_cv"),
         gene_wise_cv=metric("gene_wise_cv"),
         de_metrics=metric("diff_exp"),
-        model_init_params=json.dumps(_flatten_params(info.model_init_params), indent=4),
-        model_setup_anndata_args=json.dumps(info.model_setup_anndata_args, indent=4),
+        model_init_params=json.dumps(
+            _flatten_params(info.model_init_params), indent=4, default=_json_value
+        ),
+        model_setup_anndata_args=json.dumps(
+            info.model_setup_anndata_args, indent=4, default=_json_value
+        ),
         model_data_registry=_registry_markdown(info.model_data_registry),
         data_is_minified=MISSING_FIELD if info.data_is_minified is None else info.data_is_minified,
         model_summary_stats=_summary_markdown(info.model_summary_stats),
@@ -317,7 +354,7 @@ def card_info_from_model(
     data_modalities=("rna",),
     **kwargs,
 ) -> ModelCardInfo:
-    """:class:`ModelCardInfo` of a jaxvi ``SCVI``.
+    """:class:`ModelCardInfo` of a jaxvi ``SCVI`` or ``SCANVI``.
 
     ``versions`` defaults to ``{"jaxvi_version": ..., "anndata_version": ...}``;
     ``data_is_annotated`` defaults to whether a ``labels_key`` was registered and

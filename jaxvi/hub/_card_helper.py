@@ -9,7 +9,7 @@ import os
 
 from jaxvi import io
 from jaxvi.criticism import METRICS_FILE
-from jaxvi.hub._card import MISSING_FIELD, ModelCard, ModelCardInfo, model_card
+from jaxvi.hub._card import MISSING_FIELD, PRETEXTS, ModelCard, ModelCardInfo, model_card
 from jaxvi.hub._files import validate_url_format
 from jaxvi.hub._formats import read_model_info
 
@@ -29,7 +29,8 @@ class HubModelCardHelper:
     license_info
         License of the model, e.g. ``"cc-by-4.0"``.
     model_cls_name
-        ``"SCVI"`` (the only class jaxvi implements; others raise ``ValueError``).
+        ``"SCVI"`` or ``"SCANVI"`` (the classes jaxvi implements; others raise
+        ``ValueError``).
     model_init_params
         Constructor arguments: jaxvi's flat dict or scvi-tools' ``{"non_kwargs", "kwargs"}``.
     model_setup_anndata_args
@@ -85,10 +86,10 @@ class HubModelCardHelper:
     jaxvi_version: str | None = None
 
     def __post_init__(self):
-        if self.model_cls_name != "SCVI":
+        if self.model_cls_name not in PRETEXTS:
             raise ValueError(
                 f"Model class name {self.model_cls_name} not recognized: jaxvi implements "
-                "SCVI only, and its card describes SCVI."
+                f"{' and '.join(PRETEXTS)}, and its cards describe those."
             )
         for name in ("training_data_url", "training_code_url"):
             if getattr(self, name) is not None:

@@ -13,7 +13,7 @@ from jaxvi import io
 from jaxvi._version import __version__
 from jaxvi.hub._files import HubFileNotFoundError
 from jaxvi.io import scvi_tools as scvi_io
-from jaxvi.model import SCVI
+from jaxvi.model import load_model
 
 __all__ = [
     "ModelFormat",
@@ -42,7 +42,8 @@ class ModelFormat:
     save
         ``save(model, dir_path, overwrite)`` writes the model files (not the AnnData).
     load
-        ``load(dir_path, adata)`` returns a jaxvi model; ``adata`` may be None.
+        ``load(dir_path, adata)`` returns a jaxvi model (of the class the files name: jaxvi's
+        and scvi-tools' formats load ``SCVI`` and ``SCANVI``); ``adata`` may be None.
     library_name
         The card's ``library_name``.
     versions
@@ -123,7 +124,7 @@ def _jaxvi_save(model, dir_path: str, overwrite: bool) -> None:
 
 
 def _jaxvi_load(dir_path: str, adata):
-    return SCVI.load(dir_path, adata=adata)
+    return load_model(dir_path, adata=adata, format="jaxvi")  # the class model.json names
 
 
 def _scvi_tools_save(model, dir_path: str, overwrite: bool) -> None:
@@ -131,7 +132,7 @@ def _scvi_tools_save(model, dir_path: str, overwrite: bool) -> None:
 
 
 def _scvi_tools_load(dir_path: str, adata):
-    return SCVI.from_scvi_tools(dir_path, adata=adata)
+    return load_model(dir_path, adata=adata, format="scvi-tools")  # the registry's class
 
 
 def _scvi_tools_versions(model) -> dict:

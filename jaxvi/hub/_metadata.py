@@ -29,7 +29,7 @@ class HubMetadata:
     anndata_version
         anndata version used in training.
     model_cls_name
-        ``"SCVI"``.
+        ``"SCVI"`` or ``"SCANVI"``.
     training_data_url
         Where to download the training data when it is too large to upload (checked for URL
         form; nothing is fetched here).

@@ -419,7 +419,7 @@ def save_hub_model(
     Parameters
     ----------
     model
-        A jaxvi ``SCVI``.
+        A jaxvi ``SCVI`` or ``SCANVI``.
     dir_path
         Target directory (created).
     model_format

@@ -1,12 +1,14 @@
-"""scvi-tools model directories in and out: ``model.pt`` (+ ``adata.h5ad``) ⇄ jaxvi ``SCVI``.
+"""scvi-tools model directories in and out: ``model.pt`` (+ ``adata.h5ad``) ⇄ jaxvi ``SCVI``
+and ``SCANVI``.
 
-scvi-tools' ``SCVI.save`` writes ``{prefix}model.pt``, a ``torch.save`` file holding
-``model_state_dict`` (the VAE's tensors plus an empty ``pyro_param_store``), ``var_names`` and
-``attr_dict`` (registry, init parameters, history, split indices, ...), and optionally
-``{prefix}adata.h5ad``. :func:`read_scvi_tools` reads such a directory into plain parts
-without torch and without running anything from the file (:mod:`jaxvi.io.torchfile`);
-:func:`write_scvi_tools` writes one from plain parts that ``scvi.model.SCVI.load`` reads,
-also without torch. Neither builds a model: :class:`jaxvi.model.BaseModel` does.
+scvi-tools' ``SCVI.save`` (and ``SCANVI.save``, alike) writes ``{prefix}model.pt``, a
+``torch.save`` file holding ``model_state_dict`` (the module's tensors plus an empty
+``pyro_param_store``), ``var_names`` and ``attr_dict`` (registry, init parameters, history,
+split indices, ...), and optionally ``{prefix}adata.h5ad``. :func:`read_scvi_tools` reads
+such a directory into plain parts without torch and without running anything from the file
+(:mod:`jaxvi.io.torchfile`); :func:`write_scvi_tools` writes one from plain parts that
+``scvi.model.SCVI.load`` (``SCANVI.load``) reads, also without torch. Neither builds a model:
+:class:`jaxvi.model.BaseModel` does.
 
 The registries differ in shape, not content. scvi-tools keeps one entry per field
 (``X``, ``batch``, ``labels``, ``size_factor``, ``extra_categorical_covs``,
@@ -15,6 +17,9 @@ statistics; jaxvi keeps the same setup arguments, genes, category lists and coun
 flat JSON dict (:mod:`jaxvi.data.registry`). Categories are stored as strings in jaxvi and written
 back as strings (a batch column of integers would be read back by scvi-tools as new
 categories); the single default batch / label of an unkeyed setup is scvi-tools' ``[0]``.
+A SCANVI registry adds the setup argument ``unlabeled_category`` (scvi-tools also keeps it
+in the labels field's state, whose mapping has the unlabelled category last); its classes
+are the mapping's categories but that one.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from jaxvi import schema
 from jaxvi.io import _npz, torchfile
 
 __all__ = [
+    "MODEL_NAMES",
     "SCVI_TOOLS_VERSION",
+    "UNLABELED_KEY",
     "init_params_from_scvi",
     "init_params_to_scvi",
     "is_scvi_tools_dir",
@@ -61,6 +68,10 @@ _FIELDS = (
     "extra_categorical_covs",
     "extra_continuous_covs",
 )
+# The model classes whose registries are translated; SCANVI's extra setup arguments.
+MODEL_NAMES = ("SCVI", "SCANVI")
+UNLABELED_KEY = "unlabeled_category"
+_SCANVI_SETUP_ARGS = (UNLABELED_KEY, "use_minified")
 # A minified model's extra fields: the AnnData itself (obsm / obs / uns) says it is minified.
 _MINIFIED_FIELDS = ("latent_qzm", "latent_qzv", "observed_lib_size", "minify_type")
 
@@ -108,7 +119,9 @@ def read_scvi_tools_files(dir_path: str, prefix: str | None = None) -> dict:
     state = dict(saved["model_state_dict"])
     pyro = state.pop(_PYRO_KEY, None)
     if isinstance(pyro, dict) and any(pyro.values()):
-        raise ValueError(f"{path} carries a non-empty Pyro parameter store; not an SCVI model.")
+        raise ValueError(
+            f"{path} carries a non-empty Pyro parameter store; not an SCVI or SCANVI model."
+        )
     bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise ValueError(f"{path}: state dict entries that are not tensors: {bad[:5]}.")
@@ -122,7 +135,9 @@ def read_scvi_tools_files(dir_path: str, prefix: str | None = None) -> dict:
     schema.check_weights(state, path)  # finite, batch-norm variances >= 0
     var_names = saved["var_names"]
     if isinstance(var_names, dict):
-        raise ValueError(f"{path} holds a multi-modal (MuData) model; jaxvi reads SCVI only.")
+        raise ValueError(
+            f"{path} holds a multi-modal (MuData) model; jaxvi reads AnnData models only."
+        )
     return {
         "attr_dict": dict(saved["attr_dict"]),
         "var_names": [str(v) for v in np.asarray(var_names).tolist()],
@@ -137,28 +152,43 @@ def _strs(values) -> list[str]:
 def registry_from_scvi(registry: dict, var_names: list[str]) -> dict:
     """jaxvi's registry (see :mod:`jaxvi.data.registry`) from scvi-tools' ``registry_``.
 
+    An ``SCVI`` or ``SCANVI`` registry; a ``SCANVI`` one also gives the setup argument
+    ``unlabeled_category`` and its labels field must be consistent (see
+    :func:`_scanvi_labels`).
+
     Raises
     ------
     ValueError
         For another model class or setup method, unknown setup arguments or fields, naming
-        them (a minified model's fields are accepted).
+        them (a minified SCVI model's fields are accepted), or a malformed SCANVI labels
+        field.
     """
+    if not isinstance(registry, dict):
+        raise ValueError(f"The saved registry_ is a {type(registry).__name__}, not a dict.")
     name = registry.get("model_name")
-    if name != "SCVI":
-        raise ValueError(f"The saved model is a {name!r}; jaxvi converts scvi-tools SCVI only.")
+    if name not in MODEL_NAMES:
+        raise ValueError(
+            f"The saved model is a {name!r}; jaxvi converts scvi-tools "
+            f"{' and '.join(MODEL_NAMES)} models only."
+        )
     method = registry.get("setup_method_name", "setup_anndata")
     if method != "setup_anndata":
         raise ValueError(f"Models set up with {method!r} are not supported (only setup_anndata).")
     args = dict(registry.get("setup_args", {}))
-    unknown = sorted(set(args) - set(_SETUP_ARGS))
+    known = _SETUP_ARGS + (_SCANVI_SETUP_ARGS if name == "SCANVI" else ())
+    unknown = sorted(set(args) - set(known))
     if unknown:
-        raise ValueError(f"Unsupported scvi-tools setup arguments: {unknown}.")
+        raise ValueError(f"Unsupported scvi-tools {name} setup arguments: {unknown}.")
     fields = dict(registry.get("field_registries", {}))
     extra = sorted(set(fields) - set(_FIELDS) - set(_MINIFIED_FIELDS))
     if extra:
         raise ValueError(
-            f"The saved registry has fields jaxvi does not read: {extra} (a non-SCVI setup)."
+            f"The saved registry has fields jaxvi does not read: {extra} (a non-{name} setup)."
         )
+    if name == "SCANVI" and set(fields) & set(_MINIFIED_FIELDS):
+        # scvi-tools keeps a minified scANVI's posterior under obsm["scanvi_latent_qzm"],
+        # not where jaxvi's minified models look for it
+        raise ValueError("Minified scvi-tools SCANVI models are not read by jaxvi.")
     setup_args = {k: args.get(k) for k in _SETUP_ARGS}
     for k in ("categorical_covariate_keys", "continuous_covariate_keys"):
         setup_args[k] = list(setup_args[k]) if setup_args[k] else None
@@ -177,9 +207,11 @@ def registry_from_scvi(registry: dict, var_names: list[str]) -> dict:
         raise ValueError(f"The registry counts {n_vars} genes but var_names has {len(var_names)}.")
     if "column_names" in x_state and _strs(x_state["column_names"]) != list(var_names):
         raise ValueError("The registry's gene names differ from the saved var_names.")
+    if name == "SCANVI":  # before the labels mapping is read: it must be well formed
+        setup_args[UNLABELED_KEY] = _scanvi_labels(args, fields.get("labels"))
     batch, labels = mapping("batch"), mapping("labels")
     return {
-        "model_name": "SCVI",
+        "model_name": name,
         "setup_args": setup_args,
         "var_names": list(var_names),
         "batch_categories": batch,
@@ -196,6 +228,59 @@ def registry_from_scvi(registry: dict, var_names: list[str]) -> dict:
     }
 
 
+def _scanvi_labels(args: dict, field) -> object:
+    """The unlabelled category of a scvi-tools SCANVI registry, after checking its labels
+    field as ``LabelsWithUnlabeledObsField`` writes it: a labels column, a 1-D mapping of
+    distinct plain values holding the unlabelled category, the same unlabelled category in
+    the field's state as in the setup arguments.
+
+    Raises
+    ------
+    ValueError
+        Naming what is malformed.
+    """
+    where = "The saved SCANVI registry's labels field"
+    labels_key = args.get("labels_key")
+    if not isinstance(labels_key, str):
+        raise ValueError(f"The saved SCANVI registry has no labels_key (got {labels_key!r}).")
+    if UNLABELED_KEY not in args:
+        raise ValueError("The saved SCANVI registry lacks the setup argument unlabeled_category.")
+    unlabeled = args[UNLABELED_KEY]
+    if not isinstance(unlabeled, str | int | float | np.generic) or isinstance(unlabeled, bool):
+        raise ValueError(f"unlabeled_category {unlabeled!r} is not a plain value.")
+    state = field.get("state_registry") if isinstance(field, dict) else None
+    if not isinstance(state, dict) or "categorical_mapping" not in state:
+        raise ValueError(f"{where} has no categorical_mapping.")
+    raw = state["categorical_mapping"]
+    values = np.asarray(raw, dtype=object) if isinstance(raw, list | tuple | np.ndarray) else None
+    if values is None or values.ndim != 1 or len(values) < 2:
+        raise ValueError(
+            f"{where}: categorical_mapping must be a 1-D array of at least two categories "
+            f"(the classes and the unlabelled one), got {type(raw).__name__} "
+            f"{getattr(values, 'shape', '')}."
+        )
+    if not all(isinstance(v, str | int | float | np.generic) for v in values.tolist()):
+        raise ValueError(f"{where}: categorical_mapping holds values that are not plain.")
+    mapping = _strs(values)
+    if len(set(mapping)) != len(mapping):
+        raise ValueError(f"{where}: categorical_mapping has repeated categories {mapping}.")
+    if state.get("unlabeled_category", unlabeled) != unlabeled:
+        raise ValueError(
+            f"{where} names the unlabelled category {state['unlabeled_category']!r}, the setup "
+            f"arguments {unlabeled!r}."
+        )
+    if str(unlabeled) not in mapping:
+        raise ValueError(
+            f"{where}: the unlabelled category {unlabeled!r} is not among its categories "
+            f"{mapping}."
+        )
+    if state.get("original_key", labels_key) != labels_key:
+        raise ValueError(
+            f"{where} reads column {state['original_key']!r}, the setup arguments {labels_key!r}."
+        )
+    return unlabeled.item() if isinstance(unlabeled, np.generic) else unlabeled
+
+
 def _mapping_array(categories: list[str], keyed: bool) -> np.ndarray:
     if not keyed:
         return np.array([0])
@@ -203,7 +288,11 @@ def _mapping_array(categories: list[str], keyed: bool) -> np.ndarray:
 
 
 def registry_to_scvi(registry: dict) -> dict:
-    """scvi-tools' ``registry_`` (as ``SCVI.save`` writes it) from jaxvi's registry."""
+    """scvi-tools' ``registry_`` (as ``SCVI.save`` / ``SCANVI.save`` write it) from jaxvi's
+    registry (an SCVI or SCANVI one)."""
+    name = registry.get("model_name", "SCVI")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"A {name!r} registry has no scvi-tools form in jaxvi.")
     args = registry["setup_args"]
     stats = registry["summary_stats"]
     layer = args["layer"]
@@ -266,10 +355,20 @@ def registry_to_scvi(registry: dict) -> dict:
         {"columns": np.array(cont_keys, dtype=object)} if cont_keys else None,
         {"n_extra_continuous_covs": len(cont_keys)},
     )
+    setup_args = {k: args[k] for k in _SETUP_ARGS}
+    if name == "SCANVI":  # LabelsWithUnlabeledObsField's state; SCANVI.setup_anndata's order
+        unlabeled = args[UNLABELED_KEY]
+        fields["labels"]["state_registry"][UNLABELED_KEY] = unlabeled
+        setup_args = {
+            "labels_key": args["labels_key"],
+            UNLABELED_KEY: unlabeled,
+            **{k: args[k] for k in _SETUP_ARGS if k != "labels_key"},
+            "use_minified": True,
+        }
     return {
         "scvi_version": SCVI_TOOLS_VERSION,
-        "model_name": "SCVI",
-        "setup_args": {k: args[k] for k in _SETUP_ARGS},
+        "model_name": name,
+        "setup_args": setup_args,
         "field_registries": fields,
         "setup_method_name": "setup_anndata",
         "_scvi_uuid": str(uuid.uuid4()),
@@ -278,20 +377,30 @@ def registry_to_scvi(registry: dict) -> dict:
 
 def init_params_from_scvi(init_params: dict) -> dict:
     """jaxvi's flat ``init_params_`` from scvi-tools' ``{"non_kwargs": ..., "kwargs":
-    {"kwargs": ...}}`` (which names a model accepts is the model class's business)."""
+    {<name of the ** argument>: ...}}`` (``kwargs`` for SCVI, ``model_kwargs`` for SCANVI;
+    every one is lifted, as scvi-tools' ``load`` does). Which names a model accepts is the
+    model class's business."""
     if "non_kwargs" not in init_params:
         raise ValueError("The saved init_params_ lack 'non_kwargs' (scvi-tools < 0.8?).")
     params = dict(init_params["non_kwargs"])
-    kwargs = dict(init_params.get("kwargs", {}).get("kwargs", {}) or {})
+    nested = init_params.get("kwargs") or {}
+    if not isinstance(nested, dict) or not all(
+        isinstance(v, dict) or v is None for v in nested.values()
+    ):
+        raise ValueError("The saved init_params_['kwargs'] is not a dict of dicts.")
+    kwargs = {k: v for inner in nested.values() for k, v in (inner or {}).items()}
     return {**params, **kwargs}
 
 
-def init_params_to_scvi(init_params: dict, non_kwargs: tuple[str, ...]) -> dict:
+def init_params_to_scvi(
+    init_params: dict, non_kwargs: tuple[str, ...], kwargs_name: str = "kwargs"
+) -> dict:
     """scvi-tools' ``init_params_`` layout (as its model cards show it) from jaxvi's flat one;
-    ``non_kwargs`` are the model's named constructor arguments."""
+    ``non_kwargs`` are the model's named constructor arguments, ``kwargs_name`` the name of
+    its ``**`` argument (``"model_kwargs"`` for SCANVI)."""
     non = {k: init_params[k] for k in non_kwargs}
     kwargs = {k: v for k, v in init_params.items() if k not in non_kwargs}
-    return {"kwargs": {"kwargs": kwargs}, "non_kwargs": non}
+    return {"kwargs": {kwargs_name: kwargs}, "non_kwargs": non}
 
 
 def _indices(value) -> np.ndarray | None:
@@ -356,13 +465,16 @@ def write_scvi_tools(
     adata=None,
     prefix: str | None = None,
     overwrite: bool = False,
+    extra_attrs: dict | None = None,
+    kwargs_name: str = "kwargs",
 ) -> None:
     """Write a scvi-tools 1.4.2 model directory from plain parts (no torch needed).
 
     Parameters
     ----------
     dir_path
-        Output directory; ``scvi.model.SCVI.load(dir_path, adata)`` reads it.
+        Output directory; ``scvi.model.SCVI.load(dir_path, adata)`` (``SCANVI.load`` for a
+        SCANVI registry) reads it.
     state_dict
         name -> ndarray with scvi-tools' names (:func:`jaxvi.io.bridge.variables_to_state_dict`).
     registry, init_params, history, is_trained, indices
@@ -375,6 +487,11 @@ def write_scvi_tools(
         File-name prefix, as scvi-tools' ``save``.
     overwrite
         Replace an existing ``model.pt``.
+    extra_attrs
+        Further model attributes scvi-tools saves for the class (SCANVI's
+        ``unlabeled_category_``, ...); scvi-tools' ``load`` sets them on the model.
+    kwargs_name
+        The name of the model's ``**`` argument in its saved ``init_params_``.
 
     Raises
     ------
@@ -392,7 +509,7 @@ def write_scvi_tools(
     attr_dict = {
         "get_normalized_function_name_": "get_normalized_expression",
         "history_": history,
-        "init_params_": init_params_to_scvi(init_params, non_kwargs),
+        "init_params_": init_params_to_scvi(init_params, non_kwargs, kwargs_name),
         "is_trained_": bool(is_trained),
         "registry_": registry_to_scvi(registry),
         "run_id_": "",
@@ -400,6 +517,7 @@ def write_scvi_tools(
         "test_indices_": _indices(test),
         "train_indices_": _indices(train),
         "validation_indices_": _indices(validation),
+        **(extra_attrs or {}),
     }
     obj = {
         "model_state_dict": tensors,

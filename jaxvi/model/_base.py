@@ -116,6 +116,19 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
     def _to_state_dict(self, variables: dict) -> dict:
         """A scvi-tools state dict of ``variables``."""
 
+    @classmethod
+    def _scvi_tools_config(cls, read: dict) -> tuple[dict, object]:
+        """``(init_params, config)`` of a read scvi-tools directory
+        (:func:`jaxvi.io.scvi_tools.read_scvi_tools`)."""
+        return read["init_params"], cls._make_config(read["registry"], read["init_params"])
+
+    def _scvi_tools_export(self, init_params: dict) -> dict:
+        """What :func:`jaxvi.io.scvi_tools.write_scvi_tools` writes of this class:
+        ``init_params`` in scvi-tools' form, ``non_kwargs``, and (if not the defaults)
+        ``kwargs_name`` and ``extra_attrs``, the attributes its class saves besides the
+        common ones."""
+        return {"init_params": init_params, "non_kwargs": self._non_kwargs}
+
     def _engine_model(self) -> ModelDef:
         """What :func:`jaxvi.train.fit` takes to train this model: its ModelDef."""
         return self.model_def

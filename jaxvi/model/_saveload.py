@@ -57,14 +57,13 @@ def save_model(model, dir_path, prefix, overwrite, save_anndata, format) -> None
             dir_path,
             state_dict=model._to_state_dict(variables),
             registry=model.registry_,
-            init_params=init_params,
-            non_kwargs=model._non_kwargs,
             history=model.history_,
             is_trained=model.is_trained_,
             indices=indices,
             adata=adata,
             prefix=prefix,
             overwrite=overwrite,
+            **model._scvi_tools_export(init_params),
         )
     meta = {
         "model_name": model._model_name,
@@ -119,23 +118,39 @@ def jaxvi_parts(cls, dir_path: str, adata, prefix: str | None):
     return parts, None
 
 
-def scvi_tools_parts(cls, dir_path: str, adata, prefix: str | None):
-    """``(ModelParts, saved AnnData path or None)`` of a scvi-tools directory (no torch)."""
-    read = scvi_tools.read_scvi_tools(dir_path, prefix)
-    unknown = sorted(set(read["init_params"]) - set(cls._non_kwargs) - cls._model_kwargs)
+def scvi_tools_parts(cls, dir_path: str, adata, prefix: str | None, read: dict | None = None):
+    """``(ModelParts, saved AnnData path or None)`` of a scvi-tools directory (no torch);
+    ``read`` is the directory's :func:`~jaxvi.io.scvi_tools.read_scvi_tools` when already
+    read.
+
+    Raises
+    ------
+    ValueError
+        If the directory holds another model class than ``cls`` (naming both), or uses
+        constructor arguments the class does not support.
+    """
+    read = scvi_tools.read_scvi_tools(dir_path, prefix) if read is None else read
+    saved_name = read["registry"]["model_name"]
+    if saved_name != cls._model_name:
+        raise ValueError(
+            f"{dir_path} holds a scvi-tools {saved_name} model, not {cls._model_name}: load it "
+            f"with jaxvi.{saved_name}.load."
+        )
+    init_params, config = cls._scvi_tools_config(read)
+    unknown = sorted(set(init_params) - set(cls._non_kwargs) - cls._model_kwargs)
     if unknown:
         raise ValueError(
             f"The saved model uses {cls._model_name} arguments jaxvi does not support: {unknown}."
         )
-    config = cls._make_config(read["registry"], read["init_params"])
     parts = ModelParts(
         registry=read["registry"],
-        init_params=read["init_params"],
+        init_params=init_params,
         variables=cls._from_state_dict(read["state_dict"], config),
         adata=adata,
         history=read["history"],
         is_trained=read["is_trained"],
         indices=read["indices"],
+        config=config,
     )
     return parts, read["adata_path"]
 

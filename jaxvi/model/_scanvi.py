@@ -20,6 +20,7 @@ import pandas as pd
 from jaxvi import posterior
 from jaxvi._settings import settings
 from jaxvi.data import registry as reglib
+from jaxvi.io import torchfile
 from jaxvi.io.scanvi_bridge import (
     scanvae_state_dict_to_variables,
     scanvae_variables_to_state_dict,
@@ -35,6 +36,7 @@ from jaxvi.model._scanvi_parts import (
     labelled_groups,
     model_n_labels,
     scanvi_config,
+    scanvi_params_from_scvi_tools,
     scanvi_registry,
     semi_supervised_split,
 )
@@ -494,24 +496,31 @@ class SCANVI(BaseModel):
     # scVI's query of denoised expression, unchanged (it needs only the VAE part).
     get_normalized_expression = SCVI.get_normalized_expression
 
-    # ----------------------------------------------------------------- limits
-    def save(
-        self,
-        dir_path: str,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        format: str = "jaxvi",
-        **anndata_write_kwargs,
-    ) -> None:
-        """Save to ``dir_path`` in jaxvi's format (:meth:`jaxvi.SCVI.save`); writing
-        scvi-tools' ``model.pt`` for a scANVI model is not supported yet."""
-        if format == "scvi-tools":
-            raise NotImplementedError(
-                "Saving a SCANVI model in scvi-tools' format is not supported yet; use "
-                "format='jaxvi'."
-            )
-        super().save(dir_path, prefix, overwrite, save_anndata, format, **anndata_write_kwargs)
+    # ------------------------------------------------------ scvi-tools model.pt
+    @classmethod
+    def _scvi_tools_config(cls, read: dict) -> tuple[dict, SCANVAEConfig]:
+        """The arguments in jaxvi's form and the saved ``y_prior``'s class count
+        (:func:`~jaxvi.model._scanvi_parts.scanvi_params_from_scvi_tools`)."""
+        init_params, n_labels = scanvi_params_from_scvi_tools(read)
+        return init_params, cls._make_config(read["registry"], init_params, n_labels)
+
+    def _scvi_tools_export(self, init_params: dict) -> dict:
+        """The arguments as scvi-tools' SCANVI saves them (``y_prior`` a ``(1, n_labels)``
+        tensor, ``datamodule`` None, ``**model_kwargs``) and its own saved attributes
+        (``unlabeled_category_``; no ``labels_``: scvi-tools reads the labels from the
+        AnnData it loads with)."""
+        params = dict(init_params)
+        if params.get("y_prior") is not None:
+            params["y_prior"] = torchfile.Tensor(np.asarray([params["y_prior"]], np.float32))
+        params["datamodule"] = None
+        extra = {"unlabeled_category_": self.unlabeled_category_}
+        extra.update(dict.fromkeys(("unsupervised_history_", "semisupervised_history_")))
+        return {
+            "init_params": params,
+            "non_kwargs": (*self._non_kwargs, "datamodule"),
+            "kwargs_name": "model_kwargs",
+            "extra_attrs": extra,
+        }
 
     @classmethod
     def load_query_data(
@@ -534,12 +543,13 @@ class SCANVI(BaseModel):
         :meth:`train` and :meth:`predict` (label transfer).
 
         ``reference_model`` is a trained :class:`SCANVI` or the directory of a saved one
-        (jaxvi's format). The query gets the reference's labels (an unknown label is a
-        ``ValueError``; a missing labels column is filled with the unlabelled category) and
-        new batch categories. Freezing follows scvi-tools (:mod:`jaxvi.model.scarches` and
-        :mod:`jaxvi.model._scanvi_arches`): with ``freeze_classifier`` the classifier does
-        not change; the ``z2`` networks keep their weights. The model trains with its
-        network in evaluation mode, as scvi-tools' query models.
+        (jaxvi's or scvi-tools' format). The query gets the reference's labels (an unknown
+        label is a ``ValueError``; a missing labels column is filled with the unlabelled
+        category) and new batch categories. Freezing follows scvi-tools
+        (:mod:`jaxvi.model.scarches` and :mod:`jaxvi.model._scanvi_arches`): with
+        ``freeze_classifier`` the classifier does not change; the ``z2`` networks keep their
+        weights. The model trains with its network in evaluation mode, as scvi-tools' query
+        models.
         """
         del accelerator, device, freeze_dropout  # as scVI's load_query_data
         if isinstance(reference_model, str | os.PathLike):

@@ -25,6 +25,7 @@ __all__ = [
     "labelled_groups",
     "model_n_labels",
     "scanvi_config",
+    "scanvi_params_from_scvi_tools",
     "scanvi_registry",
     "semi_supervised_split",
 ]
@@ -157,6 +158,42 @@ def scanvi_config(registry: dict, init_params: dict, n_labels: int | None = None
         options["classifier_logits"] = bool(options["classifier_logits"])
     prior = None if y_prior is None else tuple(float(v) for v in y_prior)
     return SCANVAEConfig(**fields, linear_classifier=linear, y_prior=prior, **options)
+
+
+def scanvi_params_from_scvi_tools(read: dict) -> tuple[dict, int]:
+    """``(init_params, n_labels)`` of a scvi-tools SCANVI directory read by
+    :func:`jaxvi.io.scvi_tools.read_scvi_tools`.
+
+    scvi-tools saves ``datamodule`` (None) among the arguments and ``y_prior`` as a
+    ``(1, n_labels)`` tensor (here a list of floats). The class count is the saved weights'
+    ``y_prior``'s: scvi-tools recomputes it from the data at load by
+    :func:`model_n_labels`' rule, which may count the unlabelled category as a class.
+
+    Raises
+    ------
+    ValueError
+        A datamodule setup, weights without a ``(1, n)`` ``y_prior``, or a class count that
+        is neither the labels registry's categories nor one fewer.
+    """
+    init_params = dict(read["init_params"])
+    if init_params.pop("datamodule", None) is not None:
+        raise ValueError("SCANVI models set up with a custom datamodule are not supported.")
+    if init_params.get("y_prior") is not None:
+        prior = np.asarray(init_params["y_prior"], dtype=np.float64).ravel()
+        init_params["y_prior"] = [float(p) for p in prior]
+    prior = read["state_dict"].get("y_prior")
+    if prior is None or prior.ndim != 2 or prior.shape[0] != 1:
+        raise ValueError(
+            "The saved SCANVI weights lack `y_prior` of shape (1, n_labels) (got "
+            f"{None if prior is None else prior.shape}); not a scvi-tools SCANVI module."
+        )
+    n_labels, n_cats = int(prior.shape[1]), len(read["registry"]["labels_categories"])
+    if n_labels < 1 or n_labels not in (n_cats - 1, n_cats):
+        raise ValueError(
+            f"The saved SCANVI classifies {n_labels} classes (its y_prior), but its labels "
+            f"registry has {n_cats} categories, the unlabelled one included."
+        )
+    return init_params, n_labels
 
 
 def _split_counts(n, train_size, validation_size, batch_size, drop_last, train_size_is_none):

@@ -214,8 +214,8 @@ def test_card_helper_errors(model):
         anndata_version=ANNDATA_VERSION,
     )
     assert HubModelCardHelper(**fields).model_card.startswith("---\nlibrary_name: jaxvi\n")
-    with pytest.raises(ValueError, match="SCANVI not recognized"):
-        HubModelCardHelper(**{**fields, "model_cls_name": "SCANVI"})
+    with pytest.raises(ValueError, match="TOTALVI not recognized"):
+        HubModelCardHelper(**{**fields, "model_cls_name": "TOTALVI"})
     with pytest.raises(ValueError, match="Invalid URL format"):
         HubModelCardHelper(**fields, training_code_url="github.com/me/code")
     with pytest.raises(TypeError, match="metrics_report must be a dict"):

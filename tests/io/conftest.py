@@ -197,3 +197,31 @@ def hp() -> types.ModuleType:
     ``globals()``, not ``sys.modules[__name__]``: every folder's conftest is named
     ``conftest``, so that name may be another folder's module."""
     return types.SimpleNamespace(**{k: v for k, v in globals().items() if not k.startswith("__")})
+
+
+@pytest.fixture(scope="session")
+def without_torch():
+    """``run(code, cwd) -> stdout``: run ``code`` in a fresh interpreter where ``import torch``
+    fails (the file readers and writers must not need it); the worktree's jaxvi is imported."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(code: str, cwd) -> str:
+        script = "import sys\nsys.modules['torch'] = None\n" + code
+        path = os.environ.get("PYTHONPATH", "")
+        env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}"}
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    return run

@@ -285,7 +285,10 @@ def test_reader_refuses_other_models():
     adata = make_adata(30)
     SCVI.setup_anndata(adata)
     reg = registry_to_scvi(adata.uns["_jaxvi"])
-    with pytest.raises(ValueError, match="SCANVI"):
+    with pytest.raises(ValueError, match="TOTALVI"):
+        registry_from_scvi({**reg, "model_name": "TOTALVI"}, adata.uns["_jaxvi"]["var_names"])
+    # a SCANVI registry needs its unlabelled category (tests/io/test_scanvi_io.py)
+    with pytest.raises(ValueError, match="saved SCANVI registry"):
         registry_from_scvi({**reg, "model_name": "SCANVI"}, adata.uns["_jaxvi"]["var_names"])
     # a minified model's fields are read (issue 16); another model's are refused
     fields = {**reg["field_registries"], "protein_expression": {}}

@@ -1,5 +1,6 @@
 """The SCVI class: setup, bad input, training outputs, queries, save/load round trip."""
 
+import importlib.util
 import json
 import os
 
@@ -301,6 +302,9 @@ def test_demo_main_job_writes_outputs(tmp_path):
     metrics = run(str(tmp_path), max_epochs=3)
     for name in ("latent.csv", "latent_tsne.png", "metrics.json", "model/model.json"):
         assert (tmp_path / name).exists()
+    # the UMAP scanpy users expect, drawn when scanpy is installed
+    has_scanpy = importlib.util.find_spec("scanpy") is not None
+    assert (tmp_path / "latent_umap.png").exists() == has_scanpy
     assert metrics["elbo_heldout"] < 0
     assert -1.0 <= metrics["ari_kmeans_vs_cell_type"] <= 1.0
 

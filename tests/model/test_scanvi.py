@@ -285,8 +285,11 @@ def test_save_load_round_trip(trained, tmp_path):
     assert set(loaded.history) == HISTORY_KEYS
     with pytest.raises(ValueError, match="SCANVI"):
         SCVI.load(str(tmp_path / "m"))
-    with pytest.raises(NotImplementedError):
-        trained.save(str(tmp_path / "pt"), format="scvi-tools")
+    # scvi-tools' format: the same model back (its tests are in tests/io/test_scanvi_io.py)
+    trained.save(str(tmp_path / "pt"), format="scvi-tools")
+    back = SCANVI.load(str(tmp_path / "pt"), adata=trained.adata)
+    assert back.config == trained.config
+    pd.testing.assert_frame_equal(back.predict(soft=True), trained.predict(soft=True))
     # minified (q(z | x) kept, counts dropped): the classifier reads the cached posterior
     qzm, qzv = loaded.get_latent_representation(return_dist=True)
     loaded.adata.obsm["X_latent_qzm"], loaded.adata.obsm["X_latent_qzv"] = qzm, qzv

@@ -104,26 +104,10 @@ def synthetic_adata(n_cells: int, n_genes: int, seed: int, n_groups: int = 5, n_
     return anndata.AnnData(X=sp.csr_matrix(x), obs=obs, var=var)
 
 
-def pbmc_adata(tool: str):
-    """jaxvi's bundled PBMC counts (700 x 765). The scvi-tools worker reads the same file
-    without importing jaxvi (its import would load jaxvi's modules into that process)."""
-    if tool == "jaxvi":
-        import jaxvi.data
-
-        return jaxvi.data.pbmc68k_reduced()
-    import importlib.util
-
-    import anndata
-
-    spec = importlib.util.find_spec("jaxvi")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return anndata.read_h5ad(root / "data" / "pbmc68k_reduced_counts.h5ad")
-
-
 def make_adata(args, tool: str):
     if args.dataset == "synthetic":
         return synthetic_adata(args.n_cells, args.n_genes, args.data_seed), "batch"
-    return pbmc_adata(tool), None
+    return C.pbmc_adata(tool), None
 
 
 # ========================================================================= worker
@@ -369,41 +353,15 @@ def run_worker_once(args, tool: str, dataset: str, epochs: int) -> dict:
 
 
 def run_worker(args, tool: str, dataset: str, epochs: int) -> dict:
-    """Run a worker until other processes used <= ``--max-foreign-cores`` during train().
-
-    The machine may be shared: on 2 cores, another busy process slows both libraries several
-    fold (torch's OpenMP threads wait at barriers). Up to ``--max-attempts`` runs; the one
-    with the least foreign load is kept and every attempt is listed in ``attempts``.
-    """
-    attempts = []
-    best = None
-    for _ in range(max(1, args.max_attempts)):
-        res = run_worker_once(args, tool, dataset, epochs)
-        foreign = res["train_load"].get("foreign_cores") or 0.0
-        attempts.append(
-            {
-                "train_wall_s": res["train_wall_s"],
-                "steady_s_per_epoch": res["steady_s_per_epoch"],
-                "foreign_cores": foreign,
-            }
-        )
-        if best is None or foreign < best["train_load"].get("foreign_cores", 0.0):
-            best = res
-        if foreign <= args.max_foreign_cores:
-            break
-        print(
-            f"[compare_scvi]   other processes used {foreign:.2f} cores during train(); retrying",
-            flush=True,
-        )
-    best["attempts"] = attempts
-    best["clean"] = (best["train_load"].get("foreign_cores") or 0.0) <= args.max_foreign_cores
-    if not best["clean"]:
-        print(
-            f"[compare_scvi]   WARNING: no clean run of {tool}/{dataset}/{epochs} epochs in "
-            f"{len(attempts)} attempts; its timings are NOT reliable",
-            flush=True,
-        )
-    return best
+    """Run a worker until other processes used <= ``--max-foreign-cores`` during train()
+    (:func:`_common.least_loaded`: up to ``--max-attempts`` runs, the least loaded kept)."""
+    return C.least_loaded(
+        lambda: run_worker_once(args, tool, dataset, epochs),
+        args.max_attempts,
+        args.max_foreign_cores,
+        f"{tool}/{dataset}/{epochs} epochs",
+        "compare_scvi",
+    )
 
 
 def derive(full: dict, single: dict | None) -> dict:

@@ -39,6 +39,34 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path):
     assert res["peaks"] is None  # no nominal peaks for a CPU
 
 
+def test_compare_scanvi_quick_runs_both_tools(tmp_path):
+    """``compare_scanvi.py --quick``: both tools train scANVI on the same hidden cells, the
+    JSON has per-tool accuracies, their gap and the speed ratio."""
+    out = tmp_path / "compare_scanvi.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_scanvi.py"), "--quick"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["complete"]
+    row = res["results"]["scratch/0"]
+    for tool in ("scvi", "jaxvi"):
+        m = row["tools"][tool]
+        assert m["epochs"] == 3
+        assert m["steady_cells_per_s"] > 0
+        assert 0.0 <= m["accuracy_hidden"] <= 1.0
+    assert row["ratios"]["same_hidden_cells"]
+    assert row["ratios"]["steady_cells_per_s_speedup"] > 0
+    assert res["raw"]["scratch/0/jaxvi"]["n_hidden"] == 350  # half of the 700 PBMC cells
+    acc = {tool: row["tools"][tool]["accuracy_hidden"] for tool in ("scvi", "jaxvi")}
+    gap = 100 * (acc["jaxvi"] - acc["scvi"])
+    assert abs(row["ratios"]["accuracy_gap_pp"] - gap) < 1e-9
+    assert "scratch" in res["summary"]
+    assert "| scratch | 0 |" in res["markdown"]
+
+
 def test_compare_scvi_quick_runs_jaxvi(tmp_path):
     """The side-by-side benchmark wraps jaxvi's epoch to time it; a change of the engine's
     calling convention must fail here, not in the next benchmark session."""

@@ -43,6 +43,13 @@ def test_reference_mapping_notebook_executes(monkeypatch):
     assert "label transfer accuracy (15-NN):" in text
 
 
+def test_label_transfer_notebook_executes(monkeypatch):
+    text = _execute("label_transfer.ipynb", monkeypatch)
+    assert "batches: ['d0', 'd1', 'd2', 'd3']" in text
+    accuracy = float(text.split("label transfer accuracy (scANVI): ")[1].split()[0])
+    assert 0.0 <= accuracy <= 1.0
+
+
 def test_likelihoods_notebook_executes(monkeypatch):
     text = _execute("likelihoods.ipynb", monkeypatch)
     assert "held-out cells: 140, epochs: 2" in text

@@ -65,6 +65,9 @@ class Block(NamedTuple):
         Device-ready :class:`~jaxvi.data.CellData` holding the block's cells.
     cells
         ``(n,)`` int32 host array: the positions in ``data`` of the block's cells.
+    rows
+        ``(n,)`` int host array: the dataset rows of the same cells, aligned with ``cells``
+        (a streamed block holds its cells in disk order, not in the order they were asked for).
     key
         The block's PRNG key: the pass's key for a single block, ``fold_in(key, b)`` for the
         ``b``-th of several.
@@ -72,6 +75,7 @@ class Block(NamedTuple):
 
     data: CellData
     cells: np.ndarray
+    rows: np.ndarray
     key: jax.Array | None
 
 
@@ -151,7 +155,7 @@ class DeviceSource(DataSource):
 
     def blocks(self, cells, key, *, shuffle=False):
         """One block: all the cells."""
-        yield Block(self.data, np.asarray(cells, np.int32), key)
+        yield Block(self.data, np.asarray(cells, np.int32), np.asarray(cells), key)
 
     def piece(self, rows):
         """The resident data itself."""
@@ -187,7 +191,7 @@ class HostSource(DataSource):
     def blocks(self, cells, key, *, shuffle=False):
         """One block: the cells moved to the device together."""
         data, pos = self.piece(np.asarray(cells))
-        yield Block(data, pos, key)
+        yield Block(data, pos, np.asarray(cells), key)
 
     def piece(self, rows):
         """The rows, densified, moved to the device (or this process's share of them,

@@ -371,7 +371,8 @@ class StreamingSource(DataSource):
             rng = np.random.default_rng(int(to_host(jax.random.randint(key, (), 0, 2**31 - 1))))
         layout = self._layout(rng, cells)
         for b, (block_cells, data) in enumerate(self._stream(layout)):
-            yield Block(data, np.arange(len(block_cells), dtype=np.int32), _fold(key, b))
+            positions = np.arange(len(block_cells), dtype=np.int32)
+            yield Block(data, positions, np.asarray(block_cells), _fold(key, b))
 
     def _query_source(self) -> HostSource:
         if self._queries is None:

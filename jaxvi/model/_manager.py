@@ -159,7 +159,8 @@ class RegistryView:
     def _text(self, hide_state_registries: bool) -> str:
         reg = self._registry
         lines = [f"Anndata setup with jaxvi (scvi-tools {reg['scvi_version']} layout).", ""]
-        lines.append("Setup via `SCVI.setup_anndata` with arguments:")
+        name = self._jaxvi_registry.get("model_name", "SCVI")
+        lines.append(f"Setup via `{name}.setup_anndata` with arguments:")
         lines += [f"  {k}: {v!r}" for k, v in reg["setup_args"].items()]
         lines += ["", "Summary Statistics"]
         lines += [f"  {k}: {v}" for k, v in sorted(self.summary_stats.items())]
@@ -269,7 +270,7 @@ class RegistryMethods:
     def view_setup_args(dir_path: str, prefix: str | None = None) -> None:
         """Print the ``setup_anndata`` arguments of a saved jaxvi or scvi-tools model."""
         registry = _saveload.saved_registry(dir_path, prefix)
-        print("Setup via `SCVI.setup_anndata` with arguments:")
+        print(f"Setup via `{registry.get('model_name', 'SCVI')}.setup_anndata` with arguments:")
         for k, v in registry["setup_args"].items():
             print(f"  {k}: {v!r}")
 

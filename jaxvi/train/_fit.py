@@ -170,7 +170,7 @@ def evaluate(
         pair = ()
         if pair_rows is not None:
             p_idx, p_mask = paired_grid(pair_rows, idx.shape[0], batch_size)
-            p_idx = paired_positions(p_idx, p_mask, cells, block.cells)
+            p_idx = paired_positions(p_idx, p_mask, block.rows, block.cells)
             pair = (source.replicate(p_idx), source.replicate(p_mask))
         loss, terms = evaluate_fn(
             block.key,
@@ -411,9 +411,9 @@ def fit(
             kl = source.replicate(np.asarray(kl_w[start : start + steps], np.float32))
             start += steps
             pair = ()
-            if pair_rows is not None:  # one block: its cells are train_idx, in order
+            if pair_rows is not None:  # one block holding every training cell
                 p_idx, p_mask = paired_grid(pair_rows, steps, batch_size, drop_last=drop_last)
-                p_idx = paired_positions(p_idx, p_mask, train_idx, block.cells)
+                p_idx = paired_positions(p_idx, p_mask, block.rows, block.cells)
                 pair = (source.replicate(p_idx), source.replicate(p_mask))
             cells = source.replicate(block.cells)
             k_steps, idx, mask = epoch_grid(block.key, cells, n_steps=steps, batch_size=batch_size)

@@ -512,3 +512,55 @@ def test_same_weights_same_predictions_and_validation_metrics(trained, scvi_tool
     for name, total in sums.items():
         ours = trained.history[f"validation_{name}"].iloc[-1, 0]
         np.testing.assert_allclose(ours, total / n, rtol=1e-5, err_msg=name)
+
+
+# ------------------------------------------------------------------------ backed AnnData
+def test_streamed_training_pairs_labelled_cells(make_adata, tmp_path, monkeypatch):
+    """Training from a backed AnnData streams it (one block of the training cells in disk
+    order, not the order of the training indices): every cell of the labelled minibatches
+    is a labelled training cell, found at its own position in the block, and the model
+    trains to finite losses and predicts."""
+    from jaxvi.train import _fit
+
+    adata = labelled(make_adata)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    SCANVI.setup_anndata(backed, labels_key="lab", unlabeled_category=UNKNOWN, batch_key="batch")
+    model = SCANVI(backed, **SMALL)
+    seen = []
+    real = _fit.paired_positions
+
+    def spy(idx, mask, rows, positions):
+        out = real(idx, mask, rows, positions)
+        where = np.asarray(positions)
+        lookup = dict(zip(where.tolist(), np.asarray(rows).tolist(), strict=True))
+        real_entries = np.asarray(mask) > 0
+        seen.append((np.asarray(idx)[real_entries], [lookup[p] for p in out[real_entries]]))
+        return out
+
+    monkeypatch.setattr(_fit, "paired_positions", spy)
+    model.train(max_epochs=2, batch_size=BATCH, streaming=True, enable_progress_bar=False)
+    assert len(seen) == 2  # one block per epoch
+    is_labelled = adata.obs["lab"].to_numpy() != UNKNOWN
+    train = set(model.train_indices.tolist())
+    for asked, found in seen:
+        assert list(asked) == found  # each paired row read back from its own position
+        assert is_labelled[asked].all() and set(asked.tolist()) <= train
+    assert np.isfinite(model.history["train_classification_loss"].to_numpy()).all()
+    assert set(model.predict()) <= {"t0", "t1", "t2"}
+
+
+def test_registry_view_shows_the_labels_field(trained, capsys):
+    """``adata_manager`` (scvi-tools' ``AnnDataManager`` calls) of a scANVI model: the
+    labels field with the unlabelled category last, its codes, the class count."""
+    manager = trained.adata_manager
+    mapping = list(manager.get_state_registry("labels").categorical_mapping)
+    assert mapping[-1] == UNKNOWN and len(mapping) == trained.n_labels + 1
+    codes = manager.get_from_registry("labels")
+    assert codes.shape == (trained.adata.n_obs, 1)
+    names = np.asarray(mapping)[codes.ravel()]
+    np.testing.assert_array_equal(names, trained.adata.obs["lab"].astype(str).to_numpy())
+    assert manager.summary_stats.n_labels == trained.n_labels + 1
+    assert manager.data_registry.labels.attr_name == "obs"
+    trained.view_anndata_setup()
+    assert "Setup via `SCANVI.setup_anndata`" in capsys.readouterr().out

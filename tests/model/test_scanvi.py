@@ -545,7 +545,8 @@ def test_streamed_training_pairs_labelled_cells(make_adata, tmp_path, monkeypatc
     train = set(model.train_indices.tolist())
     for asked, found in seen:
         assert list(asked) == found  # each paired row read back from its own position
-        assert is_labelled[asked].all() and set(asked.tolist()) <= train
+        assert is_labelled[asked].all()
+        assert set(asked.tolist()) <= train
     assert np.isfinite(model.history["train_classification_loss"].to_numpy()).all()
     assert set(model.predict()) <= {"t0", "t1", "t2"}
 
@@ -555,7 +556,8 @@ def test_registry_view_shows_the_labels_field(trained, capsys):
     labels field with the unlabelled category last, its codes, the class count."""
     manager = trained.adata_manager
     mapping = list(manager.get_state_registry("labels").categorical_mapping)
-    assert mapping[-1] == UNKNOWN and len(mapping) == trained.n_labels + 1
+    assert mapping[-1] == UNKNOWN
+    assert len(mapping) == trained.n_labels + 1
     codes = manager.get_from_registry("labels")
     assert codes.shape == (trained.adata.n_obs, 1)
     names = np.asarray(mapping)[codes.ravel()]

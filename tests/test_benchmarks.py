@@ -82,12 +82,13 @@ def test_compare_scvi_quick_runs_jaxvi(tmp_path):
     assert res["heldout_elbo"] < 0
 
 
-def test_integration_quick_scores_latent_spaces(tmp_path):
+def test_integration_quick_scores_latent_spaces(tmp_path, xla_flags_as_given):
     """benchmarks/integration.py trains on the PBMC data with simulated batches and scores
     every latent space with scib-metrics' Benchmarker (scvi-tools too when installed)."""
     pytest.importorskip("scib_metrics")
     out = tmp_path / "integration.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # XLA's usual optimisation: the scIB metrics' JAX loops dominate, not compilation.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags_as_given}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "integration.py"), "--quick",
            "--datasets", "pbmc", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -515,10 +515,10 @@ def test_gene_theta_broadcasts(name, prepend_shape, key):
     assert out.shape == shape
     full = f(x, mu, np.broadcast_to(theta, shape), pi)
     # Not bitwise: XLA may fuse the broadcast differently. The log-density is a sum of lgamma
-    # terms of size ~50 that cancel to ~1, so float32 rounding of those terms (6e-6) bounds the
-    # difference: ~1.5e-7 relative with XLA's default CPU optimisation, up to 7.6e-6 absolute
+    # terms of size ~50-250 that cancel to ~1, so float32 rounding of those terms bounds the
+    # difference: ~1.5e-7 relative with XLA's default CPU optimisation, up to 3.1e-5 absolute
     # with the suite's cheap one (tests/conftest.py).
-    np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-6, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-5, atol=5e-5)
 
     params = PxParams(jnp.asarray(mu), jnp.asarray(theta), jnp.asarray(pi))
     for fn in (lik.mean, lik.variance):

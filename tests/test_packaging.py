@@ -59,15 +59,21 @@ def test_sdist_and_wheel_pass_twine_check_and_carry_the_data(dist):
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "jaxvi").rglob("*.py")}
     assert sources <= names, sorted(sources - names)
     assert not {n for n in names if n.startswith(("tests/", "benchmarks/", "docs/"))}
+    licences = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert len(licences) == 1, sorted(names)
+    with zipfile.ZipFile(dist["wheel"]) as whl:
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        assert "License-Expression: BSD-3-Clause" in whl.read(metadata).decode()
 
     with tarfile.open(dist["sdist"]) as tar:
         top = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {"pyproject.toml", "README.md", *DATA_FILES} <= top
+    assert {"pyproject.toml", "README.md", "LICENSE", *DATA_FILES} <= top
     # Only the package and what builds it; the anchored include keeps other READMEs out.
     assert {n.split("/", 1)[0] for n in top} <= {
         "jaxvi",
         "pyproject.toml",
         "README.md",
+        "LICENSE",
         "PKG-INFO",
         ".gitignore",
     }, sorted(top)

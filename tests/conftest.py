@@ -95,7 +95,6 @@ SLOW_FILES = (
     "tests/io/test_hostile_model_dir.py",
 )
 SLOW_TESTS = (
-    "test_demo_main_job_writes_outputs",
     "test_options_train_and_round_trip",
     "test_marginal_ll_matches_scvi",
     "test_likelihood_parameters_match_scvi",

@@ -11,6 +11,8 @@ editable install of the surrounding environment.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -142,8 +144,14 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo(dist, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = _run([python, "-I", "-c", SMOKE, str(work / "demo")], cwd=work, env=env)
     assert "held-out ELBO" in proc.stdout, proc.stdout
+    # The demo's outputs (the README's main job; this is its only test).
     for name in ("latent.csv", "latent_tsne.png", "metrics.json", "model/model.json"):
         assert (work / "demo" / name).is_file(), name
+    has_scanpy = importlib.util.find_spec("scanpy") is not None
+    assert (work / "demo" / "latent_umap.png").is_file() == has_scanpy
+    metrics = json.loads((work / "demo" / "metrics.json").read_text())
+    assert metrics["elbo_heldout"] < 0
+    assert -1.0 <= metrics["ari_kmeans_vs_cell_type"] <= 1.0
     site, module = proc.stdout.split("smoke ok")[-1].split()
     assert Path(site).resolve().is_relative_to(venv.resolve()), site
     assert Path(module).resolve().is_relative_to(venv.resolve()), module

@@ -144,7 +144,10 @@ def worker(args) -> dict:
         import jax
 
         import jaxvi
-        from jaxvi.train import _fit as jtrain  # where fit looks make_train_epoch up
+        try:  # where fit looks make_train_epoch up
+            from jaxvi.train import _fit as jtrain
+        except ImportError:  # a jaxvi from before the redesign (speed checks against old commits)
+            import jaxvi.train as jtrain
 
         jaxvi.settings.seed = args.seed
         res["jax_backend"] = jax.default_backend()
@@ -230,7 +233,10 @@ def worker(args) -> dict:
         res["train_wall_s"] = C.now() - t0
         jtrain.make_train_epoch = original
         res["epoch_fn_compilations"] = int(model._epoch_fn._cache_size())
-        from jaxvi.data import DENSE_LIMIT_BYTES
+        try:
+            from jaxvi.data import DENSE_LIMIT_BYTES
+        except ImportError:  # before the redesign
+            from jaxvi.model import DENSE_LIMIT_BYTES
 
         dense_bytes = adata.n_obs * adata.n_vars * 4
         res["jaxvi_counts_on_device"] = "csr" if dense_bytes > DENSE_LIMIT_BYTES else "dense"

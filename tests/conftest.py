@@ -4,6 +4,7 @@ for the subprocesses tests start; unless JAXVI_CACHE_DIR names one), never to th
 cache, and that XLA's CPU backend compiles with its cheap optimisation level (below)."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +43,40 @@ def xla_flags_as_given():
     """``XLA_FLAGS`` as the suite was started with, without the compile-time flags above:
     for subprocesses whose time goes into running programs rather than compiling them."""
     return XLA_FLAGS_AS_GIVEN
+
+
+@pytest.fixture(scope="session")
+def copy_dir():
+    """``copy_dir(src, dst) -> str``: a copy at ``dst`` of a flat directory of files (a saved
+    model, a checkpoint), for a test to damage."""
+
+    def copy(src, dst) -> str:
+        os.makedirs(dst)
+        for name in os.listdir(src):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        return str(dst)
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def edit_json():
+    """``edit_json(path, fn, reseal=True)``: the JSON file ``path`` of a saved model or a
+    checkpoint edited as an adversary would: ``fn(meta)`` changes it in place, then its
+    checksum is recomputed, unless ``reseal`` is False (a careless edit)."""
+
+    from jaxvi import io as jio  # not at the top: nothing here imports jaxvi before a test
+
+    def edit(path, fn, reseal: bool = True) -> None:
+        with open(path) as f:
+            meta = json.load(f)
+        fn(meta)
+        if reseal:
+            meta[jio.DIGEST_KEY] = jio.meta_digest(meta)
+        with open(path, "w") as f:
+            json.dump(meta, f)
+
+    return edit
 
 
 @pytest.fixture

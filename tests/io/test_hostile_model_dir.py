@@ -54,32 +54,16 @@ def saved(tmp_path_factory):
     return path, a, meta, arrays
 
 
-def _copy(src, dst):
-    os.makedirs(dst)
-    for name in os.listdir(src):
-        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
-            g.write(f.read())
-    return str(dst)
-
-
-def _edit_json(path, fn, reseal=True):
-    """Edit model.json as an adversary would: re-sealing its checksum unless told not to."""
-    p = os.path.join(path, jio.MODEL_JSON)
-    with open(p) as f:
-        meta = json.load(f)
-    fn(meta)
-    if reseal:
-        meta["meta_sha256"] = jio.meta_digest(meta)
-    with open(p, "w") as f:
-        json.dump(meta, f)
-
-
-def _rewrite_npz(path, arrays, reseal=True):
-    """Replace model.npz by ``arrays`` and (as an adversary) declare them in model.json."""
+def _rewrite_npz(edit_json, path, arrays, reseal=True):
+    """Replace model.npz by ``arrays`` and (as an adversary, with the ``edit_json`` fixture)
+    declare them in model.json."""
     with open(os.path.join(path, jio.MODEL_NPZ), "wb") as f:
         np.savez(f, **arrays)
     if reseal:
-        _edit_json(path, lambda m: m.update(arrays=jio.array_manifest(arrays)))
+        edit_json(
+            os.path.join(path, jio.MODEL_JSON),
+            lambda m: m.update(arrays=jio.array_manifest(arrays)),
+        )
 
 
 # ------------------------------------------------------------------ 3: crashes at every step
@@ -167,10 +151,12 @@ def test_overwrite_survives_a_crash_at_every_step(saved, tmp_path, with_adata):
     assert k > 3  # the crash points were really exercised
 
 
-def test_disk_full_while_writing_the_anndata_keeps_the_old_model(saved, tmp_path, monkeypatch):
+def test_disk_full_while_writing_the_anndata_keeps_the_old_model(
+    copy_dir, saved, tmp_path, monkeypatch
+):
     """Defect 3: ENOSPC in ``adata.write_h5ad`` leaves the previous save loadable."""
     path, adata, meta, arrays = saved
-    target = _copy(path, tmp_path / "m")
+    target = copy_dir(path, tmp_path / "m")
     new_meta, new_arrays = _version(meta, arrays, "B")
 
     def full(self, *args, **kwargs):
@@ -186,10 +172,10 @@ def test_disk_full_while_writing_the_anndata_keeps_the_old_model(saved, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no staging left behind
 
 
-def test_overwrite_keeps_other_files_in_the_directory(saved, tmp_path):
+def test_overwrite_keeps_other_files_in_the_directory(copy_dir, saved, tmp_path):
     """The switch replaces jaxvi's files only: a hub card or notes beside them stay."""
     path, adata, meta, arrays = saved
-    target = _copy(path, tmp_path / "m")
+    target = copy_dir(path, tmp_path / "m")
     with open(os.path.join(target, "README.md"), "w") as f:
         f.write("notes")
     os.makedirs(os.path.join(target, "figures"))
@@ -281,12 +267,14 @@ def test_saved_files_respect_the_umask(saved, tmp_path, umask):
         (lambda a: a.update({"params/px_r": a["params/px_r"] > 0}), "params/px_r.*bool"),
     ],
 )
-def test_bad_weights_are_refused_naming_the_array(saved, tmp_path, edit, match):
+def test_bad_weights_are_refused_naming_the_array(
+    copy_dir, edit_json, saved, tmp_path, edit, match
+):
     path, adata, meta, arrays = saved
-    target = _copy(path, tmp_path / "m")
+    target = copy_dir(path, tmp_path / "m")
     arrays = {k: v.copy() for k, v in arrays.items()}
     edit(arrays)
-    _rewrite_npz(target, arrays)
+    _rewrite_npz(edit_json, target, arrays)
     with pytest.raises(ValueError, match=match):
         SCVI.load(target, adata=adata)
 
@@ -333,22 +321,26 @@ SCHEMA_CASES = {
 
 
 @pytest.mark.parametrize("field", sorted(SCHEMA_CASES))
-def test_edited_model_json_gets_a_value_error_naming_the_field(saved, tmp_path, field):
+def test_edited_model_json_gets_a_value_error_naming_the_field(
+    copy_dir, edit_json, saved, tmp_path, field
+):
     """Defects 13, 14 (n_layers=3000 is refused at once) and 15 (split indices in range)."""
     path, adata, meta, arrays = saved
-    target = _copy(path, tmp_path / "m")
-    _edit_json(target, SCHEMA_CASES[field])
+    target = copy_dir(path, tmp_path / "m")
+    edit_json(os.path.join(target, jio.MODEL_JSON), SCHEMA_CASES[field])
     start = time.perf_counter()
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         SCVI.load(target)
     assert time.perf_counter() - start < 5.0
 
 
-def test_json_checksum_catches_edits_of_plain_values(saved, tmp_path):
+def test_json_checksum_catches_edits_of_plain_values(copy_dir, edit_json, saved, tmp_path):
     """Defect 15: a changed split index (valid JSON, in range) is detected."""
     path, adata, meta, arrays = saved
-    target = _copy(path, tmp_path / "m")
-    _edit_json(target, _set(("indices", "train", 0), 21), reseal=False)
+    target = copy_dir(path, tmp_path / "m")
+    edit_json(
+        os.path.join(target, jio.MODEL_JSON), _set(("indices", "train", 0), 21), reseal=False
+    )
     with pytest.raises(ValueError, match="model.json.*checksum"):
         SCVI.load(target)
 
@@ -371,27 +363,31 @@ _HANG_CHILD = textwrap.dedent(
 )
 
 
-def test_links_to_devices_fifos_and_bombs_are_refused_quickly(saved, tmp_path):
+def test_links_to_devices_fifos_and_bombs_are_refused_quickly(
+    copy_dir, edit_json, saved, tmp_path
+):
     """Defect 14: a model.json that is a FIFO or a link to /dev/zero, a compressed npz
     member (a zip bomb), and an npy header claiming far more data than the member holds."""
     path, adata, meta, arrays = saved
-    fifo = _copy(path, tmp_path / "fifo")
+    fifo = copy_dir(path, tmp_path / "fifo")
     os.remove(os.path.join(fifo, jio.MODEL_JSON))
     os.mkfifo(os.path.join(fifo, jio.MODEL_JSON))
-    zero = _copy(path, tmp_path / "zero")
+    zero = copy_dir(path, tmp_path / "zero")
     os.remove(os.path.join(zero, jio.MODEL_JSON))
     os.symlink("/dev/zero", os.path.join(zero, jio.MODEL_JSON))
-    npz_fifo = _copy(path, tmp_path / "npzfifo")
+    npz_fifo = copy_dir(path, tmp_path / "npzfifo")
     os.remove(os.path.join(npz_fifo, jio.MODEL_NPZ))
     os.mkfifo(os.path.join(npz_fifo, jio.MODEL_NPZ))
 
-    bomb = _copy(path, tmp_path / "bomb")
+    bomb = copy_dir(path, tmp_path / "bomb")
     bombed = {**arrays, "pad": np.zeros(1 << 26, np.float32)}  # 256 MiB, ~250 KiB deflated
     with open(os.path.join(bomb, jio.MODEL_NPZ), "wb") as f:
         np.savez_compressed(f, **bombed)
-    _edit_json(bomb, lambda m: m.update(arrays=jio.array_manifest(bombed)))
+    edit_json(
+        os.path.join(bomb, jio.MODEL_JSON), lambda m: m.update(arrays=jio.array_manifest(bombed))
+    )
 
-    header = _copy(path, tmp_path / "header")
+    header = copy_dir(path, tmp_path / "header")
     buf = os.path.join(header, jio.MODEL_NPZ)
     with zipfile.ZipFile(buf, "w") as zf:
         for k, v in arrays.items():
@@ -453,11 +449,11 @@ def _break_csr(h5ad, what):
 
 
 @pytest.mark.parametrize("what", ["index", "indptr"])
-def test_saved_anndata_with_broken_csr_is_refused_at_load(saved, tmp_path, what):
+def test_saved_anndata_with_broken_csr_is_refused_at_load(copy_dir, saved, tmp_path, what):
     """Defect 4: a column index past the last gene (or a non-monotone indptr) in the saved
     adata.h5ad is refused by ``SCVI.load`` before any query densifies it."""
     path, adata, meta, arrays = saved
-    target = _copy(path, tmp_path / "m")
+    target = copy_dir(path, tmp_path / "m")
     _break_csr(os.path.join(target, jio.ADATA_FILE), what)
     with pytest.raises(ValueError, match="adata.X.*(column index|indptr)"):
         SCVI.load(target)

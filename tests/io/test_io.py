@@ -2,7 +2,6 @@
 code-executing files, each with a clear message."""
 
 import io as pyio
-import json
 import os
 import pickle
 import struct
@@ -37,24 +36,6 @@ def saved(tmp_path_factory):
     return str(path), a
 
 
-def _copy(src, dst):
-    os.makedirs(dst)
-    for name in os.listdir(src):
-        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
-            g.write(f.read())
-    return str(dst)
-
-
-def _edit_json(path, fn):
-    p = os.path.join(path, jio.MODEL_JSON)
-    with open(p) as f:
-        meta = json.load(f)
-    fn(meta)
-    meta[jio.DIGEST_KEY] = jio.meta_digest(meta)  # a deliberate edit: past the JSON checksum
-    with open(p, "w") as f:
-        json.dump(meta, f)
-
-
 def test_round_trip_and_manifest(saved):
     path, adata = saved
     meta, arrays = jio.read_model_dir(path)
@@ -64,10 +45,10 @@ def test_round_trip_and_manifest(saved):
     SCVI.load(path, adata=adata)
 
 
-def test_save_is_atomic_when_writing_fails(saved, tmp_path, monkeypatch):
+def test_save_is_atomic_when_writing_fails(copy_dir, saved, tmp_path, monkeypatch):
     """A crash while writing leaves the previous files intact and no temporary files."""
     path, adata = saved
-    target = _copy(path, tmp_path / "m")
+    target = copy_dir(path, tmp_path / "m")
     before = {n: open(os.path.join(target, n), "rb").read() for n in os.listdir(target)}
     model = SCVI.load(target, adata=adata)
 
@@ -81,19 +62,19 @@ def test_save_is_atomic_when_writing_fails(saved, tmp_path, monkeypatch):
     assert after == before
 
 
-def test_truncated_and_corrupted_files_are_refused(saved, tmp_path):
+def test_truncated_and_corrupted_files_are_refused(copy_dir, saved, tmp_path):
     path, adata = saved
     npz = os.path.join(path, jio.MODEL_NPZ)
     raw = open(npz, "rb").read()
 
-    trunc = _copy(path, tmp_path / "trunc")
+    trunc = copy_dir(path, tmp_path / "trunc")
     with open(os.path.join(trunc, jio.MODEL_NPZ), "wb") as f:
         f.write(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="corrupted or truncated"):
         SCVI.load(trunc, adata=adata)
 
     # One flipped byte inside an array's values: the zip CRC catches it.
-    flipped = _copy(path, tmp_path / "flip")
+    flipped = copy_dir(path, tmp_path / "flip")
     with zipfile.ZipFile(npz) as zf:
         info = zf.getinfo("params/decoder/px_scale_decoder/kernel.npy")
     name_len, extra_len = struct.unpack(
@@ -107,7 +88,7 @@ def test_truncated_and_corrupted_files_are_refused(saved, tmp_path):
         SCVI.load(flipped, adata=adata)
 
     # A valid archive whose values differ from what was saved: the checksum catches it.
-    swapped = _copy(path, tmp_path / "swap")
+    swapped = copy_dir(path, tmp_path / "swap")
     _, arrays = jio.read_model_dir(path)
     arrays["params/decoder/px_scale_decoder/kernel"] = (
         arrays["params/decoder/px_scale_decoder/kernel"] + 1.0
@@ -117,59 +98,63 @@ def test_truncated_and_corrupted_files_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match="px_scale_decoder/kernel.*checksum mismatch"):
         SCVI.load(swapped, adata=adata)
 
-    bad_json = _copy(path, tmp_path / "json")
+    bad_json = copy_dir(path, tmp_path / "json")
     text = open(os.path.join(path, jio.MODEL_JSON)).read()
     with open(os.path.join(bad_json, jio.MODEL_JSON), "w") as f:
         f.write(text[: len(text) // 2])
     with pytest.raises(ValueError, match="corrupted or truncated .not valid JSON"):
         SCVI.load(bad_json, adata=adata)
 
-    missing = _copy(path, tmp_path / "missing")
+    missing = copy_dir(path, tmp_path / "missing")
     os.remove(os.path.join(missing, jio.MODEL_NPZ))
     with pytest.raises(FileNotFoundError, match="the save is incomplete"):
         SCVI.load(missing, adata=adata)
 
 
-def test_newer_format_version_is_refused(saved, tmp_path):
+def test_newer_format_version_is_refused(copy_dir, edit_json, saved, tmp_path):
     path, adata = saved
-    newer = _copy(path, tmp_path / "newer")
-    _edit_json(newer, lambda m: m.update(format_version=jio.FORMAT_VERSION + 1))
+    newer = copy_dir(path, tmp_path / "newer")
+    edit_json(
+        os.path.join(newer, jio.MODEL_JSON),
+        lambda m: m.update(format_version=jio.FORMAT_VERSION + 1),
+    )
     with pytest.raises(ValueError, match="newer than this jaxvi reads.*upgrade"):
         SCVI.load(newer, adata=adata)
 
 
-def test_declared_shapes_must_match(saved, tmp_path):
+def test_declared_shapes_must_match(copy_dir, edit_json, saved, tmp_path):
     path, adata = saved
-    manifest = _copy(path, tmp_path / "manifest")
-    _edit_json(
-        manifest, lambda m: m["arrays"]["params/px_r"].update(shape=[11])
+    manifest = copy_dir(path, tmp_path / "manifest")
+    edit_json(
+        os.path.join(manifest, jio.MODEL_JSON),
+        lambda m: m["arrays"]["params/px_r"].update(shape=[11]),
     )  # the file holds (10,)
     with pytest.raises(ValueError, match=r"'params/px_r' is <f4\[10\] but the JSON"):
         SCVI.load(manifest, adata=adata)
     # The architecture in model.json disagrees with the arrays (and the AnnData).
-    config = _copy(path, tmp_path / "config")
-    _edit_json(config, lambda m: m["config"].update(n_latent=4))
+    config = copy_dir(path, tmp_path / "config")
+    edit_json(os.path.join(config, jio.MODEL_JSON), lambda m: m["config"].update(n_latent=4))
     with pytest.raises(ValueError, match="has shape .* expected"):
         SCVI.load(config, adata=adata)
 
 
-def test_files_needing_code_execution_are_refused(saved, tmp_path):
+def test_files_needing_code_execution_are_refused(copy_dir, saved, tmp_path):
     path, adata = saved
     _, arrays = jio.read_model_dir(path)
     # An object array inside the npz (np.save pickles it).
-    obj = _copy(path, tmp_path / "obj")
+    obj = copy_dir(path, tmp_path / "obj")
     with open(os.path.join(obj, jio.MODEL_NPZ), "wb") as f:
         np.savez(f, **arrays, evil=np.array([_Boom()], dtype=object))
     with pytest.raises(jio.PickleRefused, match="'evil' holds Python objects.*refused"):
         SCVI.load(obj, adata=adata)
     # A bare pickle where the npz should be.
-    raw = _copy(path, tmp_path / "raw")
+    raw = copy_dir(path, tmp_path / "raw")
     with open(os.path.join(raw, jio.MODEL_NPZ), "wb") as f:
         pickle.dump({"params": _Boom()}, f)
     with pytest.raises(ValueError, match="corrupted or truncated"):
         SCVI.load(raw, adata=adata)
     # A zip member that is not an .npy array.
-    other = _copy(path, tmp_path / "other")
+    other = copy_dir(path, tmp_path / "other")
     buf = pyio.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("params.pkl", pickle.dumps(_Boom()))

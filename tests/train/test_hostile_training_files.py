@@ -6,7 +6,6 @@ another run's checkpoints, and edited checkpoints are refused by name.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 
@@ -18,7 +17,6 @@ import pytest
 import scipy.sparse as sp
 
 from jaxvi import SCVI
-from jaxvi import io as jio
 from jaxvi.train import FitProgress, TrainState
 from jaxvi.train import checkpoint as ckpt
 
@@ -162,25 +160,6 @@ def one_checkpoint(tmp_path_factory):
     return adata, ckpt.find_checkpoint(d)
 
 
-def _copy_tree(src, dst):
-    os.makedirs(dst)
-    for name in os.listdir(src):
-        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
-            g.write(f.read())
-    return dst
-
-
-def _edit_checkpoint(path, fn, reseal=True):
-    p = os.path.join(path, ckpt.CKPT_JSON)
-    with open(p) as f:
-        meta = json.load(f)
-    fn(meta)
-    if reseal:
-        meta["meta_sha256"] = jio.meta_digest(meta)
-    with open(p, "w") as f:
-        json.dump(meta, f)
-
-
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -191,19 +170,25 @@ def _edit_checkpoint(path, fn, reseal=True):
         (lambda m: m["progress"].update(epoch=-1), r"progress\.epoch"),
     ],
 )
-def test_edited_checkpoint_is_refused_naming_the_field(one_checkpoint, tmp_path, edit, match):
+def test_edited_checkpoint_is_refused_naming_the_field(
+    copy_dir, edit_json, one_checkpoint, tmp_path, edit, match
+):
     """Defect 15: out-of-range split indices (and other bad fields) refused on resume."""
     adata, path = one_checkpoint
-    target = _copy_tree(path, str(tmp_path / "epoch_000001"))
-    _edit_checkpoint(target, edit)
+    target = copy_dir(path, str(tmp_path / "epoch_000001"))
+    edit_json(os.path.join(target, ckpt.CKPT_JSON), edit)
     with pytest.raises(ValueError, match=match):
         SCVI(adata, n_hidden=8, n_latent=2).train(max_epochs=2, resume=target, **TRAIN)
 
 
-def test_checkpoint_json_checksum(one_checkpoint, tmp_path):
+def test_checkpoint_json_checksum(copy_dir, edit_json, one_checkpoint, tmp_path):
     adata, path = one_checkpoint
-    target = _copy_tree(path, str(tmp_path / "epoch_000001"))
-    _edit_checkpoint(target, lambda m: m["split"]["train"].__setitem__(0, 59), reseal=False)
+    target = copy_dir(path, str(tmp_path / "epoch_000001"))
+    edit_json(
+        os.path.join(target, ckpt.CKPT_JSON),
+        lambda m: m["split"]["train"].__setitem__(0, 59),
+        reseal=False,
+    )
     with pytest.raises(ValueError, match="checkpoint.json.*checksum"):
         ckpt.read_checkpoint(target)
 

@@ -132,8 +132,9 @@ def git_info() -> dict:
 
     status = git("status", "--porcelain")
     changed = [line[3:] for line in status.splitlines()]
+    # A copy of the tree without .git (the device machine's) names its commit in this variable.
     return {
-        "commit": git("rev-parse", "HEAD") or None,
+        "commit": git("rev-parse", "HEAD") or os.environ.get("JAXVI_BENCH_COMMIT") or None,
         "commit_subject": git("log", "-1", "--format=%s") or None,
         "dirty": bool(changed),
         # jaxvi's own sources decide the measured speed; other dirty paths do not.

@@ -435,6 +435,9 @@ def main(argv=None) -> dict:
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     kind = device.device_kind
+    out = args.out or C.RESULTS_DIR / (
+        f"gpu_suite_{C.slug(device.device_kind)}_{time.strftime('%Y%m%d-%H%M')}.json"
+    )
     res = {
         **C.run_header("gpu_suite"),
         "device": {"platform": device.platform, "kind": kind, "memory_stats": stats},
@@ -458,6 +461,7 @@ def main(argv=None) -> dict:
             res[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
         res["section_s"][name] = time.perf_counter() - t0
         print(f"[gpu_suite] {name}: {res['section_s'][name]:.1f} s", flush=True)
+        C.write_json(out, res)  # a run cut short by the device's time limit keeps what it had
 
     section("limits", lambda: measure_limits(args.smoke))
     genes = 64 if smoke else N_GENES
@@ -500,8 +504,9 @@ def main(argv=None) -> dict:
         import scvi  # noqa: F401
 
         has_scvi = True
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - a broken install must not cost the jaxvi figures
         has_scvi = False
+        res["scvi_tools_import_error"] = f"{type(e).__name__}: {e}"[-500:]
     res["scvi_tools_installed"] = has_scvi
     section("time_to_quality", lambda: quality_section(args.smoke, has_scvi), 60)
     if has_scvi and not args.smoke:
@@ -509,9 +514,6 @@ def main(argv=None) -> dict:
     res["total_s"] = time.perf_counter() - t_start
     res["table_md"] = markdown(res)
     print(res["table_md"])
-    out = args.out or C.RESULTS_DIR / (
-        f"gpu_suite_{C.slug(kind)}_{time.strftime('%Y%m%d-%H%M')}.json"
-    )
     print("wrote", C.write_json(out, res))
     return res
 

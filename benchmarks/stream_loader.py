@@ -46,11 +46,13 @@ def build_store(path: Path, n_cells: int, n_genes: int, density: float, seed: in
     chunk = 10_000
     t0 = C.now()
     nnz = 0
+    # object-dtype names: under pandas 3 the default string dtype is one anndata only writes
+    # when allow_write_nullable_strings is set
     obs = pd.DataFrame(
-        {"batch": pd.Categorical(rng.choice(["a", "b"], n_cells))},
-        index=pd.Index([f"c{i}" for i in range(n_cells)]),
+        {"batch": pd.Categorical(rng.choice(["a", "b"], n_cells).astype(object))},
+        index=pd.Index([f"c{i}" for i in range(n_cells)], dtype=object),
     )
-    var = pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
+    var = pd.DataFrame(index=pd.Index([f"g{j}" for j in range(n_genes)], dtype=object))
     weight = rng.lognormal(0.0, 1.0, n_genes)
     p_gene = np.clip(density * weight / weight.mean(), 0.0, 1.0).astype(np.float32)
     for start in range(0, n_cells, chunk):

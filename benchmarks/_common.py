@@ -128,14 +128,15 @@ def git_info() -> dict:
     def git(*args):
         return subprocess.run(
             ["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=False
-        ).stdout.strip()
+        ).stdout
 
-    status = git("status", "--porcelain")
-    changed = [line[3:] for line in status.splitlines()]
-    # A copy of the tree without .git (the device machine's) names its commit in this variable.
+    # porcelain lines start 'XY path' with X often a space: strip no line's start
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line.strip()]
+    # A copy of the tree whose .git is not the tree's own (the device machine's) names the
+    # commit that ran in this variable.
     return {
-        "commit": git("rev-parse", "HEAD") or os.environ.get("JAXVI_BENCH_COMMIT") or None,
-        "commit_subject": git("log", "-1", "--format=%s") or None,
+        "commit": os.environ.get("JAXVI_BENCH_COMMIT") or git("rev-parse", "HEAD").strip() or None,
+        "commit_subject": git("log", "-1", "--format=%s").strip() or None,
         "dirty": bool(changed),
         # jaxvi's own sources decide the measured speed; other dirty paths do not.
         "dirty_jaxvi_paths": sorted(p for p in changed if p.startswith("jaxvi/")),

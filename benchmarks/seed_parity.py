@@ -11,13 +11,17 @@ better; one z draw per cell), averaged over ``--elbo-reps`` evaluations.
 Per seed, ``d = jaxvi - scvi-tools`` (positive: jaxvi better); over the seeds,
 ``t = mean(d) / (sd(d) / sqrt(n))`` with ``n - 1`` degrees of freedom and its two-sided p-value.
 The JSON is rewritten after every seed, so an interrupted run keeps what it finished and
-``--resume`` continues it.
+``--resume`` continues it. Runs of disjoint seeds, e.g. one per core, are joined with
+``--merge``, which checks that their settings agree.
 
 Usage::
 
     python benchmarks/seed_parity.py --dataset pbmc --seeds 8 --cores 1
     python benchmarks/seed_parity.py --dataset synthetic --seeds 8   # 10k x 2k, hours on 2 cores
     python benchmarks/seed_parity.py --resume benchmarks/results/seed_parity_....json
+    taskset -c 1 python benchmarks/seed_parity.py --dataset synthetic --first-seed 4 --seeds 4 \
+        --cores 1 --out b.json                     # beside a run of seeds 0-3 on core 0
+    python benchmarks/seed_parity.py --merge a.json b.json --out merged.json
 """
 
 from __future__ import annotations
@@ -97,6 +101,51 @@ def markdown(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+# the settings that make two runs' seeds comparable rows of one table
+SAME_SETTINGS = ("dataset", "epochs", "n_cells", "n_genes", "data_seed", "elbo_reps", "cores")
+
+
+def merge(payloads: list[dict], sources: list[str]) -> dict:
+    """One result of several runs' payloads: their rows by seed, re-summarised.
+
+    Raises ``ValueError`` when the runs' settings differ in :data:`SAME_SETTINGS`, or when
+    one seed was run twice with different results. Header fields (machine, versions, git)
+    are the first run's; each run's own are kept under ``merged_from``.
+    """
+    if not payloads:
+        raise ValueError("nothing to merge")
+    first = payloads[0]["settings"]
+    for src, payload in zip(sources[1:], payloads[1:], strict=True):
+        differ = {
+            k: (first.get(k), payload["settings"].get(k))
+            for k in SAME_SETTINGS
+            if first.get(k) != payload["settings"].get(k)
+        }
+        if differ:
+            raise ValueError(f"{src}: settings differ from {sources[0]}'s: {differ}")
+    by_seed: dict[int, dict] = {}
+    for src, payload in zip(sources, payloads, strict=True):
+        for row in payload["rows"]:
+            old = by_seed.setdefault(row["seed"], row)
+            if old != row and any(
+                old[f"{t}_heldout_elbo"] != row[f"{t}_heldout_elbo"] for t in ("scvi", "jaxvi")
+            ):
+                raise ValueError(f"seed {row['seed']} run twice, with different results ({src})")
+    rows = [by_seed[k] for k in sorted(by_seed)]
+    summary = summarise(rows)
+    keep = ("started_utc", "machine", "versions", "git", "affinity_cores")
+    return {
+        **{k: v for k, v in payloads[0].items() if k not in ("rows", "summary", "markdown")},
+        "merged_from": [
+            {"path": src, "seeds": [r["seed"] for r in pl["rows"]], **{k: pl.get(k) for k in keep}}
+            for src, pl in zip(sources, payloads, strict=True)
+        ],
+        "rows": rows,
+        "summary": summary,
+        "markdown": markdown(rows, summary),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=CS.DATASETS, default="pbmc")
@@ -118,7 +167,15 @@ def main(argv=None) -> dict:
     p.add_argument("--worker-timeout", type=float, default=4 * 3600.0)
     p.add_argument("--resume", default=None, help="a partial result JSON to continue")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--merge", nargs="+", default=None, help="result JSONs to join (with --out)")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        payload = merge([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
+        C.write_json(Path(args.out), payload)
+        print(payload["markdown"])
+        return {"rows": payload["rows"], "summary": payload["summary"], "path": args.out}
 
     done: list[dict] = []
     if args.resume:

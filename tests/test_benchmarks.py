@@ -109,3 +109,51 @@ def test_integration_quick_scores_latent_spaces(tmp_path, xla_flags_as_given):
     assert res["scores"]["Unintegrated"]["PCR comparison"] == pytest.approx(0.0, abs=1e-6)
     assert "| **Total** | aggregate |" in res["table_md"]
     assert payload["versions"]["scib-metrics"].startswith("0.5")
+
+
+def _seed_parity():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import seed_parity
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return seed_parity
+
+
+def _seed_run(seeds, diffs, **settings):
+    rows = [
+        {"seed": s, "scvi_heldout_elbo": -680.0, "jaxvi_heldout_elbo": -680.0 + d}
+        for s, d in zip(seeds, diffs, strict=True)
+    ]
+    base = {"dataset": "synthetic", "epochs": 400, "n_cells": 10_000, "n_genes": 2000,
+            "data_seed": 0, "elbo_reps": 3, "cores": 1}  # fmt: skip
+    return {"benchmark": "seed_parity", "settings": {**base, **settings}, "rows": rows}
+
+
+def test_seed_parity_paired_t_is_scipys():
+    from scipy import stats
+
+    sp = _seed_parity()
+    diffs = [-2.3, -1.3, -1.2, -0.2, 0.5, -1.9, 0.8, 1.1]
+    got = sp.paired_stats(diffs)
+    ref = stats.ttest_1samp(diffs, 0.0)
+    assert got["t"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert got["p_two_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (got["n_positive"], got["n_negative"]) == (3, 5)
+
+
+def test_seed_parity_merges_runs_of_disjoint_seeds():
+    sp = _seed_parity()
+    a, b = _seed_run([0, 1, 2], [-1.0, 0.5, -0.2]), _seed_run([3, 4], [0.3, -0.4])
+    merged = sp.merge([b, a], ["b.json", "a.json"])
+    assert [r["seed"] for r in merged["rows"]] == [0, 1, 2, 3, 4]
+    assert merged["summary"]["diff"]["n"] == 5
+    assert merged["summary"]["sign_varies"] is True
+    assert [m["seeds"] for m in merged["merged_from"]] == [[3, 4], [0, 1, 2]]
+    assert "| 4 |" in merged["markdown"]
+    # the same seed in both runs with the same result is one row
+    assert len(sp.merge([a, a], ["a.json", "a2.json"])["rows"]) == 3
+    with pytest.raises(ValueError, match="settings differ.*epochs"):
+        sp.merge([a, _seed_run([3], [0.1], epochs=200)], ["a.json", "c.json"])
+    with pytest.raises(ValueError, match="seed 1 run twice"):
+        sp.merge([a, _seed_run([1], [0.9])], ["a.json", "d.json"])

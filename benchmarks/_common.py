@@ -249,6 +249,11 @@ def steady_from_epoch_ends(ends: list[float]) -> float | None:
 
 
 # ------------------------------------------------------------------------- workers
+# The tools the side-by-side scripts compare, in the order they run, and their names in tables.
+TOOLS = ("scvi", "jaxvi")
+TOOL_NAMES = {"scvi": "scvi-tools", "jaxvi": "jaxvi"}
+
+
 def pbmc_adata(tool: str):
     """jaxvi's bundled PBMC counts (700 x 765, cell types in ``obs["bulk_labels"]``). A
     scvi-tools worker (``tool != "jaxvi"``) reads the same file without importing jaxvi (its
@@ -322,6 +327,11 @@ def least_loaded(run_once, max_attempts: int, max_foreign_cores: float, what: st
 
 
 # -------------------------------------------------------------------------- output
+def fmt(x, spec: str = ".3g") -> str:
+    """``x`` formatted with ``spec`` for a table cell; a dash for a missing value."""
+    return "—" if x is None else format(x, spec)
+
+
 def slug(text: str) -> str:
     """Lower-case ``[a-z0-9-]`` version of ``text`` for file names."""
     text = re.sub(r"\(r\)|\(tm\)|processor|cpu", "", text.lower())

@@ -52,8 +52,6 @@ import _common as C  # noqa: E402
 
 MARKER = "@@COMPARE_SCANVI_RESULT@@ "
 TAG = "compare_scanvi"
-TOOLS = ("scvi", "jaxvi")
-TOOL_NAMES = {"scvi": "scvi-tools", "jaxvi": "jaxvi"}
 RECIPES = ("scratch", "from_scvi")
 LABELS_KEY = "bulk_labels"
 HIDDEN_KEY = "labels_hidden"
@@ -197,7 +195,7 @@ def run_worker_once(args, tool: str, recipe: str, seed: int) -> dict:
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     quiet = C.wait_for_quiet(args.wait_quiet, window_s=10.0) if args.wait_quiet > 0 else None
-    print(f"[{TAG}] {TOOL_NAMES[tool]:10s} {recipe:9s} seed {seed} ...", flush=True)
+    print(f"[{TAG}] {C.TOOL_NAMES[tool]:10s} {recipe:9s} seed {seed} ...", flush=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     res = C.run_marked_worker(cmd, MARKER, env=env, timeout=args.worker_timeout)
     res["wait_for_quiet"] = quiet
@@ -262,7 +260,7 @@ def summarize(rows: dict) -> dict:
         gaps = [r["ratios"]["accuracy_gap_pp"] for r in runs]
         speed = [r["ratios"]["steady_cells_per_s_speedup"] for r in runs]
         speed = [s for s in speed if s is not None]
-        acc = {t: [r["tools"][t]["accuracy_hidden"] for r in runs] for t in TOOLS}
+        acc = {t: [r["tools"][t]["accuracy_hidden"] for r in runs] for t in C.TOOLS}
         s = {
             "seeds": [r["seed"] for r in runs],
             "accuracy_gap_pp": gaps,
@@ -273,7 +271,7 @@ def summarize(rows: dict) -> dict:
             },
             "steady_cells_per_s_speedup": speed,
             "steady_cells_per_s_speedup_median": statistics.median(speed) if speed else None,
-            "all_clean": all(r["tools"][t]["clean"] for r in runs for t in TOOLS),
+            "all_clean": all(r["tools"][t]["clean"] for r in runs for t in C.TOOLS),
         }
         s["targets"] = {
             "accuracy_within_1pp_or_better_mean": s["accuracy_gap_pp_mean"]
@@ -289,10 +287,6 @@ def summarize(rows: dict) -> dict:
     return out
 
 
-def _fmt(x, spec=".3g"):
-    return "—" if x is None else format(x, spec)
-
-
 def markdown(rows: dict) -> str:
     lines = [
         "| recipe | seed | tool | epochs | train() s | pre-train s | steady s/epoch "
@@ -300,18 +294,18 @@ def markdown(rows: dict) -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows.values():
-        for tool in TOOLS:
+        for tool in C.TOOLS:
             m = row["tools"].get(tool)
             if m is None:
                 continue
             mark = "" if m["clean"] else " (LOADED)"
             lines.append(
-                f"| {row['recipe']} | {row['seed']} | {TOOL_NAMES[tool]}{mark} | {m['epochs']} "
-                f"| {_fmt(m['train_wall_s'], '.2f')} | {_fmt(m['pretrain_wall_s'], '.2f')} "
-                f"| {_fmt(m['steady_s_per_epoch'], '.4f')} "
-                f"| {_fmt(m['steady_cells_per_s'], ',.0f')} "
-                f"| {_fmt(m['accuracy_hidden'], '.4f')} "
-                f"| {_fmt(m['foreign_cores_during_train'], '.2f')} |"
+                f"| {row['recipe']} | {row['seed']} | {C.TOOL_NAMES[tool]}{mark} | {m['epochs']} "
+                f"| {C.fmt(m['train_wall_s'], '.2f')} | {C.fmt(m['pretrain_wall_s'], '.2f')} "
+                f"| {C.fmt(m['steady_s_per_epoch'], '.4f')} "
+                f"| {C.fmt(m['steady_cells_per_s'], ',.0f')} "
+                f"| {C.fmt(m['accuracy_hidden'], '.4f')} "
+                f"| {C.fmt(m['foreign_cores_during_train'], '.2f')} |"
             )
     lines += [
         "",
@@ -325,7 +319,7 @@ def markdown(rows: dict) -> str:
             continue
         lines.append(
             f"| {row['recipe']} | {row['seed']} | {r['accuracy_gap_pp']:+.2f} "
-            f"| {_fmt(r['steady_cells_per_s_speedup'], '.2f')}x "
+            f"| {C.fmt(r['steady_cells_per_s_speedup'], '.2f')}x "
             f"| {r['train_wall_ratio']:.3f} | {r['prediction_agreement_hidden']:.3f} "
             f"| {r['same_hidden_cells']} / {r['same_validation_cells']} |"
         )
@@ -340,8 +334,8 @@ def parent(args) -> dict:
         if r not in RECIPES:
             raise SystemExit(f"unknown recipe {r!r}; choose from {RECIPES}")
     for t in tools:
-        if t not in TOOLS:
-            raise SystemExit(f"unknown tool {t!r}; choose from {TOOLS}")
+        if t not in C.TOOLS:
+            raise SystemExit(f"unknown tool {t!r}; choose from {C.TOOLS}")
     header = C.run_header(TAG)
     path = Path(args.out) if args.out else C.result_path(TAG, "pbmc")
     t_start = C.now()
@@ -367,7 +361,7 @@ def parent(args) -> dict:
                 for tool, res in zip(tools, pool.map(measure, tools), strict=True):
                     raw[f"{recipe}/{seed}/{tool}"] = res
                     row["tools"][tool] = measures(res)
-            if all(t in row["tools"] for t in TOOLS):
+            if all(t in row["tools"] for t in C.TOOLS):
                 row["ratios"] = compare(
                     row["tools"]["jaxvi"],
                     row["tools"]["scvi"],
@@ -386,7 +380,7 @@ def parent(args) -> dict:
         print(
             f"\n{recipe}: mean accuracy jaxvi {s['accuracy_mean']['jaxvi']:.4f}, scvi-tools "
             f"{s['accuracy_mean']['scvi']:.4f}; gap {s['accuracy_gap_pp_mean']:+.2f} pp; "
-            f"cells/s speed-up median {_fmt(s['steady_cells_per_s_speedup_median'], '.2f')}x; "
+            f"cells/s speed-up median {C.fmt(s['steady_cells_per_s_speedup_median'], '.2f')}x; "
             f"targets {s.get('targets', '(not judged with --quick)')}"
         )
     if not args.no_save:
@@ -458,7 +452,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--no-save", action="store_true")
     # internal
-    p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=C.TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--recipe", choices=RECIPES, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -36,8 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 MARKER = "@@COMPARE_SCVI_RESULT@@ "
-TOOLS = ("scvi", "jaxvi")
-TOOL_NAMES = {"scvi": "scvi-tools", "jaxvi": "jaxvi"}
 DATASETS = ("synthetic", "pbmc")
 
 # Targets from the project brief (synthetic 10k x 2k, batch 128, this 2-core CPU).
@@ -144,6 +142,7 @@ def worker(args) -> dict:
         import jax
 
         import jaxvi
+
         try:  # where fit looks make_train_epoch up
             from jaxvi.train import _fit as jtrain
         except ImportError:  # a jaxvi from before the redesign (speed checks against old commits)
@@ -326,7 +325,8 @@ def run_worker_once(args, tool: str, dataset: str, epochs: int) -> dict:
     if getattr(args, "validate_every", None):
         cmd += ["--validate-every", str(args.validate_every)]
     quiet = C.wait_for_quiet(args.wait_quiet, window_s=10.0) if args.wait_quiet > 0 else None
-    print(f"[compare_scvi] {TOOL_NAMES[tool]:10s} {dataset:9s} {epochs:4d} epochs ...", flush=True)
+    name = C.TOOL_NAMES[tool]
+    print(f"[compare_scvi] {name:10s} {dataset:9s} {epochs:4d} epochs ...", flush=True)
     env = dict(os.environ)
     # jaxvi's persistent compilation cache only with --jax-cache-dir: a plain run compiles.
     env["JAXVI_CACHE_DIR"] = str(Path(args.jax_cache_dir).resolve()) if args.jax_cache_dir else ""
@@ -455,12 +455,6 @@ def check_targets(r: dict) -> dict:
     }
 
 
-def _fmt(x, spec=".3g"):
-    if x is None:
-        return "—"
-    return format(x, spec)
-
-
 def markdown(results: dict) -> str:
     lines = [
         "| dataset | tool | epochs | train() s | SCVI() s | steady s/epoch | steady cells/s "
@@ -469,22 +463,22 @@ def markdown(results: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ds, block in results.items():
-        for tool in TOOLS:
+        for tool in C.TOOLS:
             m = block["tools"].get(tool)
             if m is None:
                 continue
             mark = "" if m["clean"] else " (LOADED)"
             lines.append(
-                f"| {ds} | {TOOL_NAMES[tool]}{mark} | {m['epochs']} "
-                f"| {_fmt(m['train_wall_s'], '.2f')} "
-                f"| {_fmt(m['init_s'], '.2f')} "
-                f"| {_fmt(m['steady_s_per_epoch'], '.4f')} "
-                f"| {_fmt(m['steady_cells_per_s'], ',.0f')} "
-                f"| {_fmt(m.get('steady_s_per_epoch_from_walls'), '.4f')} "
-                f"| {_fmt(m['first_epoch_minus_steady_s'], '.2f')} "
-                f"| {_fmt(m['peak_rss_mb'], '.0f')} | {_fmt(m['heldout_elbo'], '.2f')} "
-                f"| {_fmt(m['final_elbo_train'], '.2f')} "
-                f"| {_fmt(m['foreign_cores_during_train'], '.2f')} |"
+                f"| {ds} | {C.TOOL_NAMES[tool]}{mark} | {m['epochs']} "
+                f"| {C.fmt(m['train_wall_s'], '.2f')} "
+                f"| {C.fmt(m['init_s'], '.2f')} "
+                f"| {C.fmt(m['steady_s_per_epoch'], '.4f')} "
+                f"| {C.fmt(m['steady_cells_per_s'], ',.0f')} "
+                f"| {C.fmt(m.get('steady_s_per_epoch_from_walls'), '.4f')} "
+                f"| {C.fmt(m['first_epoch_minus_steady_s'], '.2f')} "
+                f"| {C.fmt(m['peak_rss_mb'], '.0f')} | {C.fmt(m['heldout_elbo'], '.2f')} "
+                f"| {C.fmt(m['final_elbo_train'], '.2f')} "
+                f"| {C.fmt(m['foreign_cores_during_train'], '.2f')} |"
             )
     lines += [
         "",
@@ -497,12 +491,12 @@ def markdown(results: dict) -> str:
         if not r:
             continue
         lines.append(
-            f"| {ds} | {_fmt(r['steady_cells_per_s_speedup'], '.2f')}x "
-            f"(wall-diff: {_fmt(r.get('steady_cells_per_s_speedup_from_walls'), '.2f')}x) "
-            f"| {_fmt(r['train_wall_ratio'], '.3f')} "
-            f"| {_fmt(r['init_plus_train_ratio'], '.3f')} "
-            f"| {_fmt(None if r['heldout_elbo_rel_diff'] is None else 100 * r['heldout_elbo_rel_diff'], '+.3f')}% "  # noqa: E501
-            f"| {_fmt(r['peak_rss_ratio'], '.2f')} |"
+            f"| {ds} | {C.fmt(r['steady_cells_per_s_speedup'], '.2f')}x "
+            f"(wall-diff: {C.fmt(r.get('steady_cells_per_s_speedup_from_walls'), '.2f')}x) "
+            f"| {C.fmt(r['train_wall_ratio'], '.3f')} "
+            f"| {C.fmt(r['init_plus_train_ratio'], '.3f')} "
+            f"| {C.fmt(None if r['heldout_elbo_rel_diff'] is None else 100 * r['heldout_elbo_rel_diff'], '+.3f')}% "  # noqa: E501
+            f"| {C.fmt(r['peak_rss_ratio'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -514,8 +508,8 @@ def parent(args) -> dict:
         if d not in DATASETS:
             raise SystemExit(f"unknown dataset {d!r}; choose from {DATASETS}")
     for t in tools:
-        if t not in TOOLS:
-            raise SystemExit(f"unknown tool {t!r}; choose from {TOOLS}")
+        if t not in C.TOOLS:
+            raise SystemExit(f"unknown tool {t!r}; choose from {C.TOOLS}")
     started = C.utc_timestamp()
     git_start = C.git_info()  # the tree may change while we run (shared checkout)
     t_start = C.now()
@@ -545,11 +539,11 @@ def parent(args) -> dict:
             block.setdefault(
                 "split", {"n_train": full["n_train"], "n_validation": full["n_validation"]}
             )
-        if all(t in block["tools"] for t in TOOLS):
-            digests = {t: raw[f"{ds}/{t}"]["full"]["validation_digest"] for t in TOOLS}
+        if all(t in block["tools"] for t in C.TOOLS):
+            digests = {t: raw[f"{ds}/{t}"]["full"]["validation_digest"] for t in C.TOOLS}
             block["same_validation_cells"] = len(set(digests.values())) == 1
             block["ratios"] = ratios(block["tools"]["jaxvi"], block["tools"]["scvi"])
-            block["all_clean"] = all(block["tools"][t]["clean"] for t in TOOLS)
+            block["all_clean"] = all(block["tools"][t]["clean"] for t in C.TOOLS)
             if ds == "synthetic" and not args.quick:
                 block["targets"] = check_targets(block["ratios"])
                 if not block["all_clean"]:
@@ -665,7 +659,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--no-save", action="store_true")
     # internal
-    p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=C.TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--dataset", choices=DATASETS, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

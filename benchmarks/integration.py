@@ -69,8 +69,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TAG = "integration"
-TOOLS = ("scvi", "jaxvi")
-TOOL_NAMES = {"scvi": "scvi-tools", "jaxvi": "jaxvi"}
 DATASETS = ("pbmc", "synthetic")
 BASELINE = "Unintegrated"
 BATCH_KEY = "batch"
@@ -293,23 +291,20 @@ def summarize(scores: dict, runs: list[dict], tools: list[str]) -> dict:
 
 
 # ========================================================================= output
-def _fmt(x, spec=".3f"):
-    return "—" if x is None else format(x, spec)
-
-
 def markdown(dataset: str, summary: dict, metric_type: dict) -> str:
     """Per-metric table: unintegrated PCA, then each tool's mean ± sd over seeds."""
     tools = list(summary["tools"])
-    head = "| metric | group | unintegrated PCA | " + " | ".join(TOOL_NAMES[t] for t in tools)
+    head = "| metric | group | unintegrated PCA | " + " | ".join(C.TOOL_NAMES[t] for t in tools)
     lines = [f"**{dataset}**", "", head + " |", "|---|---|" + "---:|" * (1 + len(tools))]
     order = [m for m in summary["baseline"] if m not in AGGREGATES] + list(AGGREGATES)
     for m in order:
         group = metric_type.get(m, "")
         group = "aggregate" if group == "Aggregate score" else group.split()[0].lower()
-        cells = [_fmt(summary["baseline"][m])]
+        cells = [C.fmt(summary["baseline"][m], ".3f")]
         for t in tools:
             s = summary["tools"][t][m]
-            cells.append(_fmt(s["mean"]) + (f" ± {s['sd']:.3f}" if s["sd"] is not None else ""))
+            sd = f" ± {s['sd']:.3f}" if s["sd"] is not None else ""
+            cells.append(C.fmt(s["mean"], ".3f") + sd)
         name = f"**{m}**" if m in AGGREGATES else m
         lines.append(f"| {name} | {group} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -339,7 +334,7 @@ def run_dataset(name: str, args, tools: list[str]) -> dict:
             embeddings[f"{tool}_seed{seed}"] = out.pop("latent")
             res["runs"].append(out)
             print(
-                f"[{TAG}]   {TOOL_NAMES[tool]:10s} seed {seed}: {out['epochs']} epochs in "
+                f"[{TAG}]   {C.TOOL_NAMES[tool]:10s} seed {seed}: {out['epochs']} epochs in "
                 f"{out['train_wall_s']:.1f} s",
                 flush=True,
             )
@@ -358,7 +353,7 @@ def run_dataset(name: str, args, tools: list[str]) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma list: pbmc,synthetic")
-    p.add_argument("--tools", default=",".join(TOOLS), help="comma list: scvi,jaxvi")
+    p.add_argument("--tools", default=",".join(C.TOOLS), help="comma list: scvi,jaxvi")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (comma list)")
     p.add_argument("--epochs", type=int, default=None, help="default: scVI's heuristic (400)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -380,7 +375,7 @@ def main(argv=None) -> dict:
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     datasets = [d for d in args.datasets.split(",") if d]
     tools = [t for t in args.tools.split(",") if t]
-    for value, allowed, what in ((datasets, DATASETS, "dataset"), (tools, TOOLS, "tool")):
+    for value, allowed, what in ((datasets, DATASETS, "dataset"), (tools, C.TOOLS, "tool")):
         bad = sorted(set(value) - set(allowed))
         if bad or not value:
             p.error(f"unknown or no {what}(s) {bad}; choose from {list(allowed)}")

@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
             continue
         args.seed = seed
         runs = {
-            tool: CS.run_worker_once(args, tool, args.dataset, args.epochs) for tool in CS.TOOLS
+            tool: CS.run_worker_once(args, tool, args.dataset, args.epochs) for tool in C.TOOLS
         }
         sc, jx = runs["scvi"], runs["jaxvi"]
         if sc["validation_digest"] != jx["validation_digest"]:

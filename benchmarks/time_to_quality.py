@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     args.precision, args.devices, args.validate_every = None, None, 1
     if args.jax_cache_dir:  # fill the cache: the measured jaxvi run is a second run
         CS.run_worker_once(args, "jaxvi", args.dataset, 1)
-    results = {t: CS.run_worker_once(args, t, args.dataset, args.epochs) for t in CS.TOOLS}
+    results = {t: CS.run_worker_once(args, t, args.dataset, args.epochs) for t in C.TOOLS}
     sc, jx = results["scvi"], results["jaxvi"]
     if sc["validation_digest"] != jx["validation_digest"]:
         raise RuntimeError("The two tools used different validation cells.")

@@ -1,9 +1,10 @@
-"""List every public member of scvi-tools' ``scvi.model.SCVI`` (1.4.2, with its mixins) and
-what ``jaxvi.SCVI`` has of it: member present, arguments missing, arguments added.
+"""List every public member of scvi-tools' ``scvi.model.SCVI`` or ``SCANVI`` (1.4.2, with
+their mixins) and what jaxvi's class of the same name has of it: member present, arguments
+missing, arguments added.
 
-Run: ``python docs/tools/scvi_api_surface.py [--markdown]``. Needs scvi-tools (the ``[ref]``
-extra). The compatibility page (docs/user_guide/compatibility.md) is this list with the
-reason for every gap.
+Run: ``python docs/tools/scvi_api_surface.py [--model scanvi] [--markdown]``. Needs scvi-tools
+(the ``[ref]`` extra). The compatibility page (docs/user_guide/compatibility.md) is these lists
+with the reason for every gap; ``tests/test_docs.py`` checks that it names each one.
 """
 
 from __future__ import annotations
@@ -50,20 +51,24 @@ def _instance_names(model) -> set[str]:
     return {k for k in vars(model) if not k.startswith("_")}
 
 
-def surface() -> list[dict]:
-    """One row per public member of scvi-tools' SCVI (class members and the attributes a
-    trained instance holds)."""
+def surface(model: str = "scvi") -> list[dict]:
+    """One row per public member of scvi-tools' ``SCVI`` (``model="scvi"``) or ``SCANVI``
+    (``"scanvi"``): class members and the attributes a fresh instance holds."""
     warnings.filterwarnings("ignore")
     import scvi
 
     import jaxvi
 
-    ref, new = scvi.model.SCVI, jaxvi.SCVI
+    name = {"scvi": "SCVI", "scanvi": "SCANVI"}[model]
+    ref, new = getattr(scvi.model, name), getattr(jaxvi, name)
     adata = scvi.data.synthetic_iid(batch_size=32, n_genes=20, n_batches=2)
-    ref.setup_anndata(adata, batch_key="batch")
-    ref_model = ref(adata, n_hidden=8, n_latent=2)
+    setup = {"batch_key": "batch"}
+    if model == "scanvi":
+        setup.update(labels_key="labels", unlabeled_category="label_0")
     jadata = adata.copy()
-    new.setup_anndata(jadata, batch_key="batch")
+    ref.setup_anndata(adata, **setup)
+    ref_model = ref(adata, n_hidden=8, n_latent=2)
+    new.setup_anndata(jadata, **setup)
     new_model = new(jadata, n_hidden=8, n_latent=2)
     names = {n for n in dir(ref) if not n.startswith("_")} | _instance_names(ref_model)
     names.add("__init__")  # the constructor's arguments
@@ -86,9 +91,10 @@ def surface() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("scvi", "scanvi"), default="scvi")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
-    rows = surface()
+    rows = surface(args.model)
     if args.markdown:
         print("| member | kind | scvi-tools class | in jaxvi | arguments jaxvi lacks |")
         print("|---|---|---|---|---|")

@@ -48,6 +48,75 @@ class QueryMethods:
             return tuple(np.asarray(a, np.float32) for a in out)
         return np.asarray(out, np.float32)
 
+    def get_aggregated_posterior(self, adata=None, indices=None, batch_size=None, dof=3.0):
+        """The aggregated posterior of the cells ``indices``: the equal-weight mixture of
+        their latent posteriors, with Student-t components (``dof``; normal with ``None``).
+
+        As in scvi-tools 1.4.2 each component's scale is the cell's posterior *variance*
+        (scvi-tools passes ``get_latent_representation(return_dist=True)``'s second array,
+        the variance, as the scale); kept so that the same weights give the same numbers.
+
+        Returns
+        -------
+        numpyro ``MixtureSameFamily`` over ``(n_latent,)`` points (scvi-tools returns the
+        PyTorch equivalent); see ``jaxvi.posterior.aggregated_posterior``.
+
+        Raises
+        ------
+        RuntimeError
+            For a model that was never trained (as scvi-tools).
+        """
+        loc, scale = self._aggregate_components(adata, indices, batch_size)
+        return posterior.aggregated_posterior(loc, scale, dof)
+
+    def _aggregate_components(self, adata, indices, batch_size):
+        if not self.is_trained_:
+            raise RuntimeError(
+                "The model is not trained: train it (or load a trained one) before asking "
+                "for its aggregated posterior."
+            )
+        if indices is not None and len(indices) == 0:
+            indices = None  # scvi-tools: an empty selection means every cell
+        return self.get_latent_representation(
+            adata, indices, batch_size=batch_size, return_dist=True
+        )
+
+    def differential_abundance(
+        self,
+        adata=None,
+        sample_key: str | None = None,
+        batch_size: int = 128,
+        num_cells_posterior: int | None = None,
+        dof: float | None = None,
+    ) -> None:
+        """How probable each cell's latent mean is under each sample's aggregated posterior.
+
+        For every value of ``adata.obs[sample_key]`` (in order of appearance), the log
+        density of every cell's latent mean under the aggregated posterior of that sample's
+        cells (at most ``num_cells_posterior`` of them, drawn with NumPy's global generator as
+        scvi-tools does). The result is stored, as in scvi-tools, in
+        ``adata.obsm["da_log_probs"]``: a ``(cells, samples)`` DataFrame indexed by the cell
+        names with the samples as columns.
+        """
+        adata = self.adata if adata is None else adata
+        if sample_key is None or sample_key not in adata.obs:
+            raise KeyError(f"sample_key {sample_key!r} is not a column of adata.obs.")
+        us = self.get_latent_representation(adata, batch_size=batch_size, give_mean=True)
+        column = adata.obs[sample_key]
+        samples = column.unique()
+        log_probs = []
+        for name in samples:
+            idx = np.where(column == name)[0]
+            if num_cells_posterior is not None and num_cells_posterior < len(idx):
+                # scvi-tools draws from NumPy's global generator: the same np.random.seed
+                # picks the same cells in both
+                idx = np.random.choice(idx, num_cells_posterior, replace=False)  # noqa: NPY002
+            loc, scale = self._aggregate_components(adata, idx, batch_size)
+            log_probs.append(posterior.aggregated_log_prob(loc, scale, us, dof, batch_size))
+        adata.obsm["da_log_probs"] = pd.DataFrame(
+            np.stack(log_probs, axis=1), index=adata.obs_names, columns=samples
+        )
+
     def get_batch_representation(self, adata=None, indices=None, batch_size=None) -> np.ndarray:
         """Each cell's batch as the networks see it (scvi-tools' ``EmbeddingMixin``).
 

@@ -4,10 +4,11 @@ A query is a value, :class:`Query` (the module or model definition, its variable
 :class:`~jaxvi.data.DataSource`, the cells, a key and the chunk size), and every program goes
 through the one chunked runner, :func:`run_query`. Latent representation, normalised
 expression, likelihood parameters, posterior predictive samples, marginal log-likelihood,
-library size, denoised expression, importance weights, the ELBO terms and scANVI's class
-probabilities.
+library size, denoised expression, importance weights, the ELBO terms, scANVI's class
+probabilities, and the aggregated posterior of a set of cells.
 """
 
+from jaxvi.posterior._aggregate import aggregated_log_prob, aggregated_posterior
 from jaxvi.posterior._classify import classify_program, predict_probabilities
 from jaxvi.posterior._importance import (
     anchors_per_group,
@@ -50,6 +51,8 @@ from jaxvi.posterior._runner import (
 __all__ = [
     "MAX_CHUNKS_PER_CALL",
     "Query",
+    "aggregated_log_prob",
+    "aggregated_posterior",
     "anchors_per_group",
     "batch_codes",
     "bucket",

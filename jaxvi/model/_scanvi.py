@@ -186,8 +186,8 @@ class SCANVI(BaseModel):
         return ModelParts(registry, init_params, variables, adata, config=config)
 
     def _init_from_parts(self, parts: ModelParts) -> None:
-        """:meth:`BaseModel._init_from_parts`, then the label attributes of scvi-tools'
-        ``SCANVI`` (``unlabeled_category_``, ``n_labels``, the code-to-label mapping)."""
+        """:meth:`BaseModel._init_from_parts`, then scvi-tools' ``SCANVI`` label attributes
+        (``labels_``: the column as given; its two histories are declared and left None)."""
         super()._init_from_parts(parts)
         self.was_pretrained = False
         self.unlabeled_category_ = self.registry_["setup_args"][UNLABELED_KEY]
@@ -195,6 +195,9 @@ class SCANVI(BaseModel):
         self.n_labels = int(self.config.n_labels)
         self._label_mapping = np.asarray(self.registry_["labels_categories"], dtype=object)
         self._code_to_label = dict(enumerate(self._label_mapping))
+        obs, key = ({} if self.adata is None else self.adata.obs), self.original_label_key
+        self.labels_ = obs[key].to_numpy().ravel() if key in obs else None
+        self.unsupervised_history_ = self.semisupervised_history_ = None
 
     # ------------------------------------------------------------- declarations
     @classmethod
@@ -457,6 +460,8 @@ class SCANVI(BaseModel):
         soft: bool = False,
         batch_size: int | None = None,
         use_posterior_mean: bool = True,
+        ig_interpretability: bool = False,
+        ig_args: dict | None = None,
     ):
         """Predicted labels of cells (scvi-tools' ``predict``).
 
@@ -468,6 +473,8 @@ class SCANVI(BaseModel):
             Return the class probabilities instead of the most probable label.
         use_posterior_mean
             Classify the posterior mean of ``q(z | x)``; False: one draw per cell.
+        ig_interpretability, ig_args
+            scvi-tools' attributions (captum, PyTorch): accepted; True is not implemented.
 
         Returns
         -------
@@ -479,7 +486,14 @@ class SCANVI(BaseModel):
         ------
         RuntimeError
             If the model has not been trained (its classifier is random).
+        NotImplementedError
+            For ``ig_interpretability=True``.
         """
+        if ig_interpretability:  # (ig_args only matter then)
+            raise NotImplementedError(
+                "predict(ig_interpretability=True): integrated-gradients attributions are not "
+                "implemented in jaxvi (scvi-tools computes them with captum, a PyTorch library)."
+            )
         if not self.is_trained_:
             raise RuntimeError(
                 "This SCANVI model has not been trained: its classifier is random. Call "

@@ -315,6 +315,12 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
             if end is not None:
                 end("failed")
             raise
+        except BaseException:
+            # an error in a callback or an option: the loggers' runs still end, as failed
+            # (an MLflow run left active would refuse the next MLFlowLogger)
+            if end is not None:
+                end("failed")
+            raise
         self._epoch_fn = outcome.epoch_fn
         self._set_trained(outcome)
         if end is not None:

@@ -1,12 +1,14 @@
 """Training callbacks and loggers: ``model.train(callbacks=[...], logger=...)``.
 
-jaxvi trains without Lightning, so Lightning callbacks cannot run; this is the small protocol
-that covers what they are used for. A callback is any object with some of
+jaxvi trains without Lightning, so Lightning callbacks cannot run (:func:`epoch_hooks` refuses
+them); this is the small protocol that covers what they are used for. A callback is any object
+with some of
 
 ``on_train_start(model)``
     Before the first epoch.
 ``on_epoch_end(model, epoch, metrics) -> bool | None``
-    After every epoch: ``epoch`` (0-based, counting earlier ``train`` calls), ``metrics``
+    After every epoch: ``epoch`` (0-based in each ``train`` call, as the history's index;
+    a run resumed from a checkpoint goes on from the checkpoint's epoch), ``metrics``
     the epoch's row of the history (``{"train_loss": ..., "elbo_train": ..., ...}``, the
     validation entries on validation epochs). ``model.variables`` then holds the parameters
     after that epoch, so the model's queries can be called. Return True to stop training
@@ -20,8 +22,9 @@ Lightning logger, which has the same methods. Each epoch it receives the history
 ``"epoch"``, at the global step.
 
 :class:`CSVLogger` needs nothing; :class:`TensorBoardLogger` needs ``tensorboard``,
-:class:`MLFlowLogger` ``mlflow``, :class:`WandbLogger` ``wandb`` (the ``jaxvi[loggers]``
-extras), each imported when constructed.
+:class:`MLFlowLogger` ``mlflow``, :class:`WandbLogger` ``wandb``, each imported when
+constructed: the extras ``jaxvi[tensorboard]``, ``jaxvi[mlflow]``, ``jaxvi[wandb]``, or
+``jaxvi[loggers]`` for all three.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ class TensorBoardLogger:
         except ImportError as err:
             raise ImportError(
                 "TensorBoardLogger needs the tensorboard package: pip install tensorboard "
-                "(or jaxvi[loggers])."
+                "(or the jaxvi[tensorboard] extra)."
             ) from err
         self._event, self._summary = Event, Summary
         self.log_dir = _version_dir(save_dir, name, version)
@@ -179,7 +182,24 @@ class TensorBoardLogger:
 
 
 class MLFlowLogger:
-    """Metrics and parameters to an MLflow run (needs ``mlflow``)."""
+    """Metrics and parameters to an MLflow run (needs ``mlflow``), through MLflow's fluent
+    API: the run is started here and made the active run (``self.run``).
+
+    ``finalize`` ends the run (``FINISHED``, or ``FAILED`` when training stopped on an error or
+    an interruption). A later ``train`` with the same logger logs to a new run of the same
+    experiment and name: its epochs and steps start again at 0, and its parameters may differ,
+    which MLflow refuses within one run.
+
+    Parameters
+    ----------
+    experiment_name
+        ``mlflow.set_experiment`` (created when missing).
+    run_name
+        ``mlflow.start_run(run_name=...)``; None: MLflow's generated name.
+    tracking_uri
+        ``mlflow.set_tracking_uri``; None: MLflow's default (``MLFLOW_TRACKING_URI`` or
+        ``./mlruns``).
+    """
 
     def __init__(
         self,
@@ -190,54 +210,113 @@ class MLFlowLogger:
         try:
             import mlflow
         except ImportError as err:
-            raise ImportError("MLFlowLogger needs mlflow: pip install mlflow.") from err
+            raise ImportError(
+                "MLFlowLogger needs mlflow: pip install mlflow (or the jaxvi[mlflow] extra)."
+            ) from err
         self._mlflow = mlflow
         if tracking_uri is not None:
             mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment_name)
-        self.run = mlflow.start_run(run_name=run_name)
+        self.experiment_id = mlflow.set_experiment(experiment_name=experiment_name).experiment_id
+        self._run_name = run_name
+        self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        self._ended = False
+
+    def _active_run(self) -> None:
+        # after end_run the fluent API would start an unnamed run on its own; start ours
+        if self._ended:
+            self.run = self._mlflow.start_run(
+                experiment_id=self.experiment_id, run_name=self._run_name
+            )
+            self._ended = False
 
     def log_hyperparams(self, params: dict) -> None:
         """``mlflow.log_params`` (values as strings)."""
+        self._active_run()
         self._mlflow.log_params({k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """``mlflow.log_metrics`` at ``step``."""
+        self._active_run()
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(step))
 
     def finalize(self, status: str) -> None:
-        """End the run."""
-        self._mlflow.end_run("FINISHED" if status == "success" else "FAILED")
+        """``mlflow.end_run``: ``FINISHED`` after a successful training, else ``FAILED``."""
+        if not self._ended:
+            self._mlflow.end_run(status="FINISHED" if status == "success" else "FAILED")
+            self._ended = True
 
 
 class WandbLogger:
-    """Metrics and configuration to a Weights & Biases run (needs ``wandb``); keyword
-    arguments go to ``wandb.init``."""
+    """Metrics and configuration to a Weights & Biases run (needs ``wandb``), started here
+    (``self.run``).
+
+    ``finalize`` finishes the run (exit code 1 when training stopped on an error or an
+    interruption). A later ``train`` with the same logger logs to a new run, made with the same
+    arguments: its steps start again at 0, which W&B ignores within one run (steps must
+    increase).
+
+    Parameters
+    ----------
+    **init_kwargs
+        Passed to ``wandb.init`` (``project``, ``name``, ``config``, ``mode``, ...).
+    """
 
     def __init__(self, **init_kwargs):
         try:
             import wandb
         except ImportError as err:
-            raise ImportError("WandbLogger needs wandb: pip install wandb.") from err
+            raise ImportError(
+                "WandbLogger needs wandb: pip install wandb (or the jaxvi[wandb] extra)."
+            ) from err
+        self._wandb = wandb
+        self._init_kwargs = init_kwargs
         self.run = wandb.init(**init_kwargs)
+        self._finished = False
+
+    def _active_run(self) -> None:
+        # a finished run refuses run.log
+        if self._finished:
+            self.run = self._wandb.init(**self._init_kwargs)
+            self._finished = False
 
     def log_hyperparams(self, params: dict) -> None:
-        """Update the run's config."""
+        """``run.config.update``."""
+        self._active_run()
         self.run.config.update(params, allow_val_change=True)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """``run.log`` at ``step``."""
+        self._active_run()
         self.run.log(dict(metrics), step=int(step))
 
     def finalize(self, status: str) -> None:
-        """Finish the run."""
-        self.run.finish(exit_code=0 if status == "success" else 1)
+        """``run.finish``: exit code 0 after a successful training, else 1."""
+        if not self._finished:
+            self.run.finish(exit_code=0 if status == "success" else 1)
+            self._finished = True
 
 
 def _as_list(value) -> list:
     if value is None or value is False or value is True:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")
+
+
+def _lightning_base(cb) -> type | None:
+    """The most basic class of ``cb``'s method resolution order defined in Lightning (its
+    ``Callback`` for a callback), or None.
+
+    Found by module name, so Lightning is not imported (and need not be installed).
+    """
+    found = [
+        cls
+        for cls in type(cb).__mro__
+        if str(cls.__module__).split(".", 1)[0] in _LIGHTNING_PACKAGES
+    ]
+    return found[-1] if found else None
 
 
 def epoch_hooks(model, callbacks, logger, hparams: dict):
@@ -251,12 +330,26 @@ def epoch_hooks(model, callbacks, logger, hparams: dict):
     Raises
     ------
     TypeError
-        For a callback with none of the hooks (e.g. a Lightning callback), or a logger
-        without ``log_metrics``.
+        For a Lightning callback (a subclass of ``lightning.pytorch.Callback`` or
+        ``pytorch_lightning.Callback``, built-ins such as ``EarlyStopping`` included), a
+        callback with none of the hooks, or a logger without ``log_metrics``; raised before
+        any logger or callback is called.
     """
     cbs, loggers = _as_list(callbacks), _as_list(logger)
     hooks = ("on_train_start", "on_epoch_end", "on_train_end")
     for cb in cbs:
+        # Lightning's hooks have the jaxvi names but take (trainer, pl_module): they would
+        # pass the check below and fail at the first call, after the loggers started
+        base = _lightning_base(cb)
+        if base is not None:
+            cls = type(cb)
+            raise TypeError(
+                f"{cls.__module__}.{cls.__qualname__} is a Lightning callback (a subclass of "
+                f"{base.__module__}.{base.__qualname__}); Lightning callbacks cannot run in "
+                "jaxvi, which trains without Lightning. See 'Callbacks and loggers' on the "
+                "compatibility page of the user guide (docs/user_guide/compatibility.md) for "
+                "the jaxvi form of its hooks, EarlyStopping and ModelCheckpoint."
+            )
         if not any(callable(getattr(cb, h, None)) for h in hooks):
             raise TypeError(
                 f"{type(cb).__name__} is not a jaxvi callback (it has none of {list(hooks)}); "

@@ -5,7 +5,13 @@ error type (what was checked against scvi-tools 1.4.2 is said in the test).
 """
 
 import csv
+import math
 import os
+import sys
+import tomllib
+import types
+from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -335,6 +341,278 @@ def test_lightning_and_tensorboard_loggers(tmp_path, make_adata):
         acc.Reload()
         values = [e.value for e in acc.Scalars("train_loss")]
         np.testing.assert_allclose(values, model.history["train_loss"].to_numpy().ravel())
+
+
+class _RecordingLogger:
+    """A logger that lists the calls it received."""
+
+    def __init__(self):
+        self.calls = []
+
+    def log_hyperparams(self, params):
+        self.calls.append("log_hyperparams")
+
+    def log_metrics(self, metrics, step):
+        self.calls.append("log_metrics")
+
+    def finalize(self, status):
+        self.calls.append("finalize")
+
+
+class _Broken(cbs.Callback):
+    def on_epoch_end(self, model, epoch, metrics):
+        raise ValueError("a bug in a callback")
+
+
+def _tiny_model(make_adata):
+    adata = make_adata(n=64, g=20)
+    SCVI.setup_anndata(adata)
+    return SCVI(adata, n_hidden=8, n_latent=2)
+
+
+def test_lightning_callbacks_refused_before_anything_runs(make_adata):
+    pl = pytest.importorskip("lightning.pytorch")
+    ran = []
+
+    class OnStart(pl.callbacks.Callback):
+        def on_train_start(self, trainer, pl_module):
+            ran.append("lightning")
+
+    class JaxviStart(cbs.Callback):
+        def on_train_start(self, model):
+            ran.append("jaxvi")
+
+    lightning_callbacks = [OnStart(), pl.callbacks.EarlyStopping(monitor="elbo_validation")]
+    try:  # the pre-2.0 package name, still published
+        import pytorch_lightning
+
+        lightning_callbacks.append(pytorch_lightning.callbacks.EarlyStopping(monitor="elbo"))
+    except ImportError:
+        pass
+    model = _tiny_model(make_adata)
+    for cb in lightning_callbacks:
+        logger = _RecordingLogger()
+        with pytest.raises(TypeError) as info:
+            # a jaxvi callback first: it must not start either
+            model.train(callbacks=[JaxviStart(), cb], logger=logger, **EPOCHS)
+        message = str(info.value)
+        assert f"{type(cb).__module__}.{type(cb).__qualname__} is a Lightning callback" in message
+        assert "cannot run in jaxvi" in message
+        assert "docs/user_guide/compatibility.md" in message
+        assert logger.calls == []
+    assert ran == []
+    assert not model.is_trained_
+    assert model.history == {}
+
+
+def _fake_mlflow(calls: list) -> types.ModuleType:
+    """A stand-in ``mlflow`` whose fluent functions have the real signatures (MLflow 2 and 3)
+    and record each call with the run it went to (None: no active run, where MLflow would
+    start a new one); like MLflow it refuses to start a second active run."""
+    state = {"active": None, "runs": 0}
+
+    def set_tracking_uri(uri):
+        calls.append(("set_tracking_uri", uri))
+
+    def set_experiment(experiment_name=None, experiment_id=None):
+        calls.append(("set_experiment", experiment_name))
+        return SimpleNamespace(experiment_id="exp7", name=experiment_name)
+
+    def start_run(
+        run_id=None,
+        experiment_id=None,
+        run_name=None,
+        nested=False,
+        parent_run_id=None,
+        tags=None,
+        description=None,
+        log_system_metrics=None,
+    ):
+        if state["active"] is not None:
+            raise RuntimeError(f"Run with UUID {state['active']} is already active.")
+        if run_id is None:
+            state["runs"] += 1
+            run_id = f"run{state['runs']}"
+        state["active"] = run_id
+        calls.append(("start_run", run_id, experiment_id, run_name))
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, experiment_id=experiment_id))
+
+    def log_params(params, synchronous=None, run_id=None):
+        calls.append(("log_params", state["active"], dict(params)))
+
+    def log_metrics(metrics, step=None, synchronous=None, run_id=None, timestamp=None):
+        assert all(isinstance(v, float) for v in metrics.values())
+        calls.append(("log_metrics", state["active"], dict(metrics), step))
+
+    def end_run(status="FINISHED"):
+        calls.append(("end_run", state["active"], status))
+        state["active"] = None
+
+    fake = types.ModuleType("mlflow")
+    for fn in (set_tracking_uri, set_experiment, start_run, log_params, log_metrics, end_run):
+        setattr(fake, fn.__name__, fn)
+    return fake
+
+
+def _check_epochs(logged, model):
+    """``logged``: ``(metrics, step)`` per epoch of the last ``train`` call, to match the last
+    rows of the model's history (each call's epochs and steps start at 0)."""
+    steps_per_epoch = math.ceil(len(model.train_indices_) / EPOCHS["batch_size"])
+    assert [step for _, step in logged] == [(e + 1) * steps_per_epoch for e in range(len(logged))]
+    first = len(model.history["train_loss"]) - len(logged)
+    for epoch, (metrics, _) in enumerate(logged):
+        row = {k: frame.iloc[first + epoch, 0] for k, frame in model.history.items()}
+        assert metrics == pytest.approx({"epoch": epoch, **row})  # 0.0 == 0 (MLflow's floats)
+
+
+def test_mlflow_logger_through_mlflow_api(monkeypatch, make_adata):
+    calls = []
+    monkeypatch.setitem(sys.modules, "mlflow", _fake_mlflow(calls))
+    logger = cbs.MLFlowLogger("jaxvi-test", run_name="tiny", tracking_uri="file:///tmp/none")
+    model = _tiny_model(make_adata)
+    model.train(logger=logger, check_val_every_n_epoch=1, **EPOCHS)
+    assert calls[:3] == [
+        ("set_tracking_uri", "file:///tmp/none"),
+        ("set_experiment", "jaxvi-test"),
+        ("start_run", "run1", "exp7", "tiny"),
+    ]
+    hparams = {**model.init_params_, "max_epochs": 2, "batch_size": 32}
+    assert calls[3] == ("log_params", "run1", {k: str(v) for k, v in hparams.items()})
+    assert [c[:2] for c in calls[4:6]] == [("log_metrics", "run1")] * 2
+    _check_epochs([(c[2], c[3]) for c in calls[4:6]], model)
+    assert "elbo_validation" in calls[5][2]
+    assert calls[6:] == [("end_run", "run1", "FINISHED")]
+
+    # trained again: a new run of the same experiment and name (not one that log_metrics
+    # would start unnamed), with the new max_epochs
+    del calls[:]
+    model.train(logger=logger, check_val_every_n_epoch=1, **{**EPOCHS, "max_epochs": 1})
+    assert calls[0] == ("start_run", "run2", "exp7", "tiny")
+    assert calls[1] == ("log_params", "run2", {**calls[1][2], "max_epochs": "1"})
+    assert calls[2][:2] == ("log_metrics", "run2")
+    _check_epochs([(calls[2][2], calls[2][3])], model)
+    assert calls[3:] == [("end_run", "run2", "FINISHED")]
+
+    # an error during training ends the run as failed (the fake, like MLflow, would refuse
+    # to start the next logger's run while it is active)
+    with pytest.raises(ValueError, match="a bug in a callback"):
+        model.train(callbacks=[_Broken()], logger=logger, **EPOCHS)
+    assert calls[-1] == ("end_run", "run3", "FAILED")
+    assert cbs.MLFlowLogger().run.info.run_id == "run4"
+
+
+def _fake_wandb(calls: list) -> types.ModuleType:
+    """A stand-in ``wandb``: ``init`` takes the real keyword names (a subset), the run's
+    ``config.update``, ``log`` and ``finish`` have the real signatures, and a finished run
+    refuses ``log`` as wandb does."""
+
+    class Config:
+        def __init__(self, run_id):
+            self.run_id = run_id
+
+        def update(self, d, allow_val_change=False):
+            calls.append(("config.update", self.run_id, dict(d), allow_val_change))
+
+    class Run:
+        def __init__(self, run_id):
+            self.id = run_id
+            self.config = Config(run_id)
+            self.finished = False
+
+        def log(self, data, step=None, commit=None):
+            if self.finished:
+                raise RuntimeError("wandb.log: the run has finished")
+            assert all(isinstance(v, int | float) for v in data.values())
+            calls.append(("log", self.id, dict(data), step))
+
+        def finish(self, exit_code=None, quiet=None):
+            calls.append(("finish", self.id, exit_code))
+            self.finished = True
+
+    def init(
+        entity=None,
+        project=None,
+        dir=None,
+        id=None,
+        name=None,
+        notes=None,
+        tags=None,
+        config=None,
+        mode=None,
+        resume=None,
+    ):
+        given = dict(
+            entity=entity,
+            project=project,
+            dir=dir,
+            id=id,
+            name=name,
+            notes=notes,
+            tags=tags,
+            config=config,
+            mode=mode,
+            resume=resume,
+        )
+        given = {k: v for k, v in given.items() if v is not None}
+        calls.append(("init", given))
+        runs.append(Run(id or f"w{len(runs) + 1}"))
+        return runs[-1]
+
+    runs = []
+
+    fake = types.ModuleType("wandb")
+    fake.init = init
+    return fake
+
+
+def test_wandb_logger_through_wandb_api(monkeypatch, make_adata):
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
+    kwargs = {"project": "jaxvi-test", "config": {"dataset": "tiny"}, "mode": "offline"}
+    logger = cbs.WandbLogger(**kwargs)
+    model = _tiny_model(make_adata)
+    model.train(logger=logger, check_val_every_n_epoch=1, **EPOCHS)
+    assert calls[0] == ("init", kwargs)
+    hparams = {**model.init_params_, "max_epochs": 2, "batch_size": 32}
+    assert calls[1] == ("config.update", "w1", hparams, True)
+    assert [c[:2] for c in calls[2:4]] == [("log", "w1")] * 2
+    _check_epochs([(c[2], c[3]) for c in calls[2:4]], model)
+    assert calls[4:] == [("finish", "w1", 0)]
+
+    # trained again: the finished run refuses run.log, so a new one with the same arguments
+    del calls[:]
+    model.train(logger=logger, check_val_every_n_epoch=1, **{**EPOCHS, "max_epochs": 1})
+    assert calls[0] == ("init", kwargs)
+    assert calls[1] == ("config.update", "w2", {**hparams, "max_epochs": 1}, True)
+    assert calls[2][:2] == ("log", "w2")
+    _check_epochs([(calls[2][2], calls[2][3])], model)
+    assert calls[3:] == [("finish", "w2", 0)]
+
+    with pytest.raises(ValueError, match="a bug in a callback"):
+        model.train(callbacks=[_Broken()], logger=logger, **EPOCHS)
+    assert calls[-1] == ("finish", "w3", 1)
+
+
+@pytest.mark.parametrize(
+    ("logger", "package"),
+    [(cbs.MLFlowLogger, "mlflow"), (cbs.WandbLogger, "wandb")],
+)
+def test_logger_without_its_package_says_how_to_install_it(monkeypatch, logger, package):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import <package>` fail
+    with pytest.raises(ImportError, match=rf"pip install {package} \(or the jaxvi\[{package}\]"):
+        logger()
+
+
+def test_logger_extras_name_each_loggers_package():
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    names = {}
+    for extra, requirements in extras.items():
+        names[extra] = {r.split(">")[0].split("=")[0].split("[")[0] for r in requirements}
+    for package in ("tensorboard", "mlflow", "wandb"):
+        assert package in names[package]  # the extra the ImportError messages name
+        assert package in names["loggers"]
+    assert not names["test"] & {"mlflow", "wandb"}  # heavy; the tests use stand-ins
 
 
 # ------------------------------------------------------- a minified scvi-tools model

@@ -67,7 +67,8 @@ def scanvi_registry(
     column, its category *swaps* places with the last one (categories ``Unknown, a, b, c``
     give codes ``c=0, a=1, b=2, Unknown=3``); when it is no category at all it is appended
     last; a category that exists but labels no cell stays where it is. The label codes in
-    ``adata.obs["_scvi_labels"]`` follow that order.
+    ``adata.obs["_scvi_labels"]`` follow that order. When no cell carries the unlabelled
+    category (every cell is then labelled) a ``UserWarning`` says so.
 
     Raises
     ------
@@ -95,8 +96,19 @@ def scanvi_registry(
     if unlabeled in set(label_values(adata, registry)):
         i = mapping.index(unlabeled)
         mapping[i], mapping[-1] = mapping[-1], mapping[i]
-    elif unlabeled not in mapping:
-        mapping.append(unlabeled)
+    else:
+        # Kept, not refused: a fully labelled reference set up with a placeholder category
+        # (scvi-tools' from_scvi_model(..., "Unknown") workflow) is common and valid; a
+        # misspelt category silently labelling every cell is not, hence the warning.
+        warnings.warn(
+            f"unlabeled_category {unlabeled!r} labels no cell of adata.obs[{labels_key!r}]: "
+            "every cell is treated as labelled. If some cells have no label, give them this "
+            "category.",
+            UserWarning,
+            stacklevel=3,
+        )
+        if unlabeled not in mapping:
+            mapping.append(unlabeled)
     registry["model_name"] = "SCANVI"
     registry["setup_args"][UNLABELED_KEY] = unlabeled_category
     registry["labels_categories"] = mapping

@@ -134,15 +134,36 @@ def test_label_codes_put_the_unlabelled_category_last(make_adata):
 
 
 def test_absent_unlabelled_category_is_appended(make_adata):
+    """scvi-tools' behaviour (kept: a fully labelled reference set up with a placeholder is
+    common), with a warning naming the category and the column: every cell is labelled."""
     adata = make_adata(n=40, g=10)
-    SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="none")
+    absent = r"unlabeled_category 'none' labels no cell of adata.obs\['{}'\]: every cell is "
+    with pytest.warns(UserWarning, match=absent.format("cell_type") + "treated as labelled"):
+        SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="none")
     registry = adata.uns["_jaxvi"]
     assert registry["labels_categories"] == ["t0", "t1", "t2", "none"]
     assert model_n_labels(registry, adata.obs["cell_type"].astype(str).to_numpy()) == 3
+    np.testing.assert_array_equal(
+        adata.obs["_scvi_labels"], adata.obs["cell_type"].map({"t0": 0, "t1": 1, "t2": 2})
+    )
     # scvi-tools' quirk: no unlabelled cell and an unused category: every category counts
     adata.obs["lab"] = pd.Categorical(adata.obs["cell_type"], categories=["t0", "t1", "t2", "t3"])
-    SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category="none")
+    with pytest.warns(UserWarning, match=absent.format("lab")):
+        SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category="none")
     assert model_n_labels(adata.uns["_jaxvi"], adata.obs["lab"].astype(str).to_numpy()) == 5
+    # an unused category of the column: kept in place, the same warning
+    unused = ["none", "t0", "t1", "t2"]
+    adata.obs["lab"] = pd.Categorical(adata.obs["cell_type"], categories=unused)
+    with pytest.warns(UserWarning, match=absent.format("lab")):
+        SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category="none")
+    assert adata.uns["_jaxvi"]["labels_categories"] == unused
+    # a category some cell carries: no warning
+    adata.obs["lab"] = adata.obs["cell_type"].astype(str).where(np.arange(40) % 4 > 0, "none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SCANVI.setup_anndata(adata, labels_key="lab", unlabeled_category="none")
+    assert not [w for w in caught if "unlabeled_category" in str(w.message)]
+    assert adata.uns["_jaxvi"]["labels_categories"][-1] == "none"
 
 
 def test_setup_and_constructor_errors(make_adata):
@@ -158,7 +179,8 @@ def test_setup_and_constructor_errors(make_adata):
     SCVI.setup_anndata(adata, labels_key="cell_type")
     with pytest.raises(ValueError, match="not set up for scANVI"):
         SCANVI(adata)
-    SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category=UNKNOWN)
+    with pytest.warns(UserWarning, match="every cell is treated as labelled"):
+        SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category=UNKNOWN)
     with pytest.raises(ValueError, match="classifier_parameters"):
         SCANVI(adata, classifier_parameters={"activation_fn": None})
     with pytest.raises(ValueError, match="label groups"):
@@ -200,7 +222,8 @@ def params(**options) -> dict:
 
 def test_classifier_options_reach_the_config(make_adata):
     adata = make_adata(n=40, g=10)
-    SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category=UNKNOWN)
+    with pytest.warns(UserWarning, match="every cell is treated as labelled"):
+        SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category=UNKNOWN)
     registry = adata.uns["_jaxvi"]
     c = scanvi_config(
         registry,

@@ -249,10 +249,9 @@ class SCANVI(BaseModel):
         """Register ``adata``'s counts, covariates and labels for scANVI.
 
         ``unlabeled_category`` marks the cells without a label; it need not occur in the
-        column (then every cell is labelled, and a ``UserWarning`` says so). Label codes
-        (``adata.obs["_scvi_labels"]``) follow scvi-tools: the unlabelled category takes the
-        last code by swapping places with the last category
-        (:func:`jaxvi.model._scanvi_parts.scanvi_registry`). Raises
+        column (then every cell is labelled; a ``UserWarning`` says so). Label codes follow
+        scvi-tools: the unlabelled category takes the last code by swapping places with the
+        last category (:func:`jaxvi.model._scanvi_parts.scanvi_registry`). Raises
         ``KeyError`` for a missing column and ``ValueError`` for missing labels (NaN).
         ``use_minified`` (scvi-tools' option) is accepted and ignored.
         """

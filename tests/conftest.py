@@ -29,6 +29,8 @@ if os.environ.get("JAXVI_TEST_XLA_OPT") != "1":
     os.environ["XLA_FLAGS"] = " ".join(_given + _extra)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # A directory given in JAXVI_CACHE_DIR is used as it is (e.g. CI keeping a warm cache).
@@ -77,6 +79,37 @@ def edit_json():
             json.dump(meta, f)
 
     return edit
+
+
+def _set_params(model, path: tuple[str, ...], fn) -> None:
+    """Replace the parameter at ``path`` by ``fn(value)``."""
+    params = jax.tree_util.tree_map(lambda a: a, model.variables["params"])
+    node = params
+    for name in path[:-1]:
+        node = node[name]
+    node[path[-1]] = jnp.asarray(fn(np.asarray(node[path[-1]])), jnp.float32)
+    model.variables = {**model.variables, "params": params}
+
+
+def _tighten_posterior(model) -> None:
+    """q(z | x) and q(l | x) at their floor variance 1e-4 (``exp(-30) + 1e-4``), so that
+    draws differ from the posterior mean by ~0.01 and the decoded parameters by much less
+    than the Monte-Carlo error of the tests below."""
+    for enc in ("z_encoder", "l_encoder"):
+        _set_params(model, (enc, "var_encoder", "kernel"), np.zeros_like)
+        _set_params(model, (enc, "var_encoder", "bias"), lambda b: np.full_like(b, -30.0))
+
+
+@pytest.fixture(scope="session")
+def set_params():
+    """:func:`_set_params`, shared by the tests."""
+    return _set_params
+
+
+@pytest.fixture(scope="session")
+def tighten_posterior():
+    """:func:`_tighten_posterior`, shared by the tests."""
+    return _tighten_posterior
 
 
 @pytest.fixture

@@ -290,6 +290,20 @@ def test_predict_hard_and_soft(trained):
     assert not np.allclose(drawn, soft.to_numpy())
 
 
+def test_scvi_tools_label_attributes_and_attribution_arguments(trained):
+    """scvi-tools' ``labels_`` (the labels column as given) and its two declared histories;
+    ``predict``'s integrated-gradients arguments are accepted off and refused on."""
+    labels = trained.adata.obs[trained.original_label_key].to_numpy()
+    np.testing.assert_array_equal(trained.labels_, labels)
+    assert trained.unsupervised_history_ is None
+    assert trained.semisupervised_history_ is None
+    np.testing.assert_array_equal(
+        trained.predict(ig_interpretability=False, ig_args={"n_steps": 5}), trained.predict()
+    )
+    with pytest.raises(NotImplementedError, match="captum"):
+        trained.predict(ig_interpretability=True)
+
+
 def test_inherited_queries(trained):
     n, g = trained.adata.n_obs, trained.adata.n_vars
     assert trained.get_latent_representation().shape == (n, SMALL["n_latent"])

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The smoke runs check that the scripts work, not their speed. torch's OpenMP threads
+# spin-wait against the suite's other worker on a 2-core machine; one thread avoids that.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def test_gpu_suite_smoke_writes_every_section(tmp_path):
     out = tmp_path / "gpu_suite.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,7 +46,7 @@ def test_compare_scanvi_quick_runs_both_tools(tmp_path):
     """``compare_scanvi.py --quick``: both tools train scANVI on the same hidden cells, the
     JSON has per-tool accuracies, their gap and the speed ratio."""
     out = tmp_path / "compare_scanvi.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_scanvi.py"), "--quick"]
     proc = subprocess.run(
         [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300
@@ -71,7 +74,7 @@ def test_compare_scvi_quick_runs_jaxvi(tmp_path):
     """The side-by-side benchmark wraps jaxvi's epoch to time it; a change of the engine's
     calling convention must fail here, not in the next benchmark session."""
     out = tmp_path / "compare.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_scvi.py"), "--quick",
            "--tools", "jaxvi", "--wait-quiet", "0", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -88,7 +91,7 @@ def test_integration_quick_scores_latent_spaces(tmp_path, xla_flags_as_given):
     pytest.importorskip("scib_metrics")
     out = tmp_path / "integration.json"
     # XLA's usual optimisation: the scIB metrics' JAX loops dominate, not compilation.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags_as_given}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags_as_given, **ONE_THREAD}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "integration.py"), "--quick",
            "--datasets", "pbmc", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -112,6 +112,19 @@ def tighten_posterior():
     return _tighten_posterior
 
 
+@pytest.fixture(scope="module")
+def scvi_ref():
+    """The ``scvi`` package (skips without it), with torch on one intra-op thread for the
+    module: with two, torch's thread pool can stall for minutes when the machine is busy
+    (JAX's threads, or another process on a 2-core box)."""
+    scvi = pytest.importorskip("scvi")
+    torch = pytest.importorskip("torch")
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield scvi
+    torch.set_num_threads(n_threads)
+
+
 @pytest.fixture
 def key():
     """A fixed PRNG key, so that every random test is deterministic."""

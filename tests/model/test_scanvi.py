@@ -533,16 +533,11 @@ def assert_moved(before: dict, after: dict, path: tuple) -> bool:
 
 # ----------------------------------------------------------------- scvi-tools parity
 @pytest.fixture(scope="module")
-def scvi_tools():
-    """The ``scvi`` package (skips without it), with torch on one intra-op thread: with two,
-    torch's thread pool can stall when the machine is busy (as in the posterior tests)."""
-    scvi = pytest.importorskip("scvi")
-    torch = pytest.importorskip("torch")
-    scvi.settings.seed = 0  # its split draws from settings.seed (None: random)
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield scvi
-    torch.set_num_threads(n_threads)
+def scvi_tools(scvi_ref):
+    """:func:`scvi_ref` (torch on one thread) with its seed set: scvi-tools' split draws from
+    ``settings.seed`` (None: random)."""
+    scvi_ref.settings.seed = 0
+    return scvi_ref
 
 
 @pytest.fixture(scope="module")

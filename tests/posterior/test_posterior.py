@@ -309,19 +309,6 @@ def parity_models(make_adata, n_epochs: int = 100) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def scvi_ref():
-    """The ``scvi`` package (skips without it), with torch on one intra-op thread: with two,
-    torch's thread pool can stall for minutes when the machine is busy (JAX's threads, or
-    another process on a 2-core box)."""
-    scvi = pytest.importorskip("scvi")
-    torch = pytest.importorskip("torch")
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield scvi
-    torch.set_num_threads(n_threads)
-
-
-@pytest.fixture(scope="module")
 def parity(scvi_ref, make_adata):
     """:func:`parity_models`."""
     return parity_models(make_adata)

@@ -310,13 +310,10 @@ class BaseModel(RegistryMethods, QueryMethods, abc.ABC):
                 **options,
                 **engine_options,
             )
-        except (TrainingInterrupted, NonFiniteError) as err:
-            self._set_trained(err.outcome)
-            if end is not None:
-                end("failed")
-            raise
-        except BaseException:
-            # an error in a callback or an option: the loggers' runs still end, as failed
+        except BaseException as err:
+            if isinstance(err, TrainingInterrupted | NonFiniteError):
+                self._set_trained(err.outcome)  # the last finite state is kept
+            # any error (a callback's, an option's too): the loggers' runs end, as failed
             # (an MLflow run left active would refuse the next MLFlowLogger)
             if end is not None:
                 end("failed")

@@ -102,6 +102,8 @@ class QueryMethods:
         if sample_key is None or sample_key not in adata.obs:
             raise KeyError(f"sample_key {sample_key!r} is not a column of adata.obs.")
         us = self.get_latent_representation(adata, batch_size=batch_size, give_mean=True)
+        # every cell's components once (the encoder is deterministic), each sample's by index
+        loc, scale = self._aggregate_components(adata, None, batch_size)
         column = adata.obs[sample_key]
         samples = column.unique()
         log_probs = []
@@ -111,8 +113,9 @@ class QueryMethods:
                 # scvi-tools draws from NumPy's global generator: the same np.random.seed
                 # picks the same cells in both
                 idx = np.random.choice(idx, num_cells_posterior, replace=False)  # noqa: NPY002
-            loc, scale = self._aggregate_components(adata, idx, batch_size)
-            log_probs.append(posterior.aggregated_log_prob(loc, scale, us, dof, batch_size))
+            log_probs.append(
+                posterior.aggregated_log_prob(loc[idx], scale[idx], us, dof, batch_size)
+            )
         adata.obsm["da_log_probs"] = pd.DataFrame(
             np.stack(log_probs, axis=1), index=adata.obs_names, columns=samples
         )

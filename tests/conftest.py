@@ -94,7 +94,7 @@ def _set_params(model, path: tuple[str, ...], fn) -> None:
 def _tighten_posterior(model) -> None:
     """q(z | x) and q(l | x) at their floor variance 1e-4 (``exp(-30) + 1e-4``), so that
     draws differ from the posterior mean by ~0.01 and the decoded parameters by much less
-    than the Monte-Carlo error of the tests below."""
+    than the Monte-Carlo error of the tests that use it."""
     for enc in ("z_encoder", "l_encoder"):
         _set_params(model, (enc, "var_encoder", "kernel"), np.zeros_like)
         _set_params(model, (enc, "var_encoder", "bias"), lambda b: np.full_like(b, -30.0))

@@ -11,8 +11,8 @@ better; one z draw per cell), averaged over ``--elbo-reps`` evaluations.
 Per seed, ``d = jaxvi - scvi-tools`` (positive: jaxvi better); over the seeds,
 ``t = mean(d) / (sd(d) / sqrt(n))`` with ``n - 1`` degrees of freedom and its two-sided p-value.
 The JSON is rewritten after every seed, so an interrupted run keeps what it finished and
-``--resume`` continues it. Runs of disjoint seeds, e.g. one per core, are joined with
-``--merge``, which checks that their settings agree.
+``--resume`` continues it, with the seeds and settings it was started with. Runs of disjoint
+seeds, e.g. one per core, are joined with ``--merge``, which checks that their settings agree.
 
 Usage::
 
@@ -38,6 +38,9 @@ import _common as C  # noqa: E402
 import compare_scvi as CS  # noqa: E402
 
 DATA_SIZE = {"pbmc": 700}  # cells of the bundled PBMC data (for the epoch heuristic)
+# What ``--resume`` takes from the partial file rather than from the command line.
+RESUMED_SETTINGS = ("dataset", "epochs", "n_cells", "n_genes", "data_seed", "elbo_reps",
+                    "first_seed", "seeds", "cores")  # fmt: skip
 
 
 def default_epochs(n_cells: int) -> int:
@@ -180,7 +183,9 @@ def main(argv=None) -> dict:
     done: list[dict] = []
     if args.resume:
         previous = json.loads(Path(args.resume).read_text())
-        for key in ("dataset", "epochs", "n_cells", "n_genes", "data_seed", "elbo_reps"):
+        # The run continues as it was started: its data, recipe and seeds (a resumed run of
+        # seeds 4-7 must not go on to seeds 0-3, which another process may be running).
+        for key in RESUMED_SETTINGS:
             setattr(args, key, previous["settings"][key])
         done = previous["rows"]
         out = Path(args.resume)

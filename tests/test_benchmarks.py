@@ -123,10 +123,10 @@ def _seed_parity():
     return seed_parity
 
 
-def _seed_run(seeds, diffs, **settings):
+def _seed_run(seed_list, diffs, **settings):
     rows = [
         {"seed": s, "scvi_heldout_elbo": -680.0, "jaxvi_heldout_elbo": -680.0 + d}
-        for s, d in zip(seeds, diffs, strict=True)
+        for s, d in zip(seed_list, diffs, strict=True)
     ]
     base = {"dataset": "synthetic", "epochs": 400, "n_cells": 10_000, "n_genes": 2000,
             "data_seed": 0, "elbo_reps": 3, "cores": 1}  # fmt: skip
@@ -143,6 +143,29 @@ def test_seed_parity_paired_t_is_scipys():
     assert got["t"] == pytest.approx(ref.statistic, rel=1e-12)
     assert got["p_two_sided"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert (got["n_positive"], got["n_negative"]) == (3, 5)
+
+
+def test_seed_parity_resume_runs_only_the_missing_seeds_of_its_range(tmp_path, monkeypatch):
+    sp = _seed_parity()
+    # cores=None: a resumed run pins itself to its cores, which this test process must not.
+    partial = _seed_run([4], [0.3], first_seed=4, seeds=3, cores=None)
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(partial))
+    ran = []
+
+    def fake_worker(args, tool, dataset, epochs):
+        ran.append((tool, args.seed, dataset, epochs, args.n_cells))
+        return {"heldout_elbo": -680.0 - args.seed, "validation_digest": "d", "train_load": {}}
+
+    monkeypatch.setattr(sp.CS, "run_worker_once", fake_worker)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() extends it
+    # The command line's defaults (seeds 0-7, PBMC) do not override the file's settings.
+    result = sp.main(["--resume", str(path)])
+    assert ran == [(t, s, "synthetic", 400, 10_000) for s in (5, 6) for t in sp.C.TOOLS]
+    assert [r["seed"] for r in result["rows"]] == [4, 5, 6]
+    saved = json.loads(path.read_text())
+    assert [r["seed"] for r in saved["rows"]] == [4, 5, 6]
+    assert (saved["settings"]["first_seed"], saved["settings"]["seeds"]) == (4, 3)
 
 
 def test_seed_parity_merges_runs_of_disjoint_seeds():

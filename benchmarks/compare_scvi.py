@@ -46,6 +46,11 @@ TARGETS = {
 }
 
 
+# scvi-tools' SCVI defaults, spelled out so that both tools get the same model.
+MODEL_KWARGS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb",
+                "dispersion": "gene"}  # fmt: skip
+
+
 # =========================================================================== data
 def synthetic_adata(n_cells: int, n_genes: int, seed: int, n_groups: int = 5, n_batches: int = 2):
     """Seeded ZINB counts with cell groups, a batch effect and per-cell library sizes.
@@ -161,9 +166,6 @@ def worker(args) -> dict:
     res["mean_library"] = float(adata.X.sum(axis=1).mean())
     res["rss_after_data_mb"] = C.current_rss_mb()
 
-    model_kwargs = dict(
-        n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="zinb", dispersion="gene"
-    )
     train_kwargs = dict(
         max_epochs=args.epochs,
         batch_size=args.batch_size,
@@ -189,7 +191,7 @@ def worker(args) -> dict:
 
         t0 = C.now()
         scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
-        model = scvi.model.SCVI(adata, **model_kwargs)
+        model = scvi.model.SCVI(adata, **MODEL_KWARGS)
         res["init_s"] = C.now() - t0
         t0 = C.now()
         with C.LoadProbe() as probe:
@@ -224,7 +226,7 @@ def worker(args) -> dict:
         jtrain.make_train_epoch = timed_make_train_epoch
         t0 = C.now()
         jaxvi.SCVI.setup_anndata(adata, batch_key=batch_key)
-        model = jaxvi.SCVI(adata, **model_kwargs)
+        model = jaxvi.SCVI(adata, **MODEL_KWARGS)
         res["init_s"] = C.now() - t0
         t0 = C.now()
         with C.LoadProbe() as probe:

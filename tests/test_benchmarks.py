@@ -114,13 +114,17 @@ def test_integration_quick_scores_latent_spaces(tmp_path, xla_flags_as_given):
     assert payload["versions"]["scib-metrics"].startswith("0.5")
 
 
-def _seed_parity():
+def _bench(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import seed_parity
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return seed_parity
+
+
+def _seed_parity():
+    return _bench("seed_parity")
 
 
 def _seed_run(seed_list, diffs, **settings):
@@ -183,3 +187,25 @@ def test_seed_parity_merges_runs_of_disjoint_seeds():
         sp.merge([a, _seed_run([3], [0.1], epochs=200)], ["a.json", "c.json"])
     with pytest.raises(ValueError, match="seed 1 run twice"):
         sp.merge([a, _seed_run([1], [0.9])], ["a.json", "d.json"])
+
+
+def test_eval_parity_same_weights_same_elbo_in_both_libraries(tmp_path, scvi_ref):
+    """``eval_parity.py``: one jaxvi model, its weights copied into scvi-tools, both
+    libraries' held-out ``get_elbo``; the difference is Welch's t of the two samples."""
+    from scipy import stats
+
+    ep = _bench("eval_parity")
+    out = tmp_path / "eval.json"
+    argv = ["--dataset", "synthetic", "--n-cells", "300", "--n-genes", "60", "--epochs", "3",
+            "--reps", "4", "--out", str(out)]  # fmt: skip
+    result = ep.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "eval_parity"
+    assert saved["n_validation"] == 30
+    assert len(saved["jaxvi_elbos"]) == len(saved["scvi_elbos"]) == 4
+    welch = stats.ttest_ind(saved["jaxvi_elbos"], saved["scvi_elbos"], equal_var=False)
+    assert result["z"] == pytest.approx(welch.statistic, rel=1e-9)
+    # Evaluators that disagreed (a term missing, another normalisation) would be many
+    # standard errors and far more than the noise apart; the same evaluator is not.
+    assert abs(result["z"]) < 6, result
+    assert abs(result["diff"]) < 0.01 * abs(result["scvi_mean"]), result

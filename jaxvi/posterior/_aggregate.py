@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from jaxvi.data import pad_indices
+
 __all__ = ["aggregated_posterior", "aggregated_log_prob"]
 
 
@@ -68,14 +70,12 @@ def aggregated_log_prob(
     ``(n_points,)`` float32.
     """
     points = np.asarray(points, np.float32)
+    n = len(points)
+    if n == 0:
+        return np.zeros(0, np.float32)
     loc, scale = jnp.asarray(loc, jnp.float32), jnp.asarray(scale, jnp.float32)
-    batch_size = max(1, min(int(batch_size), len(points)))
     dof = None if dof is None else float(dof)
-    out = []
-    for start in range(0, len(points), batch_size):
-        chunk = points[start : start + batch_size]
-        n = len(chunk)
-        if n < batch_size:  # pad the last chunk: one compiled shape
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        out.append(np.asarray(_log_prob(loc, scale, jnp.asarray(chunk), dof))[:n])
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    # every chunk the same shape (one compiled program); the padding repeats point 0
+    rows, _ = pad_indices(np.arange(n), max(1, min(int(batch_size), n)))
+    out = [np.asarray(_log_prob(loc, scale, jnp.asarray(points[r]), dof)) for r in rows]
+    return np.concatenate(out)[:n]

@@ -567,14 +567,7 @@ def parent(args) -> dict:
         "jaxvi_changed_during_run": C.git_changed_between(git_start["commit"], git_end["commit"])
         or (git_start["dirty_jaxvi_paths"] != git_end["dirty_jaxvi_paths"]),
         "settings": {
-            "model": {
-                "n_hidden": 128,
-                "n_latent": 10,
-                "n_layers": 1,
-                "gene_likelihood": "zinb",
-                "dispersion": "gene",
-                "dropout_rate": 0.1,
-            },
+            "model": {**MODEL_KWARGS, "dropout_rate": 0.1},
             "train": {
                 "batch_size": args.batch_size,
                 "train_size": args.train_size,

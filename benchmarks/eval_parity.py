@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,16 +29,10 @@ import compare_scvi as CS  # noqa: E402
 import seed_parity as SP  # noqa: E402
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``n - 1``)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-
-
 def compare(jaxvi_elbos: list[float], scvi_elbos: list[float]) -> dict:
     """The two evaluators' means, spreads, difference and its z (in standard errors)."""
-    (mj, sj), (ms, ss) = mean_sd(jaxvi_elbos), mean_sd(scvi_elbos)
+    mj, ms = statistics.mean(jaxvi_elbos), statistics.mean(scvi_elbos)
+    sj, ss = statistics.stdev(jaxvi_elbos), statistics.stdev(scvi_elbos)
     se = math.sqrt(sj**2 / len(jaxvi_elbos) + ss**2 / len(scvi_elbos))
     return {
         "jaxvi_mean": mj,

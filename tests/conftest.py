@@ -239,28 +239,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: left out of the fast subset (-m 'not slow')")
 
 
-# The files that take longest (seconds of one worker, full run of 2026-12-04) run first:
-# pytest-xdist's ``--dist loadfile`` hands out files in collection order, and the longest
-# ones collect last (tests/test_*.py after the subfolders), leaving one worker alone at the end.
-LONGEST_FIRST = (
-    "tests/test_notebook.py",  # ~150 s
-    "tests/test_benchmarks.py",  # ~100 s
-    "tests/parallel/test_sharding.py",
-    "tests/criticism/test_scanpy_handoff.py",
-    "tests/hub/test_card.py",
-    "tests/posterior/test_posterior.py",
-    "tests/analysis/test_de.py",
-    "tests/parallel/test_distributed.py",
-    "tests/test_packaging.py",
-    "tests/test_docs.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if path in SLOW_FILES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    # a stable sort: within a file, and among the other files, the order stays
-    items.sort(key=lambda it: rank.get(it.nodeid.split("::", 1)[0], len(rank)))
